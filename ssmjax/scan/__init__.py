@@ -1,0 +1,5 @@
+"""Pure scan functions: the recurrences of every ssmjax model, each with its oracle."""
+
+from ssmjax.scan.linear import linear_scan, matrix_scan
+
+__all__ = ["linear_scan", "matrix_scan"]

@@ -1,0 +1,19 @@
+"""Test-wide setup: float64 oracles and runtime shape checking of ssmjax annotations.
+
+* ``jax_enable_x64`` so oracle comparisons measure the algorithm, not rounding; tests
+  that check float32 behaviour ask for float32 explicitly.
+* The jaxtyping + beartype import hook checks every jaxtyping annotation in ``ssmjax``
+  and ``pallas_kernels`` at call time (tests only, never the hot path). Public scan
+  functions take ``ArrayLike`` and raise their own ``ValueError`` on bad shapes; the
+  internal cores they call carry the dimension-named annotations that are checked here.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+from jaxtyping import install_import_hook  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+_shape_check_hook = install_import_hook(["ssmjax", "pallas_kernels"], "beartype.beartype")
