@@ -1,5 +1,6 @@
 """Pure scan functions: the recurrences of every ssmjax model, each with its oracle."""
 
 from ssmjax.scan.linear import linear_scan, matrix_scan
+from ssmjax.scan.selective import selective_scan
 
-__all__ = ["linear_scan", "matrix_scan"]
+__all__ = ["linear_scan", "matrix_scan", "selective_scan"]

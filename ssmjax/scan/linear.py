@@ -96,14 +96,17 @@ def _sequential(kind: _Transition, a: Array, b: Array, h0: Array) -> Array:
     return jnp.swapaxes(hs, 0, 1)
 
 
-def _associative(kind: _Transition, a: Array, b: Array, h0: Array) -> Array:
-    def combine(earlier, later):
-        a1, b1 = earlier
-        a2, b2 = later
-        return kind.compose(a2, a1), kind.apply(a2, b1) + b2
+def combine(kind: _Transition, earlier: tuple, later: tuple) -> tuple:
+    """The associative operator of the scan: applying ``earlier`` then ``later`` is
+    ``(A2 A1, A2 b1 + b2)``."""
+    a1, b1 = earlier
+    a2, b2 = later
+    return kind.compose(a2, a1), kind.apply(a2, b1) + b2
 
+
+def _associative(kind: _Transition, a: Array, b: Array, h0: Array) -> Array:
     b = b.at[:, 0].add(kind.apply(a[:, 0], h0))
-    _, hs = jax.lax.associative_scan(combine, (a, b), axis=1)
+    _, hs = jax.lax.associative_scan(functools.partial(combine, kind), (a, b), axis=1)
     return hs
 
 
@@ -164,7 +167,7 @@ def _recurrence_fwd(kind, method, chunk_size, a, b, h0):
 def _recurrence_bwd(kind, method, chunk_size, residuals, cotangents):
     a, h, h0 = residuals
     dh, dh_last = cotangents
-    dh = dh.at[:, -1].add(dh_last)
+    dh = jnp.asarray(dh).at[:, -1].add(dh_last)
     # g_t = dh_t + A_{t+1}^T g_{t+1}: a linear scan of the same kind, run backwards.
     a_next_t = kind.transpose(jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1))
     g = flip_time(

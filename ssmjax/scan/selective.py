@@ -1,0 +1,312 @@
+"""The Mamba-1 selective state-space scan (Gu & Dao, 2023, "Mamba: Linear-Time Sequence
+Modeling with Selective State Spaces", Algorithm 2), with mamba_ssm's
+``selective_scan_ref`` semantics in batch-first layout.
+
+For every batch row, channel ``d`` and state index ``n``::
+
+    delta_t  = softplus(delta_t + delta_bias)        (bias / softplus optional)
+    x_t[d,n] = exp(delta_t[d] A[d,n]) x_{t-1}[d,n] + delta_t[d] B_t[g(d),n] u_t[d]
+    y_t[d]   = sum_n C_t[g(d),n] x_t[d,n]            (2 Re(...) when A is complex, as mamba_ssm)
+    out_t[d] = (y_t[d] + D[d] u_t[d]) * silu(z_t[d])  (D and z optional)
+
+``g(d)`` is the group of channel ``d`` when B and C are grouped ``[b, t, g, n]``
+(channels split into ``g`` equal contiguous groups, as mamba_ssm's ``repeat``).
+
+Evaluations:
+
+* ``"sequential"``: one fused ``lax.scan`` step per token, plain autodiff; the oracle.
+  Its backward stores the ``[b, t, d, n]`` states.
+* ``"associative"``: materialises ``exp(delta A)`` and ``delta B u`` as ``[b, t, d, n]`` and
+  runs :func:`ssmjax.scan.linear_scan` (associative); the parallel form.
+* ``"chunked"``: the fused sequential step inside chunks, the chunk body rematerialised
+  (``jax.checkpoint``) so the backward keeps only the chunk-boundary states
+  ``[b, T / chunk, d, n]`` and recomputes one chunk at a time: memory
+  ``O(b d n (T / c + c))`` instead of ``O(b t d n)``.
+* ``"auto"``: ``"chunked"``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+from jaxtyping import Bool, Float, Inexact
+
+from ssmjax.scan._checks import (
+    METHODS,
+    carry_cut_mask,
+    check_chunk_size,
+    check_floating,
+    check_method,
+    check_ndim,
+    check_shape,
+    flip_time,
+    state_dtype,
+)
+from ssmjax.scan.linear import default_chunk_size, linear_scan
+
+
+def _discretise(A, u, delta, B, keep):
+    """``exp(delta A)`` (zero where the carry is cut) and ``delta B u``, as
+    ``[..., g, dg, n]`` for any leading axes (ZOH for A, Euler for B, as Mamba)."""
+    decay = jnp.exp(delta[..., None] * A)
+    decay = jnp.where(keep[..., None, None, None], decay, jnp.zeros((), decay.dtype))
+    return decay, (delta * u)[..., None] * B[..., None, :]
+
+
+def _step(
+    A: Inexact[Array, "g dg n"],
+    state: Inexact[Array, "b g dg n"],
+    u: Float[Array, "b g dg"],
+    delta: Float[Array, "b g dg"],
+    B: Inexact[Array, "b g n"],
+    C: Inexact[Array, "b g n"],
+    keep: Bool[Array, " b"],
+) -> tuple[Inexact[Array, "b g dg n"], Float[Array, "b g dg"]]:
+    """One token: discretise, update the state, read out."""
+    decay, inp = _discretise(A, u, delta, B, keep)
+    state = decay * state + inp
+    y = jnp.einsum("bgdn,bgn->bgd", state, C)
+    return state, (2 * y.real if jnp.iscomplexobj(y) else y)
+
+
+def _scan_steps(A, state, xs):
+    """``lax.scan`` of :func:`_step` over the leading (time) axis of ``xs``."""
+    return jax.lax.scan(lambda h, x: _step(A, h, *x), state, xs)
+
+
+def _by_chunk(xs, chunk: int):
+    """Time-major inputs -> ``[n_chunks, chunk, ...]``, padded so that the state passes
+    through the padding unchanged (delta = 0, u = 0, keep = True: decay 1, input 0)."""
+    pad = -xs[0].shape[0] % chunk
+
+    def split(x, value):
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
+        return x.reshape((-1, chunk) + x.shape[1:])
+
+    *floats, keep = xs
+    return tuple(split(x, 0) for x in floats) + (split(keep, True),)
+
+
+def _states_before_steps(A, state, xs):
+    """The state entering every step of one chunk ``[c, ...]`` (no readout)."""
+
+    def step(h, x):
+        u, delta, B, _, keep = x
+        decay, inp = _discretise(A, u, delta, B, keep)
+        return decay * h + inp, h
+
+    return jax.lax.scan(step, state, xs)[1]
+
+
+def _step_vjp(A, x_prev, inputs, dy, g, dA):
+    """Cotangents of one :func:`_step` (JAX's complex convention: no conjugation).
+
+    ``g`` is the cotangent of the state after the step, accumulated from the future.
+    """
+    u, delta, B, C, keep = inputs
+    decay, inp = _discretise(A, u, delta, B, keep)
+    x = decay * x_prev + inp
+    dy = (2 * dy if jnp.iscomplexobj(x) else dy).astype(x.dtype)
+    gx = g + dy[..., None] * C[:, :, None, :]
+    d_exponent = gx * x_prev * decay  # cotangent of delta * A
+    d_input = jnp.einsum("bgdn,bgn->bgd", gx, B).real  # cotangent of delta * u
+    cotangents = (
+        d_input * delta,  # u
+        jnp.einsum("bgdn,gdn->bgd", d_exponent, A).real + d_input * u,  # delta
+        jnp.einsum("bgdn,bgd->bgn", gx, (delta * u).astype(x.dtype)),  # B
+        jnp.einsum("bgd,bgdn->bgn", dy, x),  # C
+    )
+    dA = dA + jnp.einsum("bgdn,bgd->gdn", d_exponent, delta.astype(x.dtype))
+    return decay * gx, dA, cotangents
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(A, state, xs, chunk_size: int):
+    return _chunked_fwd(A, state, xs, chunk_size)[0]
+
+
+def _chunked_fwd(A, state, xs, chunk_size):
+    time = xs[0].shape[0]
+    chunks = _by_chunk(xs, min(chunk_size, time))
+    final, (starts, ys) = jax.lax.scan(
+        lambda h, x: (lambda out: (out[0], (h, out[1])))(_scan_steps(A, h, x)), state, chunks
+    )
+    ys = ys.reshape((-1,) + ys.shape[2:])[:time]
+    return (final, ys), (A, starts, xs)
+
+
+def _chunked_bwd(chunk_size, residuals, cotangents):
+    """Reverse pass chunk by chunk: recompute the chunk's states from its stored start
+    state, then walk it backwards with :func:`_step_vjp`. Peak memory: one chunk."""
+    A, starts, xs = residuals
+    d_final, dys = cotangents
+    time = xs[0].shape[0]
+    c = min(chunk_size, time)
+    chunks = _by_chunk(xs, c)
+    dys = jnp.pad(dys, [(0, -time % c)] + [(0, 0)] * (dys.ndim - 1)).reshape(
+        (-1, c) + dys.shape[1:]
+    )
+
+    def chunk_backward(carry, chunk):
+        start, inputs, dy = chunk
+        before = _states_before_steps(A, start, inputs)
+
+        def step_backward(carry, step):
+            x_prev, inputs_t, dy_t = step
+            g, dA = carry
+            g, dA, cot = _step_vjp(A, x_prev, inputs_t, dy_t, g, dA)
+            return (g, dA), cot
+
+        return jax.lax.scan(step_backward, carry, (before, inputs, dy), reverse=True)
+
+    init = (d_final.astype(starts.dtype), jnp.zeros_like(A))
+    (d_state, dA), cots = jax.lax.scan(chunk_backward, init, (starts, chunks, dys), reverse=True)
+    d_xs = tuple(x.reshape((-1,) + x.shape[2:])[:time] for x in cots) + (None,)
+    return dA, d_state, d_xs
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _associative(A, state, xs):
+    u, delta, B, C, keep = xs  # time-major
+    decay, inputs = _discretise(A, u, delta, B, keep)
+    to_batch_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+    states, final = linear_scan(
+        to_batch_major(decay), to_batch_major(inputs), initial_state=state, method="associative"
+    )
+    y = jnp.einsum("btgdn,tbgn->tbgd", states, C)
+    return final, (2 * y.real if jnp.iscomplexobj(y) else y)
+
+
+def _selective_core(
+    u: Float[Array, "batch time g dg"],
+    delta: Float[Array, "batch time g dg"],
+    A: Inexact[Array, "g dg n"],
+    B: Inexact[Array, "batch time g n"],
+    C: Inexact[Array, "batch time g n"],
+    keep: Bool[Array, "batch time"],
+    state: Inexact[Array, "batch g dg n"],
+    method: str,
+    chunk_size: int | None,
+) -> tuple[Float[Array, "batch time g dg"], Inexact[Array, "batch g dg n"]]:
+    xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (u, delta, B, C, keep))
+    if method == "sequential":
+        final, y = _scan_steps(A, state, xs)
+    elif method == "associative":
+        final, y = _associative(A, state, xs)
+    else:
+        final, y = _chunked(A, state, xs, chunk_size or default_chunk_size(u.shape[1]))
+    return jnp.swapaxes(y, 0, 1), final
+
+
+def selective_scan(
+    u: ArrayLike,
+    delta: ArrayLike,
+    A: ArrayLike,
+    B: ArrayLike,
+    C: ArrayLike,
+    *,
+    D: ArrayLike | None = None,
+    z: ArrayLike | None = None,
+    delta_bias: ArrayLike | None = None,
+    delta_softplus: bool = False,
+    initial_state: ArrayLike | None = None,
+    reverse: bool = False,
+    segment_ids: ArrayLike | None = None,
+    reset: ArrayLike | None = None,
+    method: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[Array, Array]:
+    """Mamba's selective scan (see the module docstring for the recurrence).
+
+    Args:
+      u: inputs ``[batch, time, d]``.
+      delta: step sizes ``[batch, time, d]`` (before ``delta_bias`` / softplus).
+      A: ``[d, n]``, real (Mamba: negative) or complex.
+      B, C: ``[batch, time, n]`` or grouped ``[batch, time, g, n]`` with ``g`` dividing
+        ``d``; both the same shape.
+      D: skip ``[d]``; z: gate ``[batch, time, d]``; delta_bias: ``[d]``.
+      delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
+      initial_state: ``[batch, d, n]``; zeros if ``None``.
+      reverse, segment_ids, reset: as in :func:`ssmjax.scan.linear_scan`.
+      method: ``"auto"``, ``"sequential"``, ``"associative"`` or ``"chunked"``.
+      chunk_size: tokens per rematerialised chunk for ``"chunked"`` (``None``: ``~sqrt(T)``).
+
+    Returns:
+      ``(out, final_state)``: ``out`` ``[batch, time, d]`` in the dtype of ``u``,
+      ``final_state`` ``[batch, d, n]`` in float32 (complex64 for complex ``A``) or wider.
+    """
+    u, delta, A, B, C = map(jnp.asarray, (u, delta, A, B, C))
+    check_method(method, METHODS)
+    if chunk_size is not None:
+        check_chunk_size(chunk_size)
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        check_floating(name, x)
+    check_ndim("u", u, 3, "[batch, time, d]")
+    batch, time, d = u.shape
+    check_shape("delta", delta, u.shape, "u.shape [batch, time, d]")
+    check_ndim("A", A, 2, "[d, n]")
+    if A.shape[0] != d:
+        raise ValueError(f"A: expected shape [d, n] with d = {d}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    check_ndim("B", B, (3, 4), "[batch, time, n] or [batch, time, g, n]")
+    groups = 1 if B.ndim == 3 else B.shape[2]
+    layout = "[batch, time, n]" if B.ndim == 3 else "[batch, time, g, n]"
+    expected_bc = (batch, time, n) if B.ndim == 3 else (batch, time, groups, n)
+    check_shape("B", B, expected_bc, layout)
+    check_shape("C", C, expected_bc, f"B.shape {layout}")
+    if d % groups:
+        raise ValueError(f"B: the number of groups g = {groups} must divide d = {d}")
+    dtype = state_dtype(u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
+    real = jnp.float32 if dtype in (jnp.float32, jnp.complex64) else jnp.float64
+    delta = delta.astype(real)
+    if delta_bias is not None:
+        delta_bias = jnp.asarray(delta_bias)
+        check_shape("delta_bias", delta_bias, (d,), "[d]")
+        delta = delta + delta_bias.astype(real)
+    if delta_softplus:
+        delta = jax.nn.softplus(delta)
+    if initial_state is None:
+        state = jnp.zeros((batch, d, n), dtype)
+    else:
+        state = jnp.asarray(initial_state)
+        check_floating("initial_state", state)
+        check_shape("initial_state", state, (batch, d, n), "[batch, d, n]")
+        state = state.astype(dtype)
+    cut = carry_cut_mask(segment_ids, reset, batch, time, reverse)
+    keep = jnp.ones((batch, time), bool) if cut is None else ~cut
+
+    dg = d // groups
+    grouped = lambda x: x.reshape(x.shape[:2] + (groups, dg))  # noqa: E731
+    u_g, delta_g = grouped(u.astype(real)), grouped(delta)
+    B_g, C_g = (x.reshape((batch, time, groups, n)).astype(dtype) for x in (B, C))
+    if reverse:
+        u_g, delta_g, B_g, C_g, keep = flip_time((u_g, delta_g, B_g, C_g, keep))
+    y, final = _selective_core(
+        u_g,
+        delta_g,
+        A.astype(dtype).reshape(groups, dg, n),
+        B_g,
+        C_g,
+        keep,
+        state.reshape(batch, groups, dg, n),
+        "chunked" if method == "auto" else method,
+        chunk_size,
+    )
+    y = y.reshape(batch, time, d)
+    if reverse:
+        y = flip_time(y)
+    if D is not None:
+        D = jnp.asarray(D)
+        check_shape("D", D, (d,), "[d]")
+        y = y + D.astype(real) * u.astype(real)
+    if z is not None:
+        z = jnp.asarray(z)
+        check_shape("z", z, u.shape, "u.shape [batch, time, d]")
+        y = y * jax.nn.silu(z.astype(real))
+    return y.astype(u.dtype), final.reshape(batch, d, n)
