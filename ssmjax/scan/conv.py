@@ -1,0 +1,125 @@
+"""Convolutions over time: the short causal conv of Mamba / H3 / DeltaNet / Hawk, and the
+long FFT convolution that evaluates LTI state-space models (S4, S4D, DSS, H3, LMU) in
+parallel.
+
+Both follow the scan conventions: batch-first ``[batch, time, channels]``, packed
+sequences through ``segment_ids``/``reset`` (no tap reaches into another document).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jax.typing import ArrayLike
+from jaxtyping import Float
+
+from ssmjax.scan._checks import carry_cut_mask, check_floating, check_ndim, check_shape
+
+
+def _document_index(cut: Array | None, batch: int, time: int) -> Array:
+    """Running document number ``[batch, time]`` (0 where no cuts are given)."""
+    if cut is None:
+        return jnp.zeros((batch, time), jnp.int32)
+    return jnp.cumsum(cut.astype(jnp.int32), axis=1)
+
+
+def _causal_conv(
+    x: Float[Array, "batch time d"],
+    weight: Float[Array, "k d"],
+    history: Float[Array, "batch k1 d"],
+    doc: Array,
+) -> Float[Array, "batch time d"]:
+    k = weight.shape[0]
+    time = x.shape[1]
+    padded = jnp.concatenate([history, x], axis=1)  # [b, k-1+t, d]
+    doc_padded = jnp.concatenate([jnp.zeros_like(doc[:, :1]).repeat(k - 1, 1), doc], axis=1)
+    y = jnp.zeros_like(x)
+    for j in range(k):  # tap j multiplies x_{t - (k - 1) + j}; k is a small static int
+        tap = jax.lax.dynamic_slice_in_dim(padded, j, time, axis=1)
+        same_doc = jax.lax.dynamic_slice_in_dim(doc_padded, j, time, axis=1) == doc
+        y = y + jnp.where(same_doc[..., None], tap, 0) * weight[j]
+    return y
+
+
+def causal_conv1d(
+    x: ArrayLike,
+    weight: ArrayLike,
+    bias: ArrayLike | None = None,
+    *,
+    initial_state: ArrayLike | None = None,
+    segment_ids: ArrayLike | None = None,
+    reset: ArrayLike | None = None,
+) -> tuple[Array, Array]:
+    """Depthwise causal convolution ``y_t[c] = bias[c] + sum_j weight[j, c] x_{t-k+1+j}[c]``.
+
+    Args:
+      x: ``[batch, time, channels]``.
+      weight: ``[k, channels]``; ``weight[-1]`` multiplies the current token.
+      bias: ``[channels]`` or ``None``.
+      initial_state: the ``k - 1`` inputs before ``x`` ``[batch, k - 1, channels]``
+        (zeros if ``None``); it belongs to the first document of each row.
+      segment_ids, reset: packed documents; taps never cross a document boundary.
+
+    Returns:
+      ``(y [batch, time, channels], final_state [batch, k - 1, channels])``: the state is
+      the last ``k - 1`` inputs (zeroed where they belong to an earlier document than the
+      last token), so chunked calls and :func:`causal_conv1d_step` continue exactly.
+    """
+    x, weight = jnp.asarray(x), jnp.asarray(weight)
+    check_floating("x", x)
+    check_ndim("x", x, 3, "[batch, time, channels]")
+    batch, time, channels = x.shape
+    check_ndim("weight", weight, 2, "[k, channels]")
+    check_shape("weight", weight, (weight.shape[0], channels), "[k, channels]")
+    k = weight.shape[0]
+    if initial_state is None:
+        history = jnp.zeros((batch, k - 1, channels), x.dtype)
+    else:
+        history = jnp.asarray(initial_state)
+        check_shape("initial_state", history, (batch, k - 1, channels), "[batch, k - 1, channels]")
+    cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
+    doc = _document_index(cut, batch, time)
+    y = _causal_conv(x, weight.astype(x.dtype), history.astype(x.dtype), doc)
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        check_shape("bias", bias, (channels,), "[channels]")
+        y = y + bias.astype(x.dtype)
+    # The new state: the last k - 1 inputs that belong to the last token's document.
+    tail = jnp.concatenate([history.astype(x.dtype), x], axis=1)[:, time:]
+    doc_tail = jnp.concatenate([jnp.zeros((batch, k - 1), doc.dtype), doc], axis=1)[:, time:]
+    return y, jnp.where((doc_tail == doc[:, -1:])[..., None], tail, 0)
+
+
+def causal_conv1d_step(
+    x_t: Float[Array, "batch channels"],
+    state: Float[Array, "batch k1 channels"],
+    weight: Float[Array, "k channels"],
+    bias: Float[Array, " channels"] | None = None,
+) -> tuple[Float[Array, "batch channels"], Float[Array, "batch k1 channels"]]:
+    """One token of :func:`causal_conv1d`: ``(y_t, new_state)``."""
+    window = jnp.concatenate([state, x_t[:, None]], axis=1)  # [b, k, c]
+    y = jnp.einsum("bkc,kc->bc", window, weight)
+    if bias is not None:
+        y = y + bias
+    return y, window[:, 1:]
+
+
+def fft_causal_convolution(u: ArrayLike, kernel: ArrayLike) -> Array:
+    """``y_t = sum_{s <= t} kernel[t - s] u_s`` per channel, via a zero-padded FFT
+    (``O(T log T)``); ``u`` ``[batch, time, channels]``, ``kernel`` ``[length, channels]``
+    (truncated to, or zero-extended to, ``time`` taps). Real or complex."""
+    u, kernel = jnp.asarray(u), jnp.asarray(kernel)
+    check_floating("u", u)
+    check_floating("kernel", kernel)
+    check_ndim("u", u, 3, "[batch, time, channels]")
+    check_ndim("kernel", kernel, 2, "[length, channels]")
+    check_shape("kernel", kernel, (kernel.shape[0], u.shape[2]), "[length, channels]")
+    time = u.shape[1]
+    kernel = kernel[:time]
+    n = 2 * time
+    if jnp.iscomplexobj(u) or jnp.iscomplexobj(kernel):
+        y = jnp.fft.ifft(jnp.fft.fft(u, n, axis=1) * jnp.fft.fft(kernel, n, axis=0), axis=1)
+    else:
+        y = jnp.fft.irfft(jnp.fft.rfft(u, n, axis=1) * jnp.fft.rfft(kernel, n, axis=0), n, axis=1)
+    return y[:, :time]

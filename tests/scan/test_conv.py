@@ -1,0 +1,72 @@
+"""Causal depthwise conv and the FFT convolution against direct sums (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ssmjax.scan.conv import causal_conv1d, causal_conv1d_step, fft_causal_convolution
+
+
+def direct_conv(x, w, history, bias=None, doc=None):
+    x, w, history = map(np.asarray, (x, w, history))
+    k, (b, t, c) = w.shape[0], x.shape
+    padded = np.concatenate([history, x], 1)
+    docs = np.concatenate([np.zeros((b, k - 1), int), doc if doc is not None else np.zeros((b, t), int)], 1)
+    y = np.zeros_like(x)
+    for i in range(t):
+        for j in range(k):
+            src = i + j  # index into padded of x_{i - k + 1 + j}
+            y[:, i] += np.where((docs[:, src] == docs[:, i + k - 1])[:, None], padded[:, src], 0) * w[j]
+    return y + (0 if bias is None else np.asarray(bias))
+
+
+@pytest.fixture
+def inputs():
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    return (jax.random.normal(ks[0], (2, 11, 3)), jax.random.normal(ks[1], (4, 3)),
+            jax.random.normal(ks[2], (3,)), jax.random.normal(ks[3], (2, 3, 3)))
+
+
+def test_conv_matches_direct_sum_and_steps(inputs):
+    x, w, bias, history = inputs
+    y, state = causal_conv1d(x, w, bias, initial_state=history)
+    np.testing.assert_allclose(y, direct_conv(x, w, history, bias), rtol=1e-12)
+    s = history
+    for t in range(x.shape[1]):
+        y_t, s = causal_conv1d_step(x[:, t], s, w, bias)
+        np.testing.assert_allclose(y_t, y[:, t], rtol=1e-12)
+    np.testing.assert_allclose(s, state, rtol=1e-12)
+    y1, mid = causal_conv1d(x[:, :2], w, bias, initial_state=history)  # shorter than k - 1
+    y2, last = causal_conv1d(x[:, 2:], w, bias, initial_state=mid)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-12)
+    np.testing.assert_allclose(last, state, rtol=1e-12)
+
+
+def test_conv_packed_documents_do_not_mix(inputs):
+    x, w, bias, history = inputs
+    seg = jnp.array([[0] * 4 + [1] * 2 + [2] * 5, [7] * 11])
+    y, state = causal_conv1d(x, w, initial_state=history, segment_ids=seg)
+    doc = np.cumsum(np.concatenate([np.zeros((2, 1), int), np.asarray(seg[:, 1:] != seg[:, :-1])], 1), 1)
+    np.testing.assert_allclose(y, direct_conv(x, w, history, doc=doc), rtol=1e-12)
+    np.testing.assert_allclose(y[0, 6:], causal_conv1d(x[:1, 6:], w)[0][0], rtol=1e-12)
+    np.testing.assert_allclose(state[0], x[0, -3:], rtol=1e-12)  # last doc has >= k - 1 tokens
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_fft_convolution_matches_direct_sum(complex_):
+    ks = jax.random.split(jax.random.PRNGKey(1), 2)
+    u = jax.random.normal(ks[0], (2, 13, 3))
+    kernel = jax.random.normal(ks[1], (13, 3)) * (1 + 1j if complex_ else 1)
+    y = fft_causal_convolution(u, kernel)
+    ref = np.stack([sum(np.asarray(kernel)[t - s] * np.asarray(u)[:, s] for s in range(t + 1)) for t in range(13)], 1)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="weight"):
+        causal_conv1d(jnp.ones((2, 5, 3)), jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match="initial_state"):
+        causal_conv1d(jnp.ones((2, 5, 3)), jnp.ones((4, 3)), initial_state=jnp.ones((2, 4, 3)))
+    with pytest.raises(ValueError, match="kernel"):
+        fft_causal_convolution(jnp.ones((2, 5, 3)), jnp.ones((5, 2)))
