@@ -1,0 +1,91 @@
+"""Softmax attention (Vaswani et al., 2017, "Attention Is All You Need") with rotary
+position embeddings (Su et al., 2021, "RoFormer") and an optional sliding window
+(Beltagy et al., 2020, "Longformer"), as the full-attention mixer of hybrids.
+
+    q_i, k_j = RoPE(W_q x_i, i), RoPE(W_k x_j, j)
+    o_i = sum_{j in window(i)} softmax_j(q_i . k_j / sqrt(d_head)) W_v x_j,   y = W_o o
+
+``window(i) = {j : i - window < j <= i}`` (all ``j <= i`` when ``window`` is ``None``).
+The recurrent state is a key/value cache of ``max_len`` slots plus the position of the
+next token, so ``step`` decodes one token at a time and ``__call__`` continues a cached
+prefix. Computation uses ``jax.nn.dot_product_attention``.
+
+Parameters: ``4 d_model^2`` (no biases).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import Array
+from jaxtyping import Float
+
+from ssmjax.layers.registry import register
+
+
+def rotary_embedding(x: Float[Array, "b t h d"], positions: Array, base: float) -> Float[Array, "b t h d"]:
+    """Rotate channel pairs ``(x[..., :d/2], x[..., d/2:])`` by ``position * base^(-2i/d)``."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [b?, t, half]
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
+
+
+@register("attention")
+class Attention(nn.Module):
+    """Causal multi-head softmax attention with RoPE and a KV-cache step (module docstring)."""
+
+    d_model: int
+    num_heads: int = 4
+    window: int | None = None
+    rope_base: float = 10000.0
+    max_len: int = 2048
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads: must divide d_model = {self.d_model}, got {self.num_heads}")
+        dense = lambda: nn.DenseGeneral(  # noqa: E731
+            (self.num_heads, self.d_model // self.num_heads), use_bias=False,
+            dtype=self.dtype, param_dtype=self.param_dtype)
+        self.q_proj, self.k_proj, self.v_proj = dense(), dense(), dense()
+        self.out_proj = nn.DenseGeneral(self.d_model, axis=(-2, -1), use_bias=False,
+                                        dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def init_state(self, batch_size: int, dtype=jnp.float32) -> dict:
+        shape = (batch_size, self.max_len, self.num_heads, self.d_model // self.num_heads)
+        return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), pos=jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: Float[Array, "b t d"], *, state: dict | None = None, return_state: bool = False):
+        batch, time, _ = x.shape
+        start = jnp.zeros((), jnp.int32) if state is None else state["pos"]
+        positions = start + jnp.arange(time)
+        q = rotary_embedding(self.q_proj(x), positions, self.rope_base)
+        k = rotary_embedding(self.k_proj(x), positions, self.rope_base)
+        v = self.v_proj(x)
+        if state is None and not return_state:
+            o = self._attend(q, k, v, positions, positions)
+        else:
+            if state is None:
+                state = self.init_state(batch, x.dtype)
+            cache_k = jax.lax.dynamic_update_slice_in_dim(state["k"], k.astype(state["k"].dtype), start, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(state["v"], v.astype(state["v"].dtype), start, axis=1)
+            slots = jnp.arange(self.max_len)
+            o = self._attend(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), positions, slots)
+            state = dict(k=cache_k, v=cache_v, pos=start + time)
+        y = self.out_proj(o)
+        return (y, state) if return_state else y
+
+    def _attend(self, q, k, v, q_pos, k_pos):
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if self.window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - self.window
+        return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None])
+
+    def step(self, x_t: Float[Array, "b d"], state: dict):
+        y, state = self(x_t[:, None], state=state, return_state=True)
+        return y[:, 0], state

@@ -1,0 +1,79 @@
+"""Backbone: pattern parsing, heads, generate() == forward, layer-scan."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ssmjax.layers.attention  # noqa: F401  (registers "attention")
+from ssmjax.models import SequenceModel, generate, hybrid_pattern, parse_mixers
+from ssmjax.models.backbone import MoE, SwiGLU
+
+
+def test_parse_mixers():
+    assert parse_mixers("attention*3,attention") == ("attention",) * 4
+    assert parse_mixers("attention", 3) == ("attention",) * 3
+    assert hybrid_pattern("attention", 3) == "attention*3,attention"
+    for bad, message in [("", "mixers"), ("attention**2", "malformed"), ("attention*0", "malformed"),
+                         ("nope", "unknown layer"), ("attention,,attention", "malformed")]:
+        with pytest.raises(ValueError, match=message):
+            parse_mixers(bad)
+    with pytest.raises(ValueError, match="n_layers"):
+        parse_mixers("attention*2", 3)
+
+
+def lm(**kw):
+    fields = dict(d_model=16, n_layers=2, vocab_size=11, mixer_fields={"attention": {"max_len": 32}})
+    fields.update(kw)
+    return SequenceModel(**fields)
+
+
+@pytest.mark.parametrize("layer_scan", [False, True])
+@pytest.mark.parametrize("mlp", ["gated", "moe", "none"])
+def test_generate_logits_equal_forward(layer_scan, mlp):
+    model = lm(layer_scan=layer_scan, mlp=mlp, moe_experts=4)
+    prompt = jax.random.randint(jax.random.PRNGKey(0), (2, 5), 0, 11)
+    params = model.init(jax.random.PRNGKey(1), prompt)
+    tokens, logits = generate(model, params, prompt, steps=6, key=jax.random.PRNGKey(2), temperature=1.0, top_k=5)
+    full = model.apply(params, jnp.concatenate([prompt, tokens], 1))
+    np.testing.assert_allclose(logits, full[:, 4:-1], rtol=1e-4, atol=1e-4)
+    greedy, _ = generate(model, params, prompt, steps=3, key=jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(greedy[:, 0], jnp.argmax(full[:, 4], -1))
+
+
+def test_heads_and_tied_embeddings():
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5))
+    clf = SequenceModel(d_model=16, head="classify", num_classes=4)
+    assert clf.apply(clf.init(jax.random.PRNGKey(1), x), x).shape == (3, 4)
+    reg = SequenceModel(d_model=16, head="regress", output_dim=2)
+    assert reg.apply(reg.init(jax.random.PRNGKey(1), x), x).shape == (3, 7, 2)
+    tokens = jnp.zeros((2, 4), jnp.int32)
+    count = lambda m: sum(a.size for a in jax.tree.leaves(m.init(jax.random.PRNGKey(0), tokens)))  # noqa: E731
+    assert count(lm()) - count(lm(tie_embeddings=True)) == 16 * 11
+    with pytest.raises(ValueError, match="num_classes"):
+        SequenceModel(head="classify").init(jax.random.PRNGKey(0), x)
+
+
+def test_single_expert_moe_is_the_mlp():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
+    moe = MoE(8, 16, num_experts=1, top_k=1)
+    params = moe.init(jax.random.PRNGKey(1), x)
+    expert = jax.tree.map(lambda p: p[0], params["params"]["experts"])
+    np.testing.assert_allclose(moe.apply(params, x), SwiGLU(8, 16).apply({"params": expert}, x), rtol=1e-6, atol=1e-6)
+
+
+def test_layer_scan_compile_time_is_flat_in_depth():
+    tokens = jnp.zeros((2, 16), jnp.int32)
+
+    def compile_seconds(n_layers):
+        model = lm(n_layers=n_layers, layer_scan=True)
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+        start = time.perf_counter()
+        jax.jit(jax.grad(lambda p: model.apply(p, tokens).sum())).lower(params).compile()
+        return time.perf_counter() - start
+
+    two, twelve = compile_seconds(2), compile_seconds(12)
+    print(f"compile fwd+bwd with layer_scan: 2 layers {two:.2f}s, 12 layers {twelve:.2f}s ({twelve / two:.2f}x)")
+    assert twelve < 2.0 * two + 0.5  # loose: the issue's target is 1.5x, timings are noisy here
