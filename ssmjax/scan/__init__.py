@@ -1,13 +1,25 @@
 """Pure scan functions: the recurrences of every ssmjax model, each with its oracle."""
 
+from ssmjax.scan.gla import gated_linear_attention
 from ssmjax.scan.linear import linear_scan, matrix_scan
 from ssmjax.scan.newton import NewtonResult, newton_recurrence
 from ssmjax.scan.selective import selective_scan
+from ssmjax.scan.softmax_attention import (
+    SoftmaxState,
+    causal_softmax_attention,
+    prefix_softmax_attention,
+    softmax_scan_combine,
+)
 
 __all__ = [
     "NewtonResult",
+    "SoftmaxState",
+    "causal_softmax_attention",
+    "gated_linear_attention",
     "linear_scan",
     "matrix_scan",
     "newton_recurrence",
+    "prefix_softmax_attention",
     "selective_scan",
+    "softmax_scan_combine",
 ]

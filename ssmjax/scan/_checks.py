@@ -29,6 +29,12 @@ def check_floating(name: str, x: Array) -> None:
         raise ValueError(f"{name}: expected a floating or complex dtype, got {x.dtype}")
 
 
+def check_real_floating(name: str, x: Array) -> None:
+    check_floating(name, x)
+    if jnp.iscomplexobj(x):
+        raise ValueError(f"{name}: expected a real floating dtype, got {x.dtype}")
+
+
 def check_ndim(name: str, x: Array, ndim: int | Sequence[int], layout: str) -> None:
     allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if x.ndim not in allowed:
