@@ -49,28 +49,48 @@ from ssmjax.scan._checks import (
 from ssmjax.scan.linear import default_chunk_size, linear_scan
 
 
+def _to_channels(B: Array, channels: int) -> Array:
+    """Grouped ``[..., g, n]`` -> per channel ``[..., n, d]`` (each group repeated ``d/g`` times)."""
+    return jnp.repeat(jnp.swapaxes(B, -1, -2), channels // B.shape[-2], axis=-1)
+
+
+def _to_groups(dB: Array, groups: int) -> Array:
+    """Adjoint of :func:`_to_channels`: ``[..., n, d]`` -> ``[..., g, n]`` summed per group."""
+    n, d = dB.shape[-2:]
+    return jnp.swapaxes(dB.reshape(dB.shape[:-1] + (groups, d // groups)).sum(-1), -1, -2)
+
+
 def _discretise(A, u, delta, B, keep):
-    """``exp(delta A)`` (zero where the carry is cut) and ``delta B u``, as
-    ``[..., g, dg, n]`` for any leading axes (ZOH for A, Euler for B, as Mamba)."""
-    decay = jnp.exp(delta[..., None] * A)
-    decay = jnp.where(keep[..., None, None, None], decay, jnp.zeros((), decay.dtype))
-    return decay, (delta * u)[..., None] * B[..., None, :]
+    """``exp(delta A)`` (zero where the carry is cut) and ``delta B u`` as ``[..., n, d]``
+    for any leading axes (ZOH for A, Euler for B, as Mamba); ``B`` grouped ``[..., g, n]``.
+
+    States are laid out ``[batch, n, d]``, channels minor and no group axis: sums over
+    ``n`` are adds of whole channel vectors. On CPU this ran the fused step ~4x faster
+    than a ``[batch, g, d/g, n]`` layout.
+    """
+    decay = jnp.exp(delta[..., None, :] * A)
+    decay = jnp.where(keep[..., None, None], decay, jnp.zeros((), decay.dtype))
+    return decay, (delta * u)[..., None, :] * _to_channels(B, A.shape[-1])
+
+
+def _read_out(state, C):
+    y = (state * _to_channels(C, state.shape[-1])).sum(-2)
+    return 2 * y.real if jnp.iscomplexobj(y) else y
 
 
 def _step(
-    A: Inexact[Array, "g dg n"],
-    state: Inexact[Array, "b g dg n"],
-    u: Float[Array, "b g dg"],
-    delta: Float[Array, "b g dg"],
+    A: Inexact[Array, "n d"],
+    state: Inexact[Array, "b n d"],
+    u: Float[Array, "b d"],
+    delta: Float[Array, "b d"],
     B: Inexact[Array, "b g n"],
     C: Inexact[Array, "b g n"],
     keep: Bool[Array, " b"],
-) -> tuple[Inexact[Array, "b g dg n"], Float[Array, "b g dg"]]:
+) -> tuple[Inexact[Array, "b n d"], Float[Array, "b d"]]:
     """One token: discretise, update the state, read out."""
     decay, inp = _discretise(A, u, delta, B, keep)
     state = decay * state + inp
-    y = jnp.einsum("bgdn,bgn->bgd", state, C)
-    return state, (2 * y.real if jnp.iscomplexobj(y) else y)
+    return state, _read_out(state, C)
 
 
 def _scan_steps(A, state, xs):
@@ -108,19 +128,20 @@ def _step_vjp(A, x_prev, inputs, dy, g, dA):
     ``g`` is the cotangent of the state after the step, accumulated from the future.
     """
     u, delta, B, C, keep = inputs
+    groups = B.shape[-2]
     decay, inp = _discretise(A, u, delta, B, keep)
     x = decay * x_prev + inp
     dy = (2 * dy if jnp.iscomplexobj(x) else dy).astype(x.dtype)
-    gx = g + dy[..., None] * C[:, :, None, :]
+    gx = g + dy[..., None, :] * _to_channels(C, x.shape[-1])
     d_exponent = gx * x_prev * decay  # cotangent of delta * A
-    d_input = jnp.einsum("bgdn,bgn->bgd", gx, B).real  # cotangent of delta * u
+    d_input = (gx * _to_channels(B, x.shape[-1])).sum(-2).real  # cotangent of delta * u
     cotangents = (
         d_input * delta,  # u
-        jnp.einsum("bgdn,gdn->bgd", d_exponent, A).real + d_input * u,  # delta
-        jnp.einsum("bgdn,bgd->bgn", gx, (delta * u).astype(x.dtype)),  # B
-        jnp.einsum("bgd,bgdn->bgn", dy, x),  # C
+        (d_exponent * A).sum(-2).real + d_input * u,  # delta
+        _to_groups(gx * (delta * u)[..., None, :], groups),  # B
+        _to_groups(dy[..., None, :] * x, groups),  # C
     )
-    dA = dA + jnp.einsum("bgdn,bgd->gdn", d_exponent, delta.astype(x.dtype))
+    dA = dA + (d_exponent * delta[..., None, :]).sum(0)
     return decay * gx, dA, cotangents
 
 
@@ -179,21 +200,20 @@ def _associative(A, state, xs):
     states, final = linear_scan(
         to_batch_major(decay), to_batch_major(inputs), initial_state=state, method="associative"
     )
-    y = jnp.einsum("btgdn,tbgn->tbgd", states, C)
-    return final, (2 * y.real if jnp.iscomplexobj(y) else y)
+    return final, _read_out(to_batch_major(states), C)
 
 
 def _selective_core(
-    u: Float[Array, "batch time g dg"],
-    delta: Float[Array, "batch time g dg"],
-    A: Inexact[Array, "g dg n"],
+    u: Float[Array, "batch time d"],
+    delta: Float[Array, "batch time d"],
+    A: Inexact[Array, "n d"],
     B: Inexact[Array, "batch time g n"],
     C: Inexact[Array, "batch time g n"],
     keep: Bool[Array, "batch time"],
-    state: Inexact[Array, "batch g dg n"],
+    state: Inexact[Array, "batch n d"],
     method: str,
     chunk_size: int | None,
-) -> tuple[Float[Array, "batch time g dg"], Inexact[Array, "batch g dg n"]]:
+) -> tuple[Float[Array, "batch time d"], Inexact[Array, "batch n d"]]:
     xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (u, delta, B, C, keep))
     if method == "sequential":
         final, y = _scan_steps(A, state, xs)
@@ -281,24 +301,21 @@ def selective_scan(
     cut = carry_cut_mask(segment_ids, reset, batch, time, reverse)
     keep = jnp.ones((batch, time), bool) if cut is None else ~cut
 
-    dg = d // groups
-    grouped = lambda x: x.reshape(x.shape[:2] + (groups, dg))  # noqa: E731
-    u_g, delta_g = grouped(u.astype(real)), grouped(delta)
-    B_g, C_g = (x.reshape((batch, time, groups, n)).astype(dtype) for x in (B, C))
+    B, C = (x.reshape((batch, time, groups, n)).astype(dtype) for x in (B, C))
+    u_real = u.astype(real)
     if reverse:
-        u_g, delta_g, B_g, C_g, keep = flip_time((u_g, delta_g, B_g, C_g, keep))
+        u_real, delta, B, C, keep = flip_time((u_real, delta, B, C, keep))
     y, final = _selective_core(
-        u_g,
-        delta_g,
-        A.astype(dtype).reshape(groups, dg, n),
-        B_g,
-        C_g,
+        u_real,
+        delta,
+        A.astype(dtype).T,
+        B,
+        C,
         keep,
-        state.reshape(batch, groups, dg, n),
+        jnp.swapaxes(state, -1, -2),
         "chunked" if method == "auto" else method,
         chunk_size,
     )
-    y = y.reshape(batch, time, d)
     if reverse:
         y = flip_time(y)
     if D is not None:
@@ -309,4 +326,4 @@ def selective_scan(
         z = jnp.asarray(z)
         check_shape("z", z, u.shape, "u.shape [batch, time, d]")
         y = y * jax.nn.silu(z.astype(real))
-    return y.astype(u.dtype), final.reshape(batch, d, n)
+    return y.astype(u.dtype), jnp.swapaxes(final, -1, -2)
