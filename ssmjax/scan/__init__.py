@@ -1,5 +1,6 @@
 """Pure scan functions: the recurrences of every ssmjax model, each with its oracle."""
 
+from ssmjax.scan.delta import delta_rule
 from ssmjax.scan.gla import gated_linear_attention
 from ssmjax.scan.linear import linear_scan, matrix_scan
 from ssmjax.scan.newton import NewtonResult, newton_recurrence
@@ -15,6 +16,7 @@ __all__ = [
     "NewtonResult",
     "SoftmaxState",
     "causal_softmax_attention",
+    "delta_rule",
     "gated_linear_attention",
     "linear_scan",
     "matrix_scan",
