@@ -83,20 +83,90 @@ def selective_scan_workload(t, batch=2, d=64, n=16):
                     ("sequential", "associative", "chunked"))
 
 
+def _attention_inputs(t, batch, heads, d):
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    q, k, v = (_normal(key, (batch, t, heads, d)) for key in ks[:3])
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    log_decay = -jax.nn.softplus(_normal(ks[3], (batch, t, heads)))
+    beta = jax.nn.sigmoid(_normal(ks[4], (batch, t, heads)))
+    return q, k, v, log_decay, beta
+
+
+def gla_workload(t, batch=2, heads=4, d=64):
+    from ssmjax.scan import gated_linear_attention
+
+    q, k, v, log_decay, _ = _attention_inputs(t, batch, heads, d)
+    run = lambda method, q, k, v, g: gated_linear_attention(q, k, v, log_decay=g, method=method)  # noqa: E731
+    return Workload("gla", dict(b=batch, t=t, h=heads, d=d), (q, k, v, log_decay), run,
+                    ("sequential", "parallel", "chunked"))
+
+
+def delta_rule_workload(t, batch=2, heads=4, d=64):
+    from ssmjax.scan import delta_rule
+
+    q, k, v, log_decay, beta = _attention_inputs(t, batch, heads, d)
+    run = lambda method, q, k, v, beta, g: delta_rule(q, k, v, beta, log_decay=g, method=method)  # noqa: E731
+    return Workload("delta_rule", dict(b=batch, t=t, h=heads, d=d), (q, k, v, beta, log_decay), run,
+                    ("sequential", "chunked"))
+
+
+def prefix_softmax_workload(t, batch=2, heads=4, d=64):
+    from ssmjax.scan import prefix_softmax_attention
+
+    q, _, v, _, _ = _attention_inputs(t, batch, heads, d)
+    run = lambda method, s, v: prefix_softmax_attention(s, v, method=method)  # noqa: E731
+    return Workload("prefix_softmax", dict(b=batch, t=t, h=heads, d=d), (q[..., 0], v), run,
+                    ("sequential", "associative"))
+
+
+def gru_cell(params, h, x):
+    """A GRU cell (Cho et al. 2014) on one example, for the Newton benchmarks."""
+    W, U, bias = params
+    r, z, n = jnp.split(W @ x + bias, 3)
+    ur, uz, un = jnp.split(U @ h, 3)
+    r, z = jax.nn.sigmoid(r + ur), jax.nn.sigmoid(z + uz)
+    return (1 - z) * jnp.tanh(n + r * un) + z * h
+
+
+def newton_gru_workload(t, batch=2, d=16):
+    from ssmjax.scan import newton_recurrence
+
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    params = (_normal(ks[0], (3 * d, d), d**-0.5), _normal(ks[1], (3 * d, d), d**-0.5), jnp.zeros(3 * d))
+    x = _normal(ks[2], (batch, t, d))
+    h0 = jnp.zeros((batch, d), jnp.float32)
+
+    def run(method, x):
+        kind = dict(method="sequential") if method == "sequential" else dict(jacobian=method)
+        return tuple(newton_recurrence(gru_cell, params, x, h0, **kind)[:2])
+
+    return Workload("newton_gru", dict(b=batch, t=t, d=d), (x,), run, ("sequential", "dense", "diagonal"))
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "linear_scan": linear_scan_workload,
     "matrix_scan": matrix_scan_workload,
     "selective_scan": selective_scan_workload,
+    "gla": gla_workload,
+    "delta_rule": delta_rule_workload,
+    "prefix_softmax": prefix_softmax_workload,
+    "newton_gru": newton_gru_workload,
 }
+_CHUNKED_LENGTHS = (512, 2048, 8192, 32768)
 DEFAULT_LENGTHS = {
     "linear_scan": (1024, 4096, 16384, 65536),
     "matrix_scan": (1024, 4096, 16384, 65536),
     "selective_scan": (1024, 4096, 16384, 65536),
+    "gla": _CHUNKED_LENGTHS,
+    "delta_rule": _CHUNKED_LENGTHS,
+    "prefix_softmax": _CHUNKED_LENGTHS,
+    "newton_gru": (512, 2048, 8192),
 }
 #: Shapes named in the performance targets: (op, kwargs) measured once each.
 ANCHORS = (
     ("selective_scan", dict(t=1024, batch=2, d=256, n=16)),
     ("selective_scan", dict(t=4096, batch=2, d=256, n=16)),
+    ("gla", dict(t=2048, batch=2, heads=4, d=64)),
 )
 
 
@@ -222,7 +292,7 @@ def main(argv=None) -> dict:
             if op in ops:
                 w = WORKLOADS[op](**kw)
                 for method in w.methods:
-                    anchors.append(measure(w, method, reps, max_bytes, timed=kw["t"] <= 2048))
+                    anchors.append(measure(w, method, reps, max_bytes, timed=(op, kw["t"]) != ("selective_scan", 4096)))
         add_ratios_and_growth(anchors)
         print_table(anchors, "anchor shapes (targets)")
     result = dict(jax=jax.__version__, device=jax.devices()[0].device_kind, rows=rows,
@@ -233,10 +303,15 @@ def main(argv=None) -> dict:
             result["peers"] = peers
             print("\npeers (PyTorch CPU, same sitting):", json.dumps(peers))
             ours = {r["method"]: r.get("fwd_bwd_ms") for r in anchors if r["op"] == "selective_scan" and r["t"] == 1024}
-            if ours.get("chunked"):
-                ratio = peers["mambapy_selective_scan_fb_ms"] / ours["chunked"]
-                print(f"selective_scan chunked fwd+bwd vs mambapy pscan: {ratio:.1f}x faster")
-                result["selective_vs_mambapy"] = ratio
+            gla = {r["method"]: r.get("fwd_bwd_ms") for r in anchors if r["op"] == "gla"}
+            for label, ours_ms, peer_key in (
+                ("selective_scan chunked vs mambapy pscan", ours.get("chunked"), "mambapy_selective_scan_fb_ms"),
+                ("gla chunked vs fla naive_chunk_simple_gla", gla.get("chunked"), "fla_naive_chunk_simple_gla_fb_ms"),
+            ):
+                if ours_ms:
+                    ratio = peers[peer_key] / ours_ms
+                    print(f"{label} (fwd+bwd): {ratio:.1f}x faster")
+                    result[label] = ratio
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"\nwrote {args.out}")
