@@ -1,5 +1,19 @@
-"""Flax (Linen) mixer layers; the math lives in :mod:`ssmjax.scan`."""
+"""Flax (Linen) mixer layers; the math lives in :mod:`ssmjax.scan`.
 
+Importing this package registers every mixer: ``ssmjax.layers.get(name, d_model=...)``
+builds one, ``ssmjax.layers.names()`` lists them.
+"""
+
+from ssmjax.layers import (  # noqa: F401  (imported for their @register side effect)
+    attention,
+    h3,
+    lmu,
+    lru,
+    mamba,
+    mega_ema,
+    s4,
+    s5,
+)
 from ssmjax.layers.registry import get, names, register
 
 __all__ = ["get", "names", "register"]

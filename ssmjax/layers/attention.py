@@ -27,10 +27,11 @@ from ssmjax.layers.registry import register
 def rotary_embedding(x: Float[Array, "b t h d"], positions: Array, base: float) -> Float[Array, "b t h d"]:
     """Rotate channel pairs ``(x[..., :d/2], x[..., d/2:])`` by ``position * base^(-2i/d)``."""
     half = x.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions[..., None].astype(jnp.float32) * freqs  # [b?, t, half]
+    dtype = jnp.result_type(x.dtype, jnp.float32)  # at least float32; float64 stays float64
+    freqs = base ** (-jnp.arange(half, dtype=dtype) / half)
+    angles = positions[..., None].astype(dtype) * freqs  # [b?, t, half]
     cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    x1, x2 = x[..., :half].astype(dtype), x[..., half:].astype(dtype)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
