@@ -5,8 +5,13 @@ builds one, ``ssmjax.layers.names()`` lists them.
 """
 
 from ssmjax.layers import (  # noqa: F401  (imported for their @register side effect)
+    aaren,
     attention,
+    deltanet,
     h3,
+    hgrn,
+    lightnet,
+    linear_attention,
     lmu,
     lru,
     mamba,
