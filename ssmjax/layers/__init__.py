@@ -16,8 +16,11 @@ from ssmjax.layers import (  # noqa: F401  (imported for their @register side ef
     lru,
     mamba,
     mega_ema,
+    rat,
     s4,
     s5,
+    tcnca,
+    titans,
 )
 from ssmjax.layers.registry import get, names, register
 
