@@ -1,4 +1,4 @@
-"""The README's first command: every scan op's evaluation methods agree, side by side
+"""`make demo`: every scan op's evaluation methods agree, side by side
 with their speed on this machine.
 
     python -m experiments.demo [--t 2048] [--reps 3]

@@ -1,0 +1,81 @@
+"""Train and evaluate a model on one synthetic experiment.
+
+    python -m experiments <experiment> --model <name or pattern> [--size cpu|paper]
+                          [--set key=value ...] [--out runs/] [--resume] [--name NAME]
+
+Writes ``<out>/<experiment>/<run>/``: config.json, metrics.jsonl, checkpoints/,
+result.json, learning_curves.png. ``python -m experiments.report`` turns all runs into
+``experiments/RESULTS.md``. Ctrl-C saves a checkpoint and exits; ``--resume`` continues
+exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+import ssmjax.layers
+from experiments.configs import EXPERIMENTS
+from experiments.runner import run_experiment
+from experiments.tasks import DESCRIPTIONS
+from ssmjax.train import NonFiniteLossError
+
+COMMON_FIELDS = ("steps", "batch_size", "lr", "seed", "d_model", "n_layers")
+
+
+def _epilog(models: list[str]) -> str:
+    lines = ["experiments:"]
+    lines += [f"  {name:<19}{DESCRIPTIONS[name]}" for name in EXPERIMENTS]
+    lines += ["", "models (registered mixers; a hybrid pattern such as 'gla*3,attention' is tiled over n_layers):"]
+    lines += textwrap.wrap(", ".join(models) or "(none registered)", 88, initial_indent="  ", subsequent_indent="  ")
+    lines += ["", f"--set fields of every experiment: {', '.join(COMMON_FIELDS)}, warmup_steps, weight_decay,",
+              "  grad_clip, eval_every, checkpoint_every, log_every, mlp, mixer_fields (a dict per mixer name),",
+              "  and the experiment's own fields (e.g. mqar: vocab_size, train_shapes; algorithmic: task).",
+              "", "examples:",
+              "  python -m experiments selective_copying --model attention --set steps=200",
+              "  python -m experiments mqar --model 'gla*3,attention' --set n_layers=4",
+              "  python -m experiments algorithmic --model attention --set task=reverse",
+              "  python -m experiments mqar --model attention --resume"]
+    return "\n".join(lines)
+
+
+def build_parser(models: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0],
+                                     epilog=_epilog(models), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=EXPERIMENTS, metavar="experiment", help="one of: " + ", ".join(EXPERIMENTS))
+    parser.add_argument("--model", required=True, help="registered mixer name or hybrid pattern")
+    parser.add_argument("--size", default="cpu", choices=("cpu", "paper"), help="config size (default: cpu)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field (repeatable)")
+    parser.add_argument("--out", default="runs", help="output root (default: runs/)")
+    parser.add_argument("--name", default=None, help="suffix of the run directory, to keep variants apart")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
+    group.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    models = ssmjax.layers.names()
+    parser = build_parser(models)
+    args = parser.parse_args(argv)
+    try:
+        result = run_experiment(args.experiment, args.model, size=args.size, overrides=args.overrides, out=args.out,
+                                resume=args.resume, overwrite=args.overwrite, name=args.name, verbose=not args.quiet)
+    except (ValueError, FileExistsError) as error:
+        parser.error(str(error))
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if result["status"] == "interrupted":
+        return 130
+    summary = "  ".join(f"{k} {v:.3f}" for k, v in result["eval"].get("summary", {}).items()) if result["eval"] else ""
+    print(f"{result['status']}: step {result['step']}/{result['steps']}, train loss {result['train_loss']:.4f}"
+          + (f"; eval {summary}" if summary else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
