@@ -1,0 +1,20 @@
+"""Pallas kernels for the hot loops of ssmjax (depends on jax only, never on ssmjax).
+
+One module per kernel family, each with a forward kernel, a backward kernel (or a
+documented recompute strategy), a frozen ``BlockSizes`` dataclass, an ``interpret``
+switch (CPU tests run every kernel with ``interpret=True``) and a ``platform`` override
+(lower for another backend than ``jax.default_backend()``):
+
+* :mod:`pallas_kernels.linear_scan`: ``h_t = a_t h_{t-1} + b_t`` over ``[b, t, d]``,
+  forward and reverse (the reverse run is the backward).
+* :mod:`pallas_kernels.selective_scan`: Mamba-1's selective scan fused with
+  discretisation and readout; forward emits chunk-boundary states, the backward kernel
+  recomputes each chunk from them.
+* :mod:`pallas_kernels.chunked_gla`: chunked gated linear attention / SSD (no, per-head
+  or per-key-channel log decay); fp32 state carried across chunks, intra-chunk masked
+  matmuls with log-space decays; the backward runs the chunks in reverse carrying dS.
+* :mod:`pallas_kernels.chunked_delta`: the (gated) delta rule in the WY/UT form, same
+  structure.
+
+``custom_vjp`` wiring lives in ``ssmjax.scan`` (``method="pallas"``), not here.
+"""

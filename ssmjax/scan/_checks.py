@@ -12,16 +12,69 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
-#: Methods every scan op understands; ops may accept a subset (plus ``"parallel"``).
-METHODS = ("auto", "sequential", "associative", "chunked")
+#: Methods every scan op understands; ops may accept a subset (plus ``"parallel"``). Ops
+#: without a Pallas kernel for some input (``matrix_scan``, complex inputs) reject
+#: ``"pallas"`` with a ``ValueError`` that says so.
+METHODS = ("auto", "sequential", "associative", "chunked", "pallas")
 
 
 def check_method(method: str, allowed: Sequence[str]) -> str:
     if method not in allowed:
         raise ValueError(f"method: expected one of {tuple(allowed)}, got {method!r}")
     return method
+
+
+def pallas_interpret() -> bool:
+    """Whether ``method="pallas"`` must run its kernels under the Pallas interpreter:
+    ``True`` on CPU (slow; for tests), ``False`` on GPU/TPU where they compile; a
+    ``ValueError`` on any other backend. Shared by every scan op with a kernel."""
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return True
+    if backend in ("gpu", "cuda", "rocm", "tpu"):
+        return False
+    raise ValueError(
+        f"method: 'pallas' has no kernel for the {backend!r} backend "
+        "(GPU and TPU compile it, CPU interprets it); use another method"
+    )
+
+
+def check_pallas_chunked_attention(op: str, cut: Array | None, chunk_size: int | None) -> bool:
+    """Checks for ``method="pallas"`` of the chunked attention ops (gated linear attention,
+    delta rule), whose kernels are written for the Triton GPU lowering and carry the state
+    along whole rows. Returns ``pallas_interpret()``."""
+    if cut is not None:
+        raise ValueError(
+            f"segment_ids, reset: method 'pallas' of {op} does not support packed sequences "
+            "(the kernel carries the state along the whole row); use method='chunked'"
+        )
+    interpret = pallas_interpret()
+    if jax.default_backend() == "tpu":
+        raise ValueError(
+            f"method: 'pallas' has no TPU kernel for {op} (the kernel targets the Triton GPU "
+            "lowering); use 'chunked'"
+        )
+    if chunk_size is not None:
+        minimum = 1 if interpret else 16
+        if chunk_size & (chunk_size - 1) or chunk_size < minimum:
+            raise ValueError(
+                f"chunk_size: method 'pallas' needs a power of two >= {minimum}, got {chunk_size}"
+            )
+    return interpret
+
+
+def static_scale(scale, default: float) -> float | None:
+    """``scale`` as a Python float for a kernel's static argument (``default`` if ``None``),
+    or ``None`` when it is traced (the caller then folds it into the queries)."""
+    if scale is None:
+        return float(default)
+    try:
+        return float(np.asarray(scale))
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def check_floating(name: str, x: Array) -> None:

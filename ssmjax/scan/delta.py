@@ -38,7 +38,16 @@ Evaluations (``method=``):
   The chunk-to-chunk recurrence ``S_C = (exp(G_C) I - K_C^T W) S_0 + K_C^T U`` runs as a
   ``lax.scan`` over the ``T / C`` chunks; the outputs are formed afterwards for all chunks
   at once. ``O(T C (dk + dv) + T dk dv)`` work, ``T / C`` sequential steps.
-* ``"auto"``: ``"chunked"``. On XLA:CPU at ``(b, t, h, d) = (2, 2048, 4, 64)`` float32
+* ``"pallas"``: the kernels of :mod:`pallas_kernels.chunked_delta` behind a
+  ``custom_vjp``: the same WY / UT chunked form, one program per (batch, head, value
+  block) looping over the chunks with the ``[dk, dv]`` state in registers (``T`` by
+  forward substitution); the forward stores the chunk-entry states and the backward
+  kernel walks the chunks in reverse carrying ``dS``, recomputing each chunk's WY
+  representation. Inputs keep their dtype (computed in float32). ``chunk_size`` (a power
+  of two) is the kernel's chunk; no packed sequences (``ValueError``). Compiled on GPUs
+  (Triton lowering), interpreted on CPU (slow: for tests), no TPU kernel.
+* ``"auto"``: ``"pallas"`` on GPUs without packed sequences (kernel chunk 32), otherwise
+  ``"chunked"``. On XLA:CPU at ``(b, t, h, d) = (2, 2048, 4, 64)`` float32
   its forward + backward is several times faster than differentiating the token scan and
   needs ~8x less temporary memory (the scan's autodiff stores every ``[dk, dv]`` state);
   the forward alone is ~2x slower than ``"sequential"`` there, so pick ``"sequential"``
@@ -63,25 +72,31 @@ have exact VJPs); they include ``beta``, ``log_decay`` and ``initial_state``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
+from pallas_kernels import chunked_delta as kernels
 from ssmjax.scan._checks import (
     carry_cut_mask,
     check_chunk_size,
     check_method,
     check_ndim,
+    check_pallas_chunked_attention,
     check_real_floating,
     check_shape,
     expand_mask,
     pad_time,
+    pallas_interpret,
     state_dtype,
+    static_scale,
 )
 
-DELTA_METHODS = ("auto", "sequential", "chunked")
+DELTA_METHODS = ("auto", "sequential", "chunked", "pallas")
 
 
 # ----------------------------------------------------------------------------- sequential
@@ -263,6 +278,55 @@ def _delta_rule_chunked(
     return _unchunk(o)[:, :time], final_state
 
 
+# ----------------------------------------------------------------------------- pallas
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def delta_rule_pallas(
+    q: Float[Array, "batch time heads dk"],
+    k: Float[Array, "batch time heads dk"],
+    v: Float[Array, "batch time heads dv"],
+    beta: Float[Array, "batch time heads"],
+    log_decay: Float[Array, "batch time heads"] | None,
+    initial_state: Float[Array, "batch heads dk dv"],
+    scale: float,
+    block_sizes: kernels.BlockSizes,
+) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
+    """The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
+    chunk-entry states the forward saved (inputs in their own dtypes, ``scale`` static)."""
+    o, final_state, _ = kernels.chunked_delta_forward(
+        q, k, v, beta, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
+        save_states=False, interpret=pallas_interpret(),
+    )
+    return o, final_state
+
+
+def _delta_rule_pallas_fwd(q, k, v, beta, log_decay, initial_state, scale, block_sizes):
+    o, final_state, states = kernels.chunked_delta_forward(
+        q, k, v, beta, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
+        interpret=pallas_interpret(),
+    )
+    return (o, final_state), (q, k, v, beta, log_decay, initial_state, states)
+
+
+def _delta_rule_pallas_bwd(scale, block_sizes, residuals, cotangents):
+    *primals, states = residuals
+    q, k, v, beta, log_decay, _ = primals
+    do, d_final = cotangents
+    grads = kernels.chunked_delta_backward(
+        q, k, v, beta, log_decay, states, do, d_final, scale=scale,
+        block_sizes=block_sizes, interpret=pallas_interpret(),
+    )
+    return tuple(None if x is None else dx.astype(x.dtype) for dx, x in zip(grads, primals))
+
+
+delta_rule_pallas.defvjp(_delta_rule_pallas_fwd, _delta_rule_pallas_bwd)
+
+
+def _resolve(method: str, cut: Array | None) -> str:
+    if method != "auto":
+        return method
+    return "pallas" if cut is None and jax.default_backend() == "gpu" else "chunked"
+
+
 # ----------------------------------------------------------------------------- public API
 def delta_rule(
     q: ArrayLike,
@@ -301,8 +365,11 @@ def delta_rule(
       segment_ids: ``[batch, time]`` ints; the state restarts where the id changes.
       reset: ``[batch, time]`` bool; ``True`` starts a new document (``reset[:, 0]`` also
         drops ``initial_state``). Pass at most one of ``segment_ids`` / ``reset``.
-      chunk_size: tokens per chunk for ``"chunked"``; any ``time`` works (padded).
-      method: ``"auto"`` (= ``"chunked"``), ``"sequential"`` or ``"chunked"``.
+      chunk_size: tokens per chunk for ``"chunked"``; any ``time`` works (padded). For
+        ``"pallas"`` the kernel's chunk, a power of two (``"auto"`` picking the kernel
+        uses the kernel's default instead).
+      method: ``"auto"``, ``"sequential"``, ``"chunked"`` or ``"pallas"`` (see the module
+        docstring).
 
     Returns:
       ``(o, final_state)``: ``o [batch, time, heads, dv]`` in the promoted dtype of
@@ -340,6 +407,17 @@ def delta_rule(
     if reset is not None:
         reset = jnp.asarray(reset)
     cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
+    resolved = _resolve(method, cut)
+    if resolved == "pallas":
+        chunk = chunk_size if method == "pallas" else None
+        check_pallas_chunked_attention("delta_rule", cut, chunk)
+        if jnp.ndim(scale) != 0:
+            raise ValueError(f"scale: expected a scalar, got shape {tuple(jnp.shape(scale))}")
+        if time > 0:
+            o, final_state = _delta_rule_pallas_call(
+                q, k, v, beta, log_decay, initial_state, scale, dtype, chunk
+            )
+            return o.astype(out_dtype), final_state
 
     q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
     g = jnp.zeros((batch, time, heads), dtype) if log_decay is None else log_decay.astype(dtype)
@@ -358,3 +436,19 @@ def delta_rule(
     else:
         o, final_state = _delta_rule_chunked(q, k, v, beta, g, cut, s0, scale, chunk_size)
     return o.astype(out_dtype), final_state
+
+
+def _delta_rule_pallas_call(q, k, v, beta, log_decay, initial_state, scale, dtype, chunk_size):
+    """``method="pallas"`` after the argument checks: inputs keep their dtypes."""
+    batch, _, heads, dk = q.shape
+    dv = v.shape[-1]
+    s0 = (
+        jnp.zeros((batch, heads, dk, dv), dtype)
+        if initial_state is None
+        else initial_state.astype(dtype)
+    )
+    static = static_scale(scale, dk**-0.5)
+    if static is None:  # a traced scale: fold it into the queries (differentiably)
+        q, static = q.astype(dtype) * jnp.asarray(scale, dtype), 1.0
+    block_sizes = kernels.BlockSizes(chunk=chunk_size)
+    return delta_rule_pallas(q, k, v, beta, log_decay, s0, static, block_sizes)

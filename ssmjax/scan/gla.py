@@ -39,7 +39,16 @@ Evaluations (``method=``):
   dv)`` work, ``T / C`` sequential steps of elementwise work. Arrays live in a chunk-major
   ``[n, batch, heads, C, dim]`` layout so batched matrix products and the scan over
   chunks need no transposes beyond one in and one out.
-* ``"auto"``: ``"chunked"``, the fastest XLA form on CPU for forward+backward at every
+* ``"pallas"``: the kernels of :mod:`pallas_kernels.chunked_gla` behind a ``custom_vjp``
+  (the same chunked form, one program per (batch, head, value block) looping over the
+  chunks with the ``[dk, dv]`` state in registers; the forward stores the chunk-entry
+  states, the backward kernel walks the chunks in reverse carrying ``dS``). Inputs keep
+  their dtype (bf16 is read as bf16, computed in float32). ``chunk_size`` (a power of two)
+  is the kernel's chunk; no packed sequences (``segment_ids`` / ``reset``: ``ValueError``).
+  Compiled on GPUs (Triton lowering), interpreted on CPU (slow: for tests), no TPU kernel.
+* ``"auto"``: ``"pallas"`` on GPUs without packed sequences (with the kernel's own chunk
+  size: 64, or 16 with a per-channel decay); otherwise ``"chunked"``, the fastest XLA
+  form on CPU for forward+backward at every
   measured shape (``T = 1 .. 2048``; at ``T <= chunk_size`` it is the parallel form).
   Jitted float32 forward+backward at ``(b, t, h, d) = (2, 2048, 4, 64)`` on 2 shared CPU
   cores, chunk 64: per-head decay ~46 ms (sequential ~360 ms, parallel ~540 ms),
@@ -80,6 +89,7 @@ batched matrix product, so the backward stores only the chunk-boundary states.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -89,19 +99,23 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
+from pallas_kernels import chunked_gla as kernels
 from ssmjax.scan._checks import (
     carry_cut_mask,
     check_broadcastable,
     check_chunk_size,
     check_method,
     check_ndim,
+    check_pallas_chunked_attention,
     check_real_floating,
     check_shape,
     pad_time,
+    pallas_interpret,
     state_dtype,
+    static_scale,
 )
 
-GLA_METHODS = ("auto", "sequential", "parallel", "chunked")
+GLA_METHODS = ("auto", "sequential", "parallel", "chunked", "pallas")
 
 #: Longest sub-chunk over which the per-channel decay tensor ``[s, s, dk]`` is formed
 #: (8 was the fastest of 4 / 8 / 16 for per-channel decay at chunk sizes 32 and 64 on CPU).
@@ -400,6 +414,55 @@ def gla_chunked(
     return scale * _from_chunks(y)[:, :time], final_state
 
 
+# ----------------------------------------------------------------------------- pallas
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def gla_pallas(
+    q: Float[Array, "batch time heads dk"],
+    k: Float[Array, "batch time heads dk"],
+    v: Float[Array, "batch time heads dv"],
+    log_decay: Float[Array, "batch time heads"] | Float[Array, "batch time heads dk"] | None,
+    initial_state: Float[Array, "batch heads dk dv"],
+    scale: float,
+    block_sizes: kernels.BlockSizes,
+) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
+    """The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
+    chunk-entry states the forward saved (``log_decay``: ``None``, per head or per channel;
+    inputs in their own dtypes, ``scale`` a static float)."""
+    o, final_state, _ = kernels.chunked_gla_forward(
+        q, k, v, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
+        save_states=False, interpret=pallas_interpret(),
+    )
+    return o, final_state
+
+
+def _gla_pallas_fwd(q, k, v, log_decay, initial_state, scale, block_sizes):
+    o, final_state, states = kernels.chunked_gla_forward(
+        q, k, v, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
+        interpret=pallas_interpret(),
+    )
+    return (o, final_state), (q, k, v, log_decay, initial_state, states)
+
+
+def _gla_pallas_bwd(scale, block_sizes, residuals, cotangents):
+    q, k, v, log_decay, initial_state, states = residuals
+    do, d_final = cotangents
+    grads = kernels.chunked_gla_backward(
+        q, k, v, log_decay, states, do, d_final, scale=scale, block_sizes=block_sizes,
+        interpret=pallas_interpret(),
+    )
+    primals = (q, k, v, log_decay, initial_state)
+    return tuple(None if x is None else dx.astype(x.dtype) for dx, x in zip(grads, primals))
+
+
+gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
+
+
+def _resolve(method: str, cut: Array | None) -> str:
+    if method != "auto":
+        return method
+    return "pallas" if cut is None and jax.default_backend() == "gpu" else "chunked"
+
+
 # ----------------------------------------------------------------------------- public API
 def _check_log_decay(log_decay: Array, batch: int, time: int, heads: int, dk: int) -> None:
     layouts = {3: ((batch, time, heads), "[batch, time, heads] (per-head decay)"),
@@ -446,9 +509,11 @@ def gated_linear_attention(
       segment_ids: ``[batch, time]`` ints; the state restarts where the id changes.
       reset: ``[batch, time]`` bool; ``True`` starts a new document (``reset[:, 0]`` also
         drops ``initial_state``). Pass at most one of ``segment_ids`` / ``reset``.
-      chunk_size: tokens per chunk for ``"chunked"``; any ``time`` works (padded).
-      method: ``"auto"`` (= ``"chunked"``), ``"sequential"``, ``"parallel"`` or
-        ``"chunked"``.
+      chunk_size: tokens per chunk for ``"chunked"``; any ``time`` works (padded). For
+        ``"pallas"`` the kernel's chunk, a power of two (``"auto"`` picking the kernel
+        uses the kernel's default instead).
+      method: ``"auto"``, ``"sequential"``, ``"parallel"``, ``"chunked"`` or ``"pallas"``
+        (see the module docstring).
 
     Returns:
       ``(o, final_state)``: ``o [batch, time, heads, dv]`` in the promoted dtype of
@@ -481,6 +546,15 @@ def gated_linear_attention(
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
     reset = None if reset is None else jnp.asarray(reset)
     cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
+    resolved = _resolve(method, cut)
+    if resolved == "pallas":
+        chunk = chunk_size if method == "pallas" else None
+        check_pallas_chunked_attention("gated_linear_attention", cut, chunk)
+        if jnp.ndim(scale) != 0:
+            raise ValueError(f"scale: expected a scalar, got shape {tuple(jnp.shape(scale))}")
+        if time > 0:
+            o, final_state = _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, chunk)
+            return o.astype(out_dtype), final_state
 
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     if log_decay is None:
@@ -505,3 +579,21 @@ def gated_linear_attention(
         chunk = time if method == "parallel" else chunk_size
         o, final_state = gla_chunked(q, k, v, g, cut, s0, scale, chunk)
     return o.astype(out_dtype), final_state
+
+
+def _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, chunk_size):
+    """``method="pallas"`` after the argument checks: inputs keep their dtypes."""
+    batch, time, heads, dk = q.shape
+    dv = v.shape[-1]
+    if log_decay is not None:
+        shape = (batch, time, heads) if log_decay.ndim == 3 else q.shape
+        log_decay = jnp.broadcast_to(log_decay, shape)
+    s0 = (
+        jnp.zeros((batch, heads, dk, dv), dtype)
+        if initial_state is None
+        else initial_state.astype(dtype)
+    )
+    static = static_scale(scale, dk**-0.5)
+    if static is None:  # a traced scale: fold it into the queries (differentiably)
+        q, static = q.astype(dtype) * jnp.asarray(scale, dtype), 1.0
+    return gla_pallas(q, k, v, log_decay, s0, static, kernels.BlockSizes(chunk=chunk_size))

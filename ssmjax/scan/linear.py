@@ -14,9 +14,15 @@ Evaluations (``method=``):
 * ``"chunked"``: sequential inside chunks of ``chunk_size`` steps for all chunks at once,
   then a sequential pass over the ``T / chunk_size`` chunk summaries, then a fix-up
   ``h = h_local + A_cum h_chunk_start``: ``O(T)`` work in ``~2 sqrt(T)`` loop steps.
+* ``"pallas"`` (``linear_scan`` with real inputs only): the kernel of
+  :mod:`pallas_kernels.linear_scan`, a grid over (batch, feature blocks) whose programs
+  loop over time with the carry in registers; trailing feature axes are flattened into
+  one. It compiles on GPU (Triton) and TPU (Mosaic); on CPU it runs under the Pallas
+  interpreter (``interpret=True``, chosen automatically: correct but slow, for tests).
 * ``"auto"``: ``"sequential"`` on CPU, where XLA compiles the loop tightly and it beat
   both parallel forms at every shape in ``experiments/speed.py`` (e.g. fwd+bwd at
-  b=2, t=16k, d=256: 80 ms vs 125 ms chunked); ``"chunked"`` on accelerators.
+  b=2, t=16k, d=256: 80 ms vs 125 ms chunked); on GPU/TPU ``"pallas"`` for real
+  ``linear_scan`` and ``"chunked"`` otherwise (complex inputs, ``matrix_scan``).
 
 Gradients never differentiate through the scan algorithm: a custom VJP runs the same
 scan backwards with transposed transitions,
@@ -39,6 +45,8 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Inexact
 
+from pallas_kernels.linear_scan import linear_scan as pallas_linear_scan
+
 from ssmjax.scan._checks import (
     METHODS,
     carry_cut_mask,
@@ -51,6 +59,7 @@ from ssmjax.scan._checks import (
     expand_mask,
     flip_time,
     pad_time,
+    pallas_interpret,
     state_dtype,
 )
 
@@ -146,7 +155,21 @@ def _chunked(kind: _Transition, a: Array, b: Array, h0: Array, chunk_size: int) 
     return h[:, :time]
 
 
+def _pallas_diagonal(a: Array, b: Array, h0: Array) -> Array:
+    """The Pallas kernel over ``[batch, time, features]``, trailing axes flattened."""
+    batch, time = b.shape[:2]
+    h, _ = pallas_linear_scan(
+        a.reshape(batch, time, -1),
+        b.reshape(batch, time, -1),
+        h0.reshape(batch, -1),
+        interpret=pallas_interpret(),
+    )
+    return h.reshape(b.shape)
+
+
 def _forward(kind, method, chunk_size, a, b, h0):
+    if method == "pallas":
+        return _pallas_diagonal(a, b, h0)
     if method == "sequential":
         return _sequential(kind, a, b, h0)
     if method == "associative":
@@ -256,7 +279,8 @@ def linear_scan(
       segment_ids: ``[batch, time]`` ints; the state restarts where the id changes.
       reset: ``[batch, time]`` bool; ``True`` starts a new document at that position
         (alternative to ``segment_ids``).
-      method: ``"auto"``, ``"sequential"``, ``"associative"`` or ``"chunked"``.
+      method: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"`` or
+        ``"pallas"`` (real inputs only; interpreted on CPU, see the module docstring).
       chunk_size: chunk length for ``"chunked"``; ``None`` picks ``~sqrt(T)``. Any ``T``
         works (the last chunk is padded with identity transitions).
 
@@ -267,8 +291,17 @@ def linear_scan(
     a, b, h0, out_dtype = _prepare(
         "a", a, b, initial_state, lambda s: s, "b.shape [batch, time, ...]", method, chunk_size
     )
+    if method == "pallas":
+        if jnp.iscomplexobj(b):
+            raise ValueError(
+                f"method: 'pallas' has no complex kernel, got a complex dtype {b.dtype}; "
+                "use another method"
+            )
+        pallas_interpret()  # a ValueError on a backend without Pallas
+    if b.shape[1] == 0:  # an empty sequence leaves the state as it was
+        return b.astype(out_dtype), h0
     cut = carry_cut_mask(segment_ids, reset, b.shape[0], b.shape[1], reverse)
-    h, h_last = _run(DIAGONAL, a, b, h0, cut, reverse, _resolve(method), chunk_size)
+    h, h_last = _run(DIAGONAL, a, b, h0, cut, reverse, _resolve(method, DIAGONAL, b), chunk_size)
     return h.astype(out_dtype), h_last
 
 
@@ -302,12 +335,23 @@ def matrix_scan(
         method,
         chunk_size,
     )
+    if method == "pallas":
+        raise ValueError(
+            "method: 'pallas' has no kernel for matrix_scan (dense transitions); "
+            "use 'auto', 'sequential', 'associative' or 'chunked'"
+        )
+    if b.shape[1] == 0:  # an empty sequence leaves the state as it was
+        return b.astype(out_dtype), h0
     cut = carry_cut_mask(segment_ids, reset, b.shape[0], b.shape[1], reverse)
-    h, h_last = _run(DENSE, a, b, h0, cut, reverse, _resolve(method), chunk_size)
+    h, h_last = _run(DENSE, a, b, h0, cut, reverse, _resolve(method, DENSE, b), chunk_size)
     return h.astype(out_dtype), h_last
 
 
-def _resolve(method: str) -> str:
+def _resolve(method: str, kind: _Transition, b: Array) -> str:
     if method != "auto":
         return method
-    return "sequential" if jax.default_backend() == "cpu" else "chunked"
+    if jax.default_backend() == "cpu":
+        return "sequential"
+    if kind is DIAGONAL and not jnp.iscomplexobj(b) and jax.default_backend() in ("gpu", "tpu"):
+        return "pallas"
+    return "chunked"

@@ -22,7 +22,15 @@ Evaluations:
   (``jax.checkpoint``) so the backward keeps only the chunk-boundary states
   ``[b, T / chunk, d, n]`` and recomputes one chunk at a time: memory
   ``O(b d n (T / c + c))`` instead of ``O(b t d n)``.
-* ``"auto"``: ``"chunked"``.
+* ``"pallas"`` (real ``A``, ``B``, ``C`` only): the fused kernels of
+  :mod:`pallas_kernels.selective_scan` behind a ``custom_vjp``. The forward keeps the
+  state in registers and stores only ``y`` and the states entering every chunk of
+  ``chunk_size`` tokens (a power of two, default 16); the backward kernel recomputes each
+  chunk from its stored state: memory ``O(b t d n / chunk)``, no ``[b, t, d, n]`` tensor.
+  Grouped ``B``/``C`` are read in place (no expansion to channels); packed sequences
+  pass the keep mask into the kernels. Compiled on GPU (Triton) and TPU (Mosaic); on CPU
+  it runs under the Pallas interpreter (correct but slow, for tests).
+* ``"auto"``: ``"pallas"`` on GPU/TPU for real inputs, else ``"chunked"``.
 """
 
 from __future__ import annotations
@@ -44,9 +52,11 @@ from ssmjax.scan._checks import (
     check_ndim,
     check_shape,
     flip_time,
+    pallas_interpret,
     state_dtype,
 )
 from ssmjax.scan.linear import default_chunk_size, linear_scan
+from pallas_kernels import selective_scan as kernels
 
 
 def _to_channels(B: Array, channels: int) -> Array:
@@ -203,6 +213,37 @@ def _associative(A, state, xs):
     return final, _read_out(to_batch_major(states), C)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _pallas(u, delta, A, B, C, keep, state, chunk: int):
+    y, final, _ = kernels.selective_scan_forward(
+        u, delta, A, B, C, state, keep, block_sizes=kernels.BlockSizes(chunk=chunk),
+        save_chunk_states=False, interpret=pallas_interpret(),
+    )
+    return y, final
+
+
+def _pallas_fwd(u, delta, A, B, C, keep, state, chunk):
+    y, final, starts = kernels.selective_scan_forward(
+        u, delta, A, B, C, state, keep, block_sizes=kernels.BlockSizes(chunk=chunk),
+        interpret=pallas_interpret(),
+    )
+    return (y, final), (u, delta, A, B, C, keep, starts)
+
+
+def _pallas_bwd(chunk, residuals, cotangents):
+    """The backward kernel: recompute every chunk from its stored start state."""
+    u, delta, A, B, C, keep, starts = residuals
+    dy, d_final = cotangents
+    du, ddelta, dA, dB, dC, d_state = kernels.selective_scan_backward(
+        u, delta, A, B, C, keep, starts, dy, d_final,
+        block_sizes=kernels.BlockSizes(chunk=chunk), interpret=pallas_interpret(),
+    )
+    return du, ddelta, dA, dB, dC, None, d_state
+
+
+_pallas.defvjp(_pallas_fwd, _pallas_bwd)
+
+
 def _selective_core(
     u: Float[Array, "batch time d"],
     delta: Float[Array, "batch time d"],
@@ -214,6 +255,8 @@ def _selective_core(
     method: str,
     chunk_size: int | None,
 ) -> tuple[Float[Array, "batch time d"], Inexact[Array, "batch n d"]]:
+    if method == "pallas":
+        return _pallas(u, delta, A, B, C, keep, state, chunk_size or kernels.BlockSizes().chunk)
     xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (u, delta, B, C, keep))
     if method == "sequential":
         final, y = _scan_steps(A, state, xs)
@@ -254,8 +297,10 @@ def selective_scan(
       delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
       initial_state: ``[batch, d, n]``; zeros if ``None``.
       reverse, segment_ids, reset: as in :func:`ssmjax.scan.linear_scan`.
-      method: ``"auto"``, ``"sequential"``, ``"associative"`` or ``"chunked"``.
-      chunk_size: tokens per rematerialised chunk for ``"chunked"`` (``None``: ``~sqrt(T)``).
+      method: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"`` or
+        ``"pallas"`` (real inputs only; interpreted on CPU).
+      chunk_size: tokens per rematerialised chunk for ``"chunked"`` (``None``: ``~sqrt(T)``)
+        and ``"pallas"`` (a power of two; ``None``: 16).
 
     Returns:
       ``(out, final_state)``: ``out`` ``[batch, time, d]`` in the dtype of ``u``,
@@ -267,6 +312,8 @@ def selective_scan(
         check_chunk_size(chunk_size)
     for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         check_floating(name, x)
+    if method == "pallas":
+        _check_pallas(chunk_size, A, B, C)
     check_ndim("u", u, 3, "[batch, time, d]")
     batch, time, d = u.shape
     check_shape("delta", delta, u.shape, "u.shape [batch, time, d]")
@@ -305,6 +352,7 @@ def selective_scan(
     u_real = u.astype(real)
     if reverse:
         u_real, delta, B, C, keep = flip_time((u_real, delta, B, C, keep))
+    resolved = _resolve(method, A, B, C)
     y, final = _selective_core(
         u_real,
         delta,
@@ -313,8 +361,9 @@ def selective_scan(
         C,
         keep,
         jnp.swapaxes(state, -1, -2),
-        "chunked" if method == "auto" else method,
-        chunk_size,
+        resolved,
+        # chunk_size is tuned for "chunked"; "auto" runs the kernel with its own chunk.
+        None if method == "auto" and resolved == "pallas" else chunk_size,
     )
     if reverse:
         y = flip_time(y)
@@ -327,3 +376,21 @@ def selective_scan(
         check_shape("z", z, u.shape, "u.shape [batch, time, d]")
         y = y * jax.nn.silu(z.astype(real))
     return y.astype(u.dtype), jnp.swapaxes(final, -1, -2)
+
+
+def _check_pallas(chunk_size, *arrays) -> None:
+    if chunk_size is not None and chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size: method 'pallas' needs a power of two, got {chunk_size}")
+    if any(jnp.iscomplexobj(x) for x in arrays):
+        raise ValueError(
+            "A, B, C: method 'pallas' has no complex kernel (complex A/B/C given); "
+            "use another method"
+        )
+    pallas_interpret()  # a ValueError on a backend without Pallas
+
+
+def _resolve(method: str, *arrays) -> str:
+    if method != "auto":
+        return method
+    real = not any(jnp.iscomplexobj(x) for x in arrays)
+    return "pallas" if real and jax.default_backend() in ("gpu", "tpu") else "chunked"

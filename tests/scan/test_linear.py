@@ -253,3 +253,11 @@ def test_combine_is_associative(As, bs):
 def test_bad_input_raises_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("scan, a_shape", [(linear_scan, (2, 0, 3)), (matrix_scan, (2, 0, 3, 3))])
+def test_empty_sequence_returns_initial_state(scan, a_shape):
+    h0 = jnp.arange(6.0).reshape(2, 3)
+    h, h_last = scan(jnp.ones(a_shape), jnp.ones((2, 0, 3)), initial_state=h0)
+    assert h.shape == (2, 0, 3)
+    np.testing.assert_array_equal(h_last, h0)

@@ -1,0 +1,430 @@
+"""Pallas kernels for the chunked (gated) delta rule in the WY / UT representation.
+
+Per batch row ``b`` and head ``h``, with a state ``S_t [dk, dv]``::
+
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T      (S_{-1} = h0)
+    o_t = scale * S_t^T q_t
+
+DeltaNet (Schlag, Irie and Schmidhuber 2021; Yang, Wang, Zhang, Shen and Kim 2024,
+"Parallelizing Linear Transformers with the Delta Rule over Sequence Length") is ``g = 0``
+(``g=None`` here); Gated DeltaNet (Yang, Kautz and Hatamizadeh 2025, "Gated Delta
+Networks: Improving Mamba2 with Delta Rule") adds the per-head log-decay ``g [b, t, h]``,
+finite and ``<= 0``. The conventions are those of ``ssmjax.scan.delta_rule``: keys are used
+as given (normalise them yourself), the output reads the updated state.
+
+Chunked form (the WY / UT transform of Yang et al. 2024). Inside a chunk of ``C`` tokens
+with the chunk-local cumulative log-decay ``L_i = g_0 + ... + g_i`` (from the chunk start,
+``<= 0``), ``D_ij = exp(L_i - L_j)`` for ``j <= i`` (else ``0``) and ``S`` the state
+entering the chunk::
+
+    A     = strictly_lower(diag(beta) (K K^T * D))
+    T     = (I + A)^{-1}                       (unit lower triangular)
+    W     = T diag(beta exp(L)) K              [C, dk]
+    U     = T diag(beta) V                     [C, dv]
+    Delta = U - W S                            the values actually written
+    O     = scale * (diag(exp L) Q S + (Q K^T * D) Delta)
+    S'    = exp(L_{C-1}) S + (diag(exp(L_{C-1} - L)) K)^T Delta
+
+``T`` is formed by forward substitution, row ``i`` of ``T`` being
+``e_i - sum_{j < i} A_ij T_j`` (``C - 1`` steps of ``[C, C]`` elementwise work: the stable
+triangular solve, no Neumann series whose terms grow like binomial coefficients when
+keys repeat). All exponents are differences ``L_i - L_j`` with ``j <= i`` (or ``L_i``, or
+``L_{C-1} - L_j``), masked to ``-inf`` before ``exp`` where ``j > i``: nothing overflows for
+``g <= 0``. ``L`` is the wrapper's chunk-local cumulative sum (as in
+:mod:`pallas_kernels.chunked_gla`, whose layout and helpers this module shares).
+
+Kernels (Triton pattern; grid ``(batch, heads, dv_pad / block_v)``, each program carries a
+``[dk, block_v]`` column block of one head's state in registers, carry dtype >= float32):
+
+* forward: ``fori_loop`` over chunks; per chunk the WY representation, the outputs and
+  the state update above; with ``save_states`` the state entering every chunk is stored,
+  ``[b, h, n_chunks, dk, dv]``, the residual of the backward.
+* backward: chunks last to first, carrying ``dS`` (cotangent of the state leaving the
+  chunk); each chunk reloads its entry state and recomputes ``D, A, T, W, U, Delta``, then
+  (``dO`` already scaled, ``P = (Q K^T) * D``)::
+
+      dDelta = P^T dO + (exp(L_{C-1} - L) K) dS
+      dS_in  = exp(L_{C-1}) dS + (exp(L) Q)^T dO - W^T dDelta
+      dW     = -dDelta S^T,    dKb = T^T dW,    dVb = T^T dDelta
+      dA     = -strictly_lower(dVb U^T + dKb W^T)
+      dv     = beta dVb
+      dbeta  = rowsum(dVb V) + exp(L) rowsum(dKb K) + rowsum(dA K K^T D)
+      dq     = exp(L) (dO S^T) + (dP D) K,                dP = lower(dO Delta^T)
+      dk     = beta exp(L) dKb + exp(L_{C-1} - L) (Delta dS^T)
+               + (beta dA D + (beta dA D)^T) K + (dP D)^T Q
+      dL     = rowsum(dO S^T * exp(L) Q) - rowsum(Delta dS^T * exp(L_{C-1} - L) K)
+               + rowsum(dKb * beta exp(L) K) + rowsum(E) - colsum(E),  E = dA A + dP P
+               (+ the whole-chunk decay terms on the last row)
+
+  ``dq, dk, dbeta, dL`` sum over value columns: each program writes its partial sums to
+  ``[dv_pad / block_v, ...]`` buffers that the wrapper adds (deterministic, no atomics).
+
+Padding (wrappers): ``T`` to a multiple of ``C`` with ``q = k = v = beta = g = 0`` (no
+write, no decay), ``dk``/``dv`` to powers of two (>= 16 compiled) with zeros.
+
+Backends: ``interpret=True`` anywhere (the CPU tests); compiled, the Triton lowering of
+``pl.pallas_call`` on NVIDIA GPUs only (no Mosaic TPU / Mosaic GPU version).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import carry_dtype_of, i32
+from pallas_kernels.chunked_gla import (
+    DOT_PRECISIONS,
+    Dots,
+    Layout,
+    check_attention_inputs,
+    check_triton_platform,
+    chunk_local_cumsum,
+    chunk_local_cumsum_transpose,
+    chunk_rows,
+    masked_exp,
+    min_dot_size,
+    positions,
+    reverse_chunk_loop,
+    triton_params,
+)
+from pallas_kernels.chunked_gla import BlockSizes as _GLABlockSizes
+
+__all__ = ["DOT_PRECISIONS", "BlockSizes", "chunked_delta_backward", "chunked_delta_forward"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes(_GLABlockSizes):
+    """Tiling of the delta-rule kernels: as :class:`pallas_kernels.chunked_gla.BlockSizes`,
+    with ``chunk=None`` meaning 32 (the forward substitution costs ``3 C^2`` elementwise
+    operations per token)."""
+
+    def chunk_for(self, kind: str) -> int:
+        return 32 if self.chunk is None else self.chunk
+
+
+# ----------------------------------------------------------------------------- kernel math
+def unit_lower_inverse(A: jax.Array, chunk: int) -> jax.Array:
+    """``(I + A)^{-1}`` for strictly lower-triangular ``A [C, C]``, by forward substitution:
+    row ``i`` of the inverse is ``e_i - sum_{j < i} A_ij X_j`` (rows ``j < i`` final)."""
+    rows, cols = positions(chunk)
+
+    def row(i, X):
+        a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0).reshape(chunk, 1)  # A[i, j] at row j
+        return jnp.where(rows == i, X - jnp.sum(a_i * X, axis=0, keepdims=True), X)
+
+    identity = (rows == cols).astype(A.dtype)
+    return jax.lax.fori_loop(i32(1), i32(chunk), row, identity)
+
+
+class _Chunk(NamedTuple):
+    q: jax.Array  # [C, dk]
+    k: jax.Array  # [C, dk]
+    v: jax.Array  # [C, bv]
+    beta: jax.Array  # [C, 1]
+    L: jax.Array  # [C, 1]: chunk-local cumulative log-decay (zeros without decay)
+    last: jax.Array  # [1, 1]
+
+
+def _load_chunk(refs, c, chunk, gated, dtype) -> _Chunk:
+    q_ref, k_ref, v_ref, beta_ref, L_ref = refs
+    rows = chunk_rows(c, chunk)
+    load = lambda ref: ref[rows, :].astype(dtype)
+    beta = beta_ref[rows].astype(dtype)[:, None]
+    if gated:
+        L = L_ref[rows].astype(dtype)[:, None]
+        last = L_ref[pl.ds(c * chunk + chunk - 1, 1)].astype(dtype)[:, None]
+    else:
+        L, last = jnp.zeros((chunk, 1), dtype), jnp.zeros((1, 1), dtype)
+    return _Chunk(load(q_ref), load(k_ref), load(v_ref), beta, L, last)
+
+
+class _WY(NamedTuple):
+    """The chunk's decays and WY representation (everything but the state terms)."""
+
+    D: jax.Array  # [C, C] exp(L_i - L_j), j <= i
+    KK: jax.Array  # [C, C] K K^T
+    A: jax.Array  # [C, C] strictly lower
+    T: jax.Array  # [C, C] (I + A)^{-1}
+    W: jax.Array  # [C, dk]
+    U: jax.Array  # [C, bv]
+    P: jax.Array  # [C, C] (Q K^T) * D
+
+
+def _wy(x: _Chunk, chunk: int, dots: Dots) -> _WY:
+    rows, cols = positions(chunk)
+    D = masked_exp(x.L - x.L.reshape(1, chunk), rows >= cols)
+    KK = dots.nt(x.k, x.k)
+    A = jnp.where(rows > cols, x.beta * KK * D, 0.0)
+    T = unit_lower_inverse(A, chunk)
+    W = dots.nn(T, (x.beta * jnp.exp(x.L)) * x.k)
+    U = dots.nn(T, x.beta * x.v)
+    P = dots.nt(x.q, x.k) * D
+    return _WY(D, KK, A, T, W, U, P)
+
+
+def _forward_kernel(*refs, n_chunks, chunk, gated, scale, save_states, precision):
+    q_ref, k_ref, v_ref, beta_ref = refs[:4]
+    L_ref = refs[4] if gated else None
+    h0_ref, o_ref, last_ref = refs[4 + gated : 7 + gated]
+    states_ref = refs[7 + gated] if save_states else None
+    dtype = last_ref.dtype
+    dots = Dots(dtype, precision)
+    in_refs = (q_ref, k_ref, v_ref, beta_ref, L_ref)
+
+    def body(c, S):
+        if states_ref is not None:
+            states_ref[pl.ds(c, 1), :, :] = S[None].astype(states_ref.dtype)
+        x = _load_chunk(in_refs, c, chunk, gated, dtype)
+        wy = _wy(x, chunk, dots)
+        delta = wy.U - dots.nn(wy.W, S)
+        o = dots.nn(x.q * jnp.exp(x.L), S) + dots.nn(wy.P, delta)
+        o_ref[chunk_rows(c, chunk), :] = (scale * o).astype(o_ref.dtype)
+        return jnp.exp(x.last) * S + dots.tn(x.k * jnp.exp(x.last - x.L), delta)
+
+    S = jax.lax.fori_loop(i32(0), i32(n_chunks), body, h0_ref[...].astype(dtype))
+    last_ref[...] = S.astype(last_ref.dtype)
+
+
+def _backward_kernel(*refs, n_chunks, chunk, gated, scale, precision):
+    q_ref, k_ref, v_ref, beta_ref = refs[:4]
+    L_ref = refs[4] if gated else None
+    states_ref, do_ref, dlast_ref, dq_ref, dk_ref, dv_ref, dbeta_ref = refs[4 + gated : 11 + gated]
+    dL_ref = refs[11 + gated] if gated else None
+    dh0_ref = refs[-1]
+    dtype = dh0_ref.dtype
+    dots = Dots(dtype, precision)
+    in_refs = (q_ref, k_ref, v_ref, beta_ref, L_ref)
+    rows_idx, cols_idx = positions(chunk)
+
+    def body(c, dS):
+        """``dS``: cotangent of the state leaving chunk ``c``."""
+        x = _load_chunk(in_refs, c, chunk, gated, dtype)
+        S = states_ref[c].astype(dtype)
+        rows = chunk_rows(c, chunk)
+        do = scale * do_ref[rows, :].astype(dtype)
+        wy = _wy(x, chunk, dots)
+        delta = wy.U - dots.nn(wy.W, S)
+        decay_in, decay_out, through = jnp.exp(x.L), jnp.exp(x.last - x.L), jnp.exp(x.last)
+        q_from_start, k_to_end = x.q * decay_in, x.k * decay_out
+        k_written = x.beta * decay_in * x.k  # the K of W = T diag(beta exp L) K
+
+        d_delta = dots.tn(wy.P, do) + dots.nn(k_to_end, dS)  # [C, bv]
+        dP = jnp.where(rows_idx >= cols_idx, dots.nt(do, delta), 0.0)
+        d_q_from_start = dots.nt(do, S)  # [C, dk]
+        d_k_to_end = dots.nt(delta, dS)  # [C, dk]
+        dVb = dots.tn(wy.T, d_delta)  # [C, bv]
+        dKb = -dots.tn(wy.T, dots.nt(d_delta, S))  # T^T dW, dW = -dDelta S^T
+        dA = -jnp.where(rows_idx > cols_idx, dots.nt(dVb, wy.U) + dots.nt(dKb, wy.W), 0.0)
+
+        dv_ref[rows, :] = (x.beta * dVb).astype(dv_ref.dtype)
+        dbeta = (
+            jnp.sum(dVb * x.v, axis=1, keepdims=True)
+            + decay_in * jnp.sum(dKb * x.k, axis=1, keepdims=True)
+            + jnp.sum(dA * wy.KK * wy.D, axis=1, keepdims=True)
+        )
+        dbeta_ref[rows] = dbeta[:, 0].astype(dbeta_ref.dtype)
+        dKK = x.beta * dA * wy.D
+        dPD = dP * wy.D
+        dq = d_q_from_start * decay_in + dots.nn(dPD, x.k)
+        dk = (
+            x.beta * decay_in * dKb
+            + decay_out * d_k_to_end
+            + dots.nn(dKK, x.k)
+            + dots.tn(dKK, x.k)
+            + dots.tn(dPD, x.q)
+        )
+        dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+        dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+        if dL_ref is not None:
+            E = dA * wy.A + dP * wy.P  # cotangent of the decay matrix, times D
+            dL = (
+                jnp.sum(d_q_from_start * q_from_start - d_k_to_end * k_to_end + dKb * k_written, axis=1, keepdims=True)
+                + jnp.sum(E, axis=1, keepdims=True)
+                - jnp.sum(E, axis=0).reshape(chunk, 1)
+            )
+            d_last = jnp.sum(d_k_to_end * k_to_end) + through * jnp.sum(dS * S)  # [1, 1]
+            dL = dL + jnp.where(rows_idx == chunk - 1, d_last, 0.0)
+            dL_ref[rows] = dL[:, 0].astype(dL_ref.dtype)
+        return through * dS + dots.tn(q_from_start, do) - dots.tn(wy.W, d_delta)
+
+    dS = reverse_chunk_loop(n_chunks, body, dlast_ref[...].astype(dtype))
+    dh0_ref[...] = dS.astype(dh0_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- wrappers
+def _check_beta_g(q, beta, g) -> None:
+    for name, x in (("beta", beta), ("g", g)):
+        if x is None:
+            continue
+        if x.shape != q.shape[:3]:
+            raise ValueError(f"{name}: expected shape [batch, time, heads] = {q.shape[:3]}, got {x.shape}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: expected a real floating dtype, got {x.dtype}")
+
+
+def _prepare(q, k, v, beta, g, block_sizes: BlockSizes, interpret, platform):
+    """Pad to the kernel layout: ``(layout, operands)``, operands ``q, k, v, beta[, L]``."""
+    check_triton_platform(platform, interpret, "chunked_delta")
+    chunk = block_sizes.chunk_for("head")
+    min_dot = min_dot_size(platform, interpret)
+    if chunk < min_dot:
+        raise ValueError(f"block_sizes.chunk: compiled kernels need chunk >= {min_dot}, got {chunk}")
+    lay = Layout.of(q, v, chunk, block_sizes.block_v, min_dot)
+    operands = [lay.pad_k(q), lay.pad_k(k), lay.pad_v(v), lay.pad_time(beta)]
+    if g is not None:
+        carry = carry_dtype_of(q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype)
+        operands.append(chunk_local_cumsum(lay.pad_time(g.astype(carry)), chunk))
+    return lay, operands
+
+
+def _scale(scale, dk) -> float:
+    return float(dk**-0.5 if scale is None else scale)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "block_sizes", "save_states", "interpret", "platform")
+)
+def chunked_delta_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None = None,
+    h0: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    save_states: bool = True,
+    interpret: bool = False,
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The chunked (gated) delta rule (see the module docstring).
+
+    Args:
+      q, k: ``[batch, time, heads, dk]``.
+      v: ``[batch, time, heads, dv]``.
+      beta: writing strengths ``[batch, time, heads]``.
+      g: per-head log-decay ``[batch, time, heads]`` (finite, ``<= 0``) or ``None``
+        (DeltaNet).
+      h0: ``[batch, heads, dk, dv]`` or ``None`` (zeros).
+      scale: output scale (static Python float); ``None``: ``dk ** -0.5``.
+      block_sizes: see :class:`BlockSizes`.
+      save_states: also return the chunk-entry states (the backward's residual).
+      interpret: run under the Pallas interpreter (CPU tests).
+      platform: backend to lower for (``None``: ``jax.default_backend()``).
+
+    Returns:
+      ``(o, h_last, states)`` as :func:`pallas_kernels.chunked_gla.chunked_gla_forward`.
+    """
+    check_attention_inputs(q, k, v, h0)
+    _check_beta_g(q, beta, g)
+    lay, operands = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
+    carry = carry_dtype_of(*(x.dtype for x in (q, k, v, beta, g, h0) if x is not None))
+    h0 = jnp.zeros(lay.state_shape(carry).shape, carry) if h0 is None else lay.pad_state(h0)
+    gated = g is not None
+    out_specs = [lay.v_spec(), lay.state_spec()]
+    out_shape = [
+        lay.seq_shape(lay.dv_pad, jnp.result_type(q.dtype, k.dtype, v.dtype, beta.dtype)),
+        lay.state_shape(carry),
+    ]
+    if save_states:
+        out_specs.append(lay.states_spec())
+        out_shape.append(lay.states_shape(carry))
+    outs = pl.pallas_call(
+        functools.partial(
+            _forward_kernel,
+            n_chunks=lay.n_chunks,
+            chunk=lay.chunk,
+            gated=gated,
+            scale=_scale(scale, lay.dk),
+            save_states=save_states,
+            precision=block_sizes.dot_precision,
+        ),
+        grid=lay.grid,
+        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec(), lay.head_spec()]
+        + ([lay.head_spec()] if gated else [])
+        + [lay.state_spec()],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
+        name="chunked_gated_delta_forward" if gated else "chunked_delta_forward",
+    )(*operands, h0)
+    o = outs[0][:, : lay.time, :, : lay.dv]
+    h_last = outs[1][:, :, : lay.dk, : lay.dv]
+    return o, h_last, outs[2] if save_states else None
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret", "platform"))
+def chunked_delta_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    beta: jax.Array,
+    g: jax.Array | None,
+    states: jax.Array,
+    do: jax.Array,
+    dh_last: jax.Array,
+    *,
+    scale: float | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """Cotangents of :func:`chunked_delta_forward` (same ``scale`` and ``block_sizes``).
+
+    Returns:
+      ``(dq, dk, dv, dbeta, dg, dh0)`` in the carry dtype (``dg`` is ``None`` when ``g`` is).
+    """
+    check_attention_inputs(q, k, v, dh_last)
+    _check_beta_g(q, beta, g)
+    if do.shape != v.shape:
+        raise ValueError(f"do: expected shape v.shape = {v.shape}, got {do.shape}")
+    lay, operands = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
+    check_attention_inputs(q, k, v, None, states, lay)
+    carry = states.dtype
+    gated = g is not None
+    out_specs = [lay.partial_k_spec(), lay.partial_k_spec(), lay.v_spec(), lay.partial_head_spec()]
+    out_shape = [
+        lay.seq_shape(lay.dk_pad, carry, partial=True),
+        lay.seq_shape(lay.dk_pad, carry, partial=True),
+        lay.seq_shape(lay.dv_pad, carry),
+        lay.head_shape(carry, partial=True),
+    ]
+    if gated:
+        out_specs.append(lay.partial_head_spec())
+        out_shape.append(lay.head_shape(carry, partial=True))
+    out_specs.append(lay.state_spec())
+    out_shape.append(lay.state_shape(carry))
+    outs = pl.pallas_call(
+        functools.partial(
+            _backward_kernel,
+            n_chunks=lay.n_chunks,
+            chunk=lay.chunk,
+            gated=gated,
+            scale=_scale(scale, lay.dk),
+            precision=block_sizes.dot_precision,
+        ),
+        grid=lay.grid,
+        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec(), lay.head_spec()]
+        + ([lay.head_spec()] if gated else [])
+        + [lay.states_spec(), lay.v_spec(), lay.state_spec()],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
+        name="chunked_gated_delta_backward" if gated else "chunked_delta_backward",
+    )(*operands, states, lay.pad_v(do), lay.pad_state(dh_last.astype(carry)))
+    t = lay.time
+    dq = jnp.sum(outs[0], axis=0)[:, :t, :, : lay.dk]
+    dk = jnp.sum(outs[1], axis=0)[:, :t, :, : lay.dk]
+    dv = outs[2][:, :t, :, : lay.dv]
+    dbeta = jnp.sum(outs[3], axis=0)[:, :t]
+    dg = chunk_local_cumsum_transpose(jnp.sum(outs[4], axis=0), lay.chunk)[:, :t] if gated else None
+    dh0 = outs[-1][:, :, : lay.dk, : lay.dv]
+    return dq, dk, dv, dbeta, dg, dh0

@@ -1,0 +1,721 @@
+"""Pallas kernels for chunked gated linear attention (GLA / SSD / RetNet / linear attention).
+
+Per batch row ``b`` and head ``h``, with a state ``S_t [dk, dv]``::
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T          (S_{-1} = h0)
+    o_t = scale * S_t^T q_t
+
+with the log-decay ``g`` either absent (plain causal linear attention; Katharopoulos et
+al. 2020), one scalar per head (``g [b, t, h]``: RetNet, Mamba-2 / SSD with ``g = dt A``;
+Sun et al. 2023, Dao and Gu 2024) or one value per key channel (``g [b, t, h, dk]``: GLA;
+Yang, Wang, Shen, Panda and Kim 2024, "Gated Linear Attention Transformers with
+Hardware-Efficient Training"). ``g <= 0`` and finite. The conventions are those of
+``ssmjax.scan.gated_linear_attention``: decay first, then write; ``o_t`` reads the updated
+state.
+
+Chunked form (GLA paper section 3.3; SSD's chunked algorithm). Inside a chunk of ``C``
+tokens with the *chunk-local* cumulative log-decay ``L_i = g_0 + ... + g_i`` (``i`` counted
+from the chunk start, so ``L <= 0`` and ``L_{C-1}`` is the whole-chunk decay), and ``S``
+the state entering the chunk::
+
+    A_ij = sum_d q_id k_jd exp(L_id - L_jd)      (j <= i; 0 above the diagonal)
+    o_i  = scale * (sum_j A_ij v_j + (exp(L_i) * q_i)^T S)
+    S'   = diag(exp(L_{C-1})) S + sum_j (exp(L_{C-1} - L_j) * k_j) v_j^T
+
+Numerics: every exponent is a difference ``L_i - L_j`` with ``j <= i`` (or ``L_i`` itself,
+or ``L_{C-1} - L_j``), i.e. a sum of log-decays over a stretch of tokens inside one chunk:
+``<= 0`` for ``g <= 0``, so nothing overflows; the masked entries (``j > i``) are replaced by
+``-inf`` *before* ``exp``. No ``exp(-L_j)`` alone is ever formed (the factorisation
+``(q exp(L)) (k exp(-L))^T`` overflows once a chunk's decay passes ``exp(-88)``). The
+differences are of chunk-local cumulative sums, so their absolute error is a few ulps of
+``|L|`` (at most ``C max|g|``); keep the chunk short for very strong decays. ``L`` is
+computed in the wrapper (one XLA cumulative sum per chunk, as fla's ``chunk_local_cumsum``);
+the backward kernel returns the cotangent of ``L`` and the wrapper turns it into that of
+``g`` with the reverse chunk-local cumulative sum.
+
+Kernels (the Triton pattern: a grid of independent programs, each looping over time with
+its carry in registers; no scratch memory, no cross-program communication):
+
+* grid ``(batch, heads, dv_pad / block_v)``; each program owns one ``[dk, block_v]``
+  column block of one head's state, in the carry dtype (at least float32).
+* forward: a ``fori_loop`` over the chunks; per chunk it loads ``q, k [C, dk]``,
+  ``v [C, block_v]`` and ``L``, forms ``A`` (per head / no decay: ``(q k^T) * D`` with the
+  ``[C, C]`` decay matrix ``D_ij = exp(L_i - L_j)``; per channel the decay cannot leave the
+  ``dk`` contraction, so a loop over the ``C`` key positions ``j`` forms column ``j`` of
+  ``A`` from ``q * exp(L - L_j) * k_j``, ``[C, dk]`` per step, as fla's intra-chunk
+  kernels do), writes ``o`` and updates the state. With ``save_states`` it also stores
+  the state entering every chunk, ``states [b, h, n_chunks, dk, dv]`` (carry dtype): the
+  residual of the backward, ``O(b h (T / C) dk dv)`` memory.
+* backward: the same grid; chunks are visited last to first, carrying ``dS``, the
+  cotangent of the state leaving the chunk, in registers (the reverse-time recurrence
+  ``dS_in = diag(exp(L_{C-1})) dS + (exp(L) * q)^T do``). Each chunk reads its stored entry
+  state and recomputes ``A``; with ``dA = do v^T`` (masked to ``j <= i``)::
+
+      dv    = A^T do + (exp(L_{C-1} - L) * k) dS
+      dq    = exp(L) * (do S^T) + sum_j dA_ij exp(L_i - L_j) * k_j
+      dk    = exp(L_{C-1} - L) * (v dS^T) + sum_i dA_ij exp(L_i - L_j) * q_i
+      dL    = q * dq - k * dk  (+ the whole-chunk decay terms on the chunk's last row)
+
+  ``dq``, ``dk`` and ``dL`` sum over the value columns, so each program writes its
+  ``block_v`` partial sums to ``[dv_pad / block_v, ...]`` buffers that the wrapper adds (no
+  atomics: deterministic); ``dv`` and ``dh0`` (the final ``dS``) are complete per program.
+
+Padding (wrappers, only when needed): ``T`` to a multiple of ``C`` with ``q = k = v = 0``
+and ``g = 0`` (no write, no decay: the final state is that after the last real token);
+``dk`` and ``dv`` to powers of two (at least 16 when compiled for a GPU: ``tl.dot``'s
+minimum) with zeros. Inputs may be bfloat16 / float16 / float32 (float64 too, for exact
+tests); everything is computed in the carry dtype.
+
+Backends: ``interpret=True`` runs anywhere (the CPU tests). Compiled, the kernels target
+the Triton lowering of ``pl.pallas_call`` on NVIDIA GPUs (see
+``pallas_kernels._common.compiler_params``). They do not follow Mosaic TPU's block rules
+(one head of a ``[b, t, h, d]`` array is a strided block) and there is no Mosaic GPU
+version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (
+    carry_dtype_of,
+    compiler_params,
+    i32,
+    is_power_of_two,
+    next_power_of_two,
+)
+
+#: ``dot_precision`` values: ``"highest"`` (exact float32 products; on GPU Triton's IEEE
+#: path without tensor cores) or ``"default"`` (Triton may use TF32 tensor cores for
+#: float32 operands: faster, ~1e-3 relative error per product).
+DOT_PRECISIONS = ("highest", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the chunked kernels.
+
+    Attributes:
+      chunk: tokens per chunk (power of two; >= 16 when compiled for a GPU). ``None``:
+        64 with a per-head (or no) decay, 16 with a per-channel decay (whose intra-chunk
+        part costs ``C`` steps of ``[C, dk]`` exponentials per chunk).
+      block_v: value columns per program (power of two); lowered to
+        ``next_power_of_two(dv)`` when that is smaller.
+        The state tile is ``[dk, block_v]`` and the backward carries two of them.
+      dot_precision: see :data:`DOT_PRECISIONS`.
+      num_warps: warps per compiled Triton program (power of two). 8 by default, not
+        tuned on hardware: a program holds several ``[C, dk]`` and ``[dk, block_v]`` float32
+        tiles at once, more than 4 warps' registers hold without spilling.
+    """
+
+    chunk: int | None = None
+    block_v: int = 64
+    dot_precision: str = "highest"
+    num_warps: int = 8
+
+    def __post_init__(self):
+        for name in ("chunk", "block_v", "num_warps"):
+            value = getattr(self, name)
+            if value is not None and not is_power_of_two(value):
+                raise ValueError(f"block_sizes.{name}: expected a positive power of two, got {value!r}")
+        if self.dot_precision not in DOT_PRECISIONS:
+            raise ValueError(
+                f"block_sizes.dot_precision: expected one of {DOT_PRECISIONS}, got {self.dot_precision!r}"
+            )
+
+    def chunk_for(self, kind: str) -> int:
+        if self.chunk is not None:
+            return self.chunk
+        return 16 if kind == "channel" else 64
+
+
+# ----------------------------------------------------------------------------- shared helpers
+# (also used by pallas_kernels.chunked_delta)
+def min_dot_size(platform: str | None, interpret: bool) -> int:
+    """The smallest matrix dimension a compiled kernel may feed to a dot: Triton's
+    ``tl.dot`` wants ``M, N, K >= 16``. Interpreted kernels have no minimum."""
+    return 1 if interpret else 16
+
+
+def check_triton_platform(platform: str | None, interpret: bool, kernel: str) -> None:
+    """The chunked kernels are written for the Triton lowering: compiled, they need a GPU."""
+    if interpret:
+        return
+    resolved = platform or jax.default_backend()
+    if resolved not in ("gpu", "cuda", "rocm"):
+        raise ValueError(
+            f"platform: the {kernel} kernels compile for GPUs (Triton lowering) only, got "
+            f"{resolved!r}; use interpret=True elsewhere"
+        )
+
+
+def triton_params(platform: str | None, interpret: bool, num_warps: int):
+    """``pallas_kernels._common.compiler_params`` with this kernel's number of warps."""
+    params = compiler_params(platform, interpret)
+    return None if params is None else dataclasses.replace(params, num_warps=num_warps)
+
+
+def padded_dim(n: int, minimum: int) -> int:
+    return max(next_power_of_two(n), minimum)
+
+
+def pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Zero-pad ``x`` at the end of ``axis`` up to ``size``."""
+    pad = size - x.shape[axis]
+    if pad == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    return jnp.pad(x, widths)
+
+
+def chunk_local_cumsum(g: jax.Array, chunk: int) -> jax.Array:
+    """``L`` with ``L_i = g_{c0} + ... + g_i`` over axis 1 (time), restarting at every
+    chunk start ``c0`` (``time`` a multiple of ``chunk``)."""
+    b, t = g.shape[:2]
+    x = g.reshape((b, t // chunk, chunk) + g.shape[2:])
+    return jnp.cumsum(x, axis=2).reshape(g.shape)
+
+
+def chunk_local_cumsum_transpose(dL: jax.Array, chunk: int) -> jax.Array:
+    """The cotangent map of :func:`chunk_local_cumsum`: a reverse cumulative sum inside
+    every chunk, ``dg_t = dL_t + ... + dL_{chunk end}``."""
+    b, t = dL.shape[:2]
+    x = dL.reshape((b, t // chunk, chunk) + dL.shape[2:])
+    return jax.lax.cumsum(x, axis=2, reverse=True).reshape(dL.shape)
+
+
+class Dots:
+    """Matrix products of kernel values in the carry dtype, at a fixed precision."""
+
+    def __init__(self, dtype, precision: str):
+        self.dtype = dtype
+        self.precision = jax.lax.Precision.HIGHEST if precision == "highest" else None
+
+    def _dot(self, a, b, dims):
+        return jax.lax.dot_general(
+            a, b, (dims, ((), ())), precision=self.precision, preferred_element_type=self.dtype
+        )
+
+    def nn(self, a, b):
+        """``a @ b``."""
+        return self._dot(a, b, ((1,), (0,)))
+
+    def tn(self, a, b):
+        """``a^T @ b``."""
+        return self._dot(a, b, ((0,), (0,)))
+
+    def nt(self, a, b):
+        """``a @ b^T``."""
+        return self._dot(a, b, ((1,), (1,)))
+
+
+def positions(chunk: int):
+    """Row and column indices ``[C, 1]``, ``[1, C]`` of a chunk's ``[C, C]`` matrices."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, (chunk, 1), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (1, chunk), 1)
+    return rows, cols
+
+
+def masked_exp(x: jax.Array, keep: jax.Array) -> jax.Array:
+    """``exp(x)`` where ``keep``, else ``0``; masked entries become ``-inf`` before ``exp``."""
+    return jnp.exp(jnp.where(keep, x, -jnp.inf))
+
+
+def reverse_chunk_loop(n_chunks: int, body, carry):
+    """``carry = body(c, carry)`` for ``c = n_chunks - 1 .. 0``."""
+    return jax.lax.fori_loop(i32(0), i32(n_chunks), lambda i, x: body(n_chunks - 1 - i, x), carry)
+
+
+def chunk_rows(c, chunk: int):
+    return pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+
+
+class Layout(NamedTuple):
+    """Static padded sizes shared by the forward and backward wrappers."""
+
+    batch: int
+    time: int
+    heads: int
+    dk: int
+    dv: int
+    chunk: int
+    dk_pad: int
+    block_v: int
+    dv_pad: int
+
+    @property
+    def time_pad(self) -> int:
+        return self.n_chunks * self.chunk
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.time // self.chunk)
+
+    @property
+    def v_blocks(self) -> int:
+        return self.dv_pad // self.block_v
+
+    @staticmethod
+    def of(q: jax.Array, v: jax.Array, chunk: int, block_v: int, min_dot: int) -> Layout:
+        batch, time, heads, dk = q.shape
+        dv = v.shape[-1]
+        dk_pad = padded_dim(dk, min_dot)
+        block_v = max(min(block_v, next_power_of_two(dv)), min_dot)
+        dv_pad = -(-dv // block_v) * block_v
+        return Layout(batch, time, heads, dk, dv, chunk, dk_pad, block_v, dv_pad)
+
+    # [b, t, h, d] operands
+    def pad_k(self, x: jax.Array) -> jax.Array:
+        return pad_axis(pad_axis(x, 1, self.time_pad), 3, self.dk_pad)
+
+    def pad_v(self, x: jax.Array) -> jax.Array:
+        return pad_axis(pad_axis(x, 1, self.time_pad), 3, self.dv_pad)
+
+    def pad_time(self, x: jax.Array) -> jax.Array:
+        return pad_axis(x, 1, self.time_pad)
+
+    def pad_state(self, x: jax.Array) -> jax.Array:
+        return pad_axis(pad_axis(x, 2, self.dk_pad), 3, self.dv_pad)
+
+    # BlockSpecs over the grid (batch, heads, value blocks)
+    def k_spec(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, self.time_pad, None, self.dk_pad), lambda b, h, j: (b, 0, h, 0))
+
+    def v_spec(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, self.time_pad, None, self.block_v), lambda b, h, j: (b, 0, h, j))
+
+    def head_spec(self) -> pl.BlockSpec:
+        """``[b, t, h]`` (per-head decay, beta)."""
+        return pl.BlockSpec((None, self.time_pad, None), lambda b, h, j: (b, 0, h))
+
+    def state_spec(self) -> pl.BlockSpec:
+        return pl.BlockSpec((None, None, self.dk_pad, self.block_v), lambda b, h, j: (b, h, 0, j))
+
+    def states_spec(self) -> pl.BlockSpec:
+        return pl.BlockSpec(
+            (None, None, self.n_chunks, self.dk_pad, self.block_v), lambda b, h, j: (b, h, 0, 0, j)
+        )
+
+    def partial_k_spec(self) -> pl.BlockSpec:
+        """``[v_blocks, b, t, h, dk]`` per-value-block partial sums."""
+        return pl.BlockSpec((None, None, self.time_pad, None, self.dk_pad), lambda b, h, j: (j, b, 0, h, 0))
+
+    def partial_head_spec(self) -> pl.BlockSpec:
+        """``[v_blocks, b, t, h]`` per-value-block partial sums."""
+        return pl.BlockSpec((None, None, self.time_pad, None), lambda b, h, j: (j, b, 0, h))
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return (self.batch, self.heads, self.v_blocks)
+
+    def states_shape(self, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((self.batch, self.heads, self.n_chunks, self.dk_pad, self.dv_pad), dtype)
+
+    def state_shape(self, dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((self.batch, self.heads, self.dk_pad, self.dv_pad), dtype)
+
+    def seq_shape(self, dim: int, dtype, partial: bool = False) -> jax.ShapeDtypeStruct:
+        lead = (self.v_blocks,) if partial else ()
+        return jax.ShapeDtypeStruct(lead + (self.batch, self.time_pad, self.heads, dim), dtype)
+
+    def head_shape(self, dtype, partial: bool = False) -> jax.ShapeDtypeStruct:
+        lead = (self.v_blocks,) if partial else ()
+        return jax.ShapeDtypeStruct(lead + (self.batch, self.time_pad, self.heads), dtype)
+
+
+def check_attention_inputs(q, k, v, h0, states=None, layout: Layout | None = None) -> None:
+    """Shapes and dtypes of ``q, k [b, t, h, dk]``, ``v [b, t, h, dv]``, ``h0 [b, h, dk, dv]``."""
+    if q.ndim != 4:
+        raise ValueError(f"q: expected shape [batch, time, heads, dk], got {q.shape}")
+    batch, time, heads, dk = q.shape
+    if time == 0:
+        raise ValueError(f"q: expected at least one time step, got shape {q.shape}")
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected shape q.shape [batch, time, heads, dk] = {q.shape}, got {k.shape}")
+    if v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v: expected shape [batch, time, heads, dv] = [{batch}, {time}, {heads}, dv], got {v.shape}")
+    if h0 is not None and h0.shape != (batch, heads, dk, v.shape[-1]):
+        raise ValueError(
+            f"h0: expected shape [batch, heads, dk, dv] = {(batch, heads, dk, v.shape[-1])}, got {h0.shape}"
+        )
+    if states is not None and layout is not None:
+        want = layout.states_shape(states.dtype).shape
+        if states.shape != want:
+            raise ValueError(
+                f"states: expected the forward's saved chunk states of shape {want}, got {states.shape}"
+            )
+    for name, x in (("q", q), ("k", k), ("v", v), ("h0", h0)):
+        if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: expected a real floating dtype, got {x.dtype}")
+
+
+def _decay_kind(g, q) -> str:
+    """``"none"``, ``"head"`` (``g [b, t, h]``) or ``"channel"`` (``g [b, t, h, dk]``)."""
+    if g is None:
+        return "none"
+    if not jnp.issubdtype(g.dtype, jnp.floating):
+        raise ValueError(f"g: expected a real floating dtype, got {g.dtype}")
+    if g.shape == q.shape[:3]:
+        return "head"
+    if g.shape == q.shape:
+        return "channel"
+    raise ValueError(
+        "g: expected shape [batch, time, heads] (per-head decay) or [batch, time, heads, dk] "
+        f"(per-channel decay) = {q.shape[:3]} or {q.shape}, got {g.shape}"
+    )
+
+
+# ----------------------------------------------------------------------------- kernel math
+class _Chunk(NamedTuple):
+    """One chunk's operands in the carry dtype, with its decays."""
+
+    q: jax.Array  # [C, dk]
+    k: jax.Array  # [C, dk]
+    v: jax.Array  # [C, bv]
+    L: jax.Array  # [C, 1] (none / head) or [C, dk] (channel): chunk-local cumulative log-decay
+    last: jax.Array  # [1, 1] or [1, dk]: L at the chunk's last row
+
+    @property
+    def q_from_start(self):
+        return self.q * jnp.exp(self.L)
+
+    @property
+    def k_to_end(self):
+        return self.k * jnp.exp(self.last - self.L)
+
+    @property
+    def through(self):
+        """Whole-chunk decay of the state's rows, ``[dk, 1]`` or ``[1, 1]``."""
+        return jnp.exp(self.last).reshape(-1, 1)
+
+
+def _load_chunk(refs, c, chunk, kind, dtype) -> _Chunk:
+    q_ref, k_ref, v_ref, L_ref = refs
+    rows = chunk_rows(c, chunk)
+    q = q_ref[rows, :].astype(dtype)
+    k = k_ref[rows, :].astype(dtype)
+    v = v_ref[rows, :].astype(dtype)
+    if kind == "none":
+        L = jnp.zeros((chunk, 1), dtype)
+        last = jnp.zeros((1, 1), dtype)
+    elif kind == "head":
+        L = L_ref[rows].astype(dtype)[:, None]
+        last = L_ref[pl.ds(c * chunk + chunk - 1, 1)].astype(dtype)[:, None]
+    else:
+        L = L_ref[rows, :].astype(dtype)
+        last = L_ref[pl.ds(c * chunk + chunk - 1, 1), :].astype(dtype)
+    return _Chunk(q, k, v, L, last)
+
+
+def _decay_matrix(L, chunk):
+    """``D_ij = exp(L_i - L_j)`` for ``j <= i``, else ``0`` (``L [C, 1]``)."""
+    rows, cols = positions(chunk)
+    return masked_exp(L - L.reshape(1, chunk), rows >= cols)
+
+
+def _scores_per_channel(x: _Chunk, refs, c, chunk, dtype):
+    """``A [C, C]``: column ``j`` is ``sum_d q_id k_jd exp(L_id - L_jd)`` (``i >= j``),
+    one ``[C, dk]`` step per key position (``k_j``, ``L_j`` re-read as rows of the refs)."""
+    _, k_ref, _, L_ref = refs
+    rows, cols = positions(chunk)
+
+    def column(j, A):
+        row = pl.ds(c * chunk + j, 1)
+        k_j = k_ref[row, :].astype(dtype)  # [1, dk]
+        decay = masked_exp(x.L - L_ref[row, :].astype(dtype), rows >= j)  # [C, dk]
+        a_j = jnp.sum(x.q * decay * k_j, axis=1, keepdims=True)  # [C, 1]
+        return jnp.where(cols == j, a_j, A)
+
+    return jax.lax.fori_loop(i32(0), i32(chunk), column, jnp.zeros((chunk, chunk), dtype))
+
+
+def _scores(x: _Chunk, refs, c, chunk, kind, dots: Dots):
+    """The intra-chunk scores ``A`` and, for per-head / no decay, the decay matrix."""
+    if kind == "channel":
+        return _scores_per_channel(x, refs, c, chunk, dots.dtype), None
+    D = _decay_matrix(x.L, chunk)
+    return dots.nt(x.q, x.k) * D, D
+
+
+def _forward_kernel(*refs, n_chunks, chunk, kind, scale, save_states, precision):
+    has_L = kind != "none"
+    q_ref, k_ref, v_ref = refs[:3]
+    L_ref = refs[3] if has_L else None
+    h0_ref, o_ref, last_ref = refs[3 + has_L : 6 + has_L]
+    states_ref = refs[6 + has_L] if save_states else None
+    dtype = last_ref.dtype
+    dots = Dots(dtype, precision)
+    in_refs = (q_ref, k_ref, v_ref, L_ref)
+
+    def body(c, S):
+        if states_ref is not None:
+            states_ref[pl.ds(c, 1), :, :] = S[None].astype(states_ref.dtype)
+        x = _load_chunk(in_refs, c, chunk, kind, dtype)
+        A, _ = _scores(x, in_refs, c, chunk, kind, dots)
+        o = dots.nn(A, x.v) + dots.nn(x.q_from_start, S)
+        o_ref[chunk_rows(c, chunk), :] = (scale * o).astype(o_ref.dtype)
+        return x.through * S + dots.tn(x.k_to_end, x.v)
+
+    S = jax.lax.fori_loop(i32(0), i32(n_chunks), body, h0_ref[...].astype(dtype))
+    last_ref[...] = S.astype(last_ref.dtype)
+
+
+def _intra_chunk_grads_per_channel(x: _Chunk, dA, refs, c, chunk, dtype):
+    """``dq_i = sum_j dA_ij exp(L_i - L_j) k_j`` and ``dk_j = sum_i dA_ij exp(L_i - L_j) q_i``
+    (``i >= j``), one key position ``j`` per step as in :func:`_scores_per_channel`."""
+    _, k_ref, _, L_ref = refs
+    rows, cols = positions(chunk)
+
+    def column(j, carry):
+        dq, dk = carry
+        row = pl.ds(c * chunk + j, 1)
+        k_j = k_ref[row, :].astype(dtype)
+        decay = masked_exp(x.L - L_ref[row, :].astype(dtype), rows >= j)  # [C, dk]
+        dA_j = jnp.sum(jnp.where(cols == j, dA, 0.0), axis=1, keepdims=True)  # [C, 1]
+        weighted = dA_j * decay
+        dk_j = jnp.sum(weighted * x.q, axis=0, keepdims=True)  # [1, dk]
+        return dq + weighted * k_j, jnp.where(rows == j, dk_j, dk)
+
+    zeros = jnp.zeros_like(x.q)
+    return jax.lax.fori_loop(i32(0), i32(chunk), column, (zeros, zeros))
+
+
+def _backward_kernel(*refs, n_chunks, chunk, kind, scale, precision):
+    has_L = kind != "none"
+    q_ref, k_ref, v_ref = refs[:3]
+    L_ref = refs[3] if has_L else None
+    states_ref, do_ref, dlast_ref, dq_ref, dk_ref, dv_ref = refs[3 + has_L : 9 + has_L]
+    dL_ref = refs[9 + has_L] if has_L else None
+    dh0_ref = refs[-1]
+    dtype = dh0_ref.dtype
+    dots = Dots(dtype, precision)
+    in_refs = (q_ref, k_ref, v_ref, L_ref)
+    rows_idx, cols_idx = positions(chunk)
+
+    def body(c, dS):
+        """``dS``: cotangent of the state leaving chunk ``c``."""
+        x = _load_chunk(in_refs, c, chunk, kind, dtype)
+        S = states_ref[c].astype(dtype)
+        rows = chunk_rows(c, chunk)
+        do = scale * do_ref[rows, :].astype(dtype)
+        A, D = _scores(x, in_refs, c, chunk, kind, dots)
+        dA = jnp.where(rows_idx >= cols_idx, dots.nt(do, x.v), 0.0)
+        q_from_start, k_to_end = x.q_from_start, x.k_to_end
+        d_q_from_start = dots.nt(do, S)  # [C, dk]
+        d_k_to_end = dots.nt(x.v, dS)  # [C, dk]
+        dv_ref[rows, :] = (dots.tn(A, do) + dots.nn(k_to_end, dS)).astype(dv_ref.dtype)
+        dq = d_q_from_start * jnp.exp(x.L)
+        dk = d_k_to_end * jnp.exp(x.last - x.L)
+        if kind == "channel":
+            dq_intra, dk_intra = _intra_chunk_grads_per_channel(x, dA, in_refs, c, chunk, dtype)
+        else:
+            dAD = dA * D
+            dq_intra, dk_intra = dots.nn(dAD, x.k), dots.tn(dAD, x.q)
+        dq_ref[rows, :] = (dq + dq_intra).astype(dq_ref.dtype)
+        dk_ref[rows, :] = (dk + dk_intra).astype(dk_ref.dtype)
+        if dL_ref is not None:
+            # cotangent of L: state terms, intra-chunk terms, and on the chunk's last row
+            # the whole-chunk decay (of the keys written and of the state passed on)
+            dL = d_q_from_start * q_from_start - d_k_to_end * k_to_end
+            d_last = jnp.sum(d_k_to_end * k_to_end, axis=0, keepdims=True) + jnp.sum(
+                dS * S, axis=1, keepdims=True
+            ).reshape(1, -1) * jnp.exp(x.last)
+            if kind == "channel":
+                dL = dL + x.q * dq_intra - x.k * dk_intra
+                dL_ref[rows, :] = (dL + jnp.where(rows_idx == chunk - 1, d_last, 0.0)).astype(dL_ref.dtype)
+            else:  # per head: sum over the key channels
+                dAA = dA * A
+                dL = jnp.sum(dL, axis=1, keepdims=True) + (
+                    jnp.sum(dAA, axis=1, keepdims=True) - jnp.sum(dAA, axis=0).reshape(chunk, 1)
+                )
+                d_last = jnp.sum(d_last, axis=1, keepdims=True)
+                dL = dL + jnp.where(rows_idx == chunk - 1, d_last, 0.0)
+                dL_ref[rows] = dL[:, 0].astype(dL_ref.dtype)
+        return x.through * dS + dots.tn(q_from_start, do)
+
+    dS = reverse_chunk_loop(n_chunks, body, dlast_ref[...].astype(dtype))
+    dh0_ref[...] = dS.astype(dh0_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- wrappers
+def _prepare(q, k, v, g, block_sizes: BlockSizes, interpret: bool, platform):
+    """Pad to the kernel layout: ``(layout, kind, operands)``, operands ``q, k, v[, L]``."""
+    check_triton_platform(platform, interpret, "chunked_gla")
+    kind = _decay_kind(g, q)
+    chunk = block_sizes.chunk_for(kind)
+    min_dot = min_dot_size(platform, interpret)
+    if chunk < min_dot:
+        raise ValueError(f"block_sizes.chunk: compiled kernels need chunk >= {min_dot}, got {chunk}")
+    lay = Layout.of(q, v, chunk, block_sizes.block_v, min_dot)
+    operands = [lay.pad_k(q), lay.pad_k(k), lay.pad_v(v)]
+    if kind != "none":
+        carry = carry_dtype_of(q.dtype, k.dtype, v.dtype, g.dtype)
+        g = lay.pad_time(g.astype(carry))
+        if kind == "channel":
+            g = pad_axis(g, 3, lay.dk_pad)
+        operands.append(chunk_local_cumsum(g, chunk))
+    return lay, kind, operands
+
+
+def _L_spec(lay: Layout, kind: str) -> list[pl.BlockSpec]:
+    return {"none": [], "head": [lay.head_spec()], "channel": [lay.k_spec()]}[kind]
+
+
+def _scale(scale, dk) -> float:
+    return float(dk**-0.5 if scale is None else scale)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "block_sizes", "save_states", "interpret", "platform")
+)
+def chunked_gla_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array | None = None,
+    h0: jax.Array | None = None,
+    *,
+    scale: float | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    save_states: bool = True,
+    interpret: bool = False,
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Chunked gated linear attention (see the module docstring).
+
+    Args:
+      q, k: ``[batch, time, heads, dk]``.
+      v: ``[batch, time, heads, dv]``.
+      g: log-decay, ``None`` (no decay), ``[batch, time, heads]`` (per head) or
+        ``[batch, time, heads, dk]`` (per key channel); finite, ``<= 0``.
+      h0: ``[batch, heads, dk, dv]`` or ``None`` (zeros).
+      scale: output scale (a Python float, static); ``None``: ``dk ** -0.5``.
+      block_sizes: see :class:`BlockSizes`.
+      save_states: also return the chunk-entry states (the backward's residual).
+      interpret: run under the Pallas interpreter (CPU tests).
+      platform: backend to lower for (``None``: ``jax.default_backend()``).
+
+    Returns:
+      ``(o, h_last, states)``: ``o [batch, time, heads, dv]`` in ``result_type(q, k, v)``;
+      ``h_last [batch, heads, dk, dv]`` in the carry dtype (at least float32); ``states``
+      (``None`` unless ``save_states``) in the padded kernel layout ``[batch, heads,
+      n_chunks, dk_pad, dv_pad]``: pass it unchanged to :func:`chunked_gla_backward`.
+    """
+    check_attention_inputs(q, k, v, h0)
+    lay, kind, operands = _prepare(q, k, v, g, block_sizes, interpret, platform)
+    dtypes = [x.dtype for x in (q, k, v, g, h0) if x is not None]
+    carry = carry_dtype_of(*dtypes)
+    h0 = jnp.zeros(lay.state_shape(carry).shape, carry) if h0 is None else lay.pad_state(h0)
+    out_specs = [lay.v_spec(), lay.state_spec()]
+    out_shape = [lay.seq_shape(lay.dv_pad, jnp.result_type(q.dtype, k.dtype, v.dtype)), lay.state_shape(carry)]
+    if save_states:
+        out_specs.append(lay.states_spec())
+        out_shape.append(lay.states_shape(carry))
+    outs = pl.pallas_call(
+        functools.partial(
+            _forward_kernel,
+            n_chunks=lay.n_chunks,
+            chunk=lay.chunk,
+            kind=kind,
+            scale=_scale(scale, lay.dk),
+            save_states=save_states,
+            precision=block_sizes.dot_precision,
+        ),
+        grid=lay.grid,
+        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec()] + _L_spec(lay, kind) + [lay.state_spec()],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
+        name=f"chunked_gla_forward_{kind}",
+    )(*operands, h0)
+    o = outs[0][:, : lay.time, :, : lay.dv]
+    h_last = outs[1][:, :, : lay.dk, : lay.dv]
+    return o, h_last, outs[2] if save_states else None
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret", "platform"))
+def chunked_gla_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    g: jax.Array | None,
+    states: jax.Array,
+    do: jax.Array,
+    dh_last: jax.Array,
+    *,
+    scale: float | None = None,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array]:
+    """Cotangents of :func:`chunked_gla_forward` (same ``scale`` and ``block_sizes``).
+
+    Args:
+      q, k, v, g: the forward's inputs.
+      states: the forward's ``states`` (``save_states=True``).
+      do: cotangent of ``o``, ``[batch, time, heads, dv]``.
+      dh_last: cotangent of ``h_last``, ``[batch, heads, dk, dv]``.
+
+    Returns:
+      ``(dq, dk, dv, dg, dh0)`` in the carry dtype (``dg`` is ``None`` when ``g`` is).
+    """
+    check_attention_inputs(q, k, v, dh_last)
+    if do.shape != v.shape:
+        raise ValueError(f"do: expected shape v.shape = {v.shape}, got {do.shape}")
+    lay, kind, operands = _prepare(q, k, v, g, block_sizes, interpret, platform)
+    check_attention_inputs(q, k, v, None, states, lay)
+    carry = states.dtype
+    has_L = kind != "none"
+    out_specs = [lay.partial_k_spec(), lay.partial_k_spec(), lay.v_spec()]
+    out_shape = [
+        lay.seq_shape(lay.dk_pad, carry, partial=True),
+        lay.seq_shape(lay.dk_pad, carry, partial=True),
+        lay.seq_shape(lay.dv_pad, carry),
+    ]
+    if kind == "head":
+        out_specs.append(lay.partial_head_spec())
+        out_shape.append(lay.head_shape(carry, partial=True))
+    elif kind == "channel":
+        out_specs.append(lay.partial_k_spec())
+        out_shape.append(lay.seq_shape(lay.dk_pad, carry, partial=True))
+    out_specs.append(lay.state_spec())
+    out_shape.append(lay.state_shape(carry))
+    outs = pl.pallas_call(
+        functools.partial(
+            _backward_kernel,
+            n_chunks=lay.n_chunks,
+            chunk=lay.chunk,
+            kind=kind,
+            scale=_scale(scale, lay.dk),
+            precision=block_sizes.dot_precision,
+        ),
+        grid=lay.grid,
+        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec()]
+        + _L_spec(lay, kind)
+        + [lay.states_spec(), lay.v_spec(), lay.state_spec()],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
+        name=f"chunked_gla_backward_{kind}",
+    )(*operands, states, lay.pad_v(do), lay.pad_state(dh_last.astype(carry)))
+    t, dk_, dv_ = lay.time, lay.dk, lay.dv
+    dq = jnp.sum(outs[0], axis=0)[:, :t, :, :dk_]
+    dk = jnp.sum(outs[1], axis=0)[:, :t, :, :dk_]
+    dv = outs[2][:, :t, :, :dv_]
+    dg = None
+    if has_L:
+        dL = jnp.sum(outs[3], axis=0)
+        dg = chunk_local_cumsum_transpose(dL, lay.chunk)[:, :t]
+        if kind == "channel":
+            dg = dg[..., :dk_]
+    dh0 = outs[-1][:, :, :dk_, :dv_]
+    return dq, dk, dv, dg, dh0
