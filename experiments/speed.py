@@ -143,6 +143,111 @@ def newton_gru_workload(t, batch=2, d=16):
     return Workload("newton_gru", dict(b=batch, t=t, d=d), (x,), run, ("sequential", "dense", "diagonal"))
 
 
+# ----------------------------------------------------------------------------- head-wise RNNs
+#: Lengths at which the PyTorch peers (pip pararnn-torch, flashrnn) are also timed when they
+#: are importable: on CPU their per-step Python loops take ~4 s per fwd+bwd at T = 1024.
+RNN_PEER_MAX_T = 4096
+
+
+def _torch_median_ms(fn, reps: int = 3) -> float:
+    """Median of ``reps`` calls (no warm-up call: eager PyTorch has no compilation)."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def rnn_peer_timings(cell: str, t: int, batch: int, heads: int, dh: int) -> dict:
+    """fwd+bwd ms of the PyTorch CPU peers at the same (b, t, d = heads * dh), if importable:
+
+    * ``pararnn_{newton,sequential}``: pip pararnn-torch's ``ParaRNN(ParaLSTM | ParaGRU)``
+      (ParaRNN-style cells with *diagonal* recurrent weights, so its exact Newton is
+      cheaper per iteration than ours with dense head blocks) with its default Newton
+      schedule (``NewtonConfig(max_iters=None)``), and its sequential loop;
+    * ``flashrnn_vanilla``: flashrnn's pure-PyTorch backend on our layout
+      (``Wx [b, t, gates, heads, dh]``, ``R [gates, heads, dh, dh]``), float32.
+
+    Neither is a dependency: a missing package just leaves its entries out. They live in
+    the peers venv (shared/bench/setup_peers.sh; flashrnn is not in it), so one sitting
+    with both runs that interpreter with this repo's venv appended, e.g.
+    ``PYTHONPATH=.:.venv/lib/python3.11/site-packages .peers-venv/bin/python -m
+    experiments.speed --ops rnn_lstm,rnn_gru``.
+    """
+    try:
+        import torch
+    except ImportError:
+        return {}
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    d, out = heads * dh, {}
+    reps = 3 if t <= 1024 else 1  # one call at T = 4096 takes ~5-45 s
+    try:
+        from pararnn import NewtonConfig, ParaGRU, ParaLSTM, ParaRNN
+
+        para_cell = {"lstm": ParaLSTM, "gru": ParaGRU}[cell](d, d)
+        x = torch.randn(batch, t, d, requires_grad=True)
+        for solver in ("newton", "sequential"):
+            model = ParaRNN(para_cell, config=NewtonConfig(max_iters=None), solver=solver)
+            out[f"pararnn_{solver}"] = _torch_median_ms(lambda m=model: m(x).sum().backward(), reps)
+            if solver == "newton" and model.last_stats:
+                out["pararnn_newton_iters"] = int(model.last_stats[0].iters)
+    except ImportError:
+        pass
+    try:
+        from flashrnn import flashrnn
+
+        # flashrnn's GRU takes 3 input gates (r, z, n), 3 recurrent ones (n, r, z), 4 biases
+        gates, rgates, biases = {"lstm": (4, 4, 4), "gru": (3, 3, 4)}[cell]
+        wx = torch.randn(batch, t, gates, heads, dh, requires_grad=True)
+        R = (torch.randn(rgates, heads, dh, dh) / dh**0.5).requires_grad_(True)
+        b = torch.zeros(biases, heads, dh, requires_grad=True)
+
+        def flash_fwd_bwd():
+            h, _ = flashrnn(wx, R, b, function=cell, backend="vanilla", dtype="float32")
+            h[0].sum().backward()
+
+        out["flashrnn_vanilla"] = _torch_median_ms(flash_fwd_bwd, reps)
+    except ImportError:
+        pass
+    return out
+
+
+def rnn_workload(cell: str, t: int, batch: int = 2, heads: int = 4, dh: int = 4) -> Workload:
+    """A head-wise LSTM / GRU (:func:`ssmjax.scan.rnn.nonlinear_rnn`, d = heads * dh = 16)
+    evaluated sequentially and by Newton with the exact block Jacobian (``newton``) or its
+    diagonal (``newton_diag``, quasi-Newton); on GPU/TPU also the Pallas kernel.
+    The Newton iteration counts to the float32 tolerance (1e-5) go into the row as
+    ``newton_iters`` and the PyTorch peers' fwd+bwd ms (when installed) as ``peers_ms``."""
+    from ssmjax.scan.rnn import CELLS, nonlinear_rnn
+
+    gates = CELLS[cell].gates
+    ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    gx = _normal(ks[0], (batch, t, gates, heads, dh))
+    R = _normal(ks[1], (gates, heads, dh, dh), dh**-0.5)
+    bias = _normal(ks[2], (gates, heads, dh), 0.1)
+
+    def run(method, gx, R, bias):
+        jacobian = {"newton": "block", "newton_diag": "diagonal"}.get(method)
+        if jacobian:
+            return nonlinear_rnn(cell, gx, R, bias, method="newton", jacobian=jacobian)
+        return nonlinear_rnn(cell, gx, R, bias, method=method)
+
+    count = jax.jit(lambda jac, gx, R, bias: nonlinear_rnn(cell, gx, R, bias, method="newton", jacobian=jac,
+                                                           return_info=True)[2].iterations, static_argnums=0)
+    iters = {jac: int(count(jac, gx, R, bias)) for jac in ("block", "diagonal")}
+    peers = rnn_peer_timings(cell, t, batch, heads, dh) if t <= RNN_PEER_MAX_T else {}
+    print(f"\nrnn_{cell} t={t}: Newton iterations to 1e-5: {iters}" + (f"; peers fwd+bwd ms: {peers}" if peers else ""))
+    methods = ("sequential", "newton", "newton_diag")
+    if jax.default_backend() in ("gpu", "tpu"):
+        methods += ("pallas",)
+    shape = dict(b=batch, t=t, h=heads, d=dh, newton_iters=iters)
+    if peers:
+        shape["peers_ms"] = peers
+    return Workload(f"rnn_{cell}", shape, (gx, R, bias), run, methods)
+
+
 WORKLOADS: dict[str, Callable[..., Workload]] = {
     "linear_scan": linear_scan_workload,
     "matrix_scan": matrix_scan_workload,
@@ -151,6 +256,8 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "delta_rule": delta_rule_workload,
     "prefix_softmax": prefix_softmax_workload,
     "newton_gru": newton_gru_workload,
+    "rnn_lstm": lambda t, **kw: rnn_workload("lstm", t, **kw),
+    "rnn_gru": lambda t, **kw: rnn_workload("gru", t, **kw),
 }
 _CHUNKED_LENGTHS = (512, 2048, 8192, 32768)
 DEFAULT_LENGTHS = {
@@ -161,6 +268,8 @@ DEFAULT_LENGTHS = {
     "delta_rule": _CHUNKED_LENGTHS,
     "prefix_softmax": _CHUNKED_LENGTHS,
     "newton_gru": (512, 2048, 8192),
+    "rnn_lstm": (1024, 4096, 16384, 65536),
+    "rnn_gru": (1024, 4096, 16384, 65536),
 }
 #: Shapes named in the performance targets: (op, kwargs) measured once each.
 ANCHORS = (
@@ -258,7 +367,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-memory-gb", type=float, default=4.0)
     parser.add_argument("--backend", default=None, help="cpu or gpu (default: JAX's choice)")
     parser.add_argument("--out", default="results/speed.json")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.backend == "gpu":  # the Pallas-vs-XLA-vs-fla GPU benchmark has its own options
+        from experiments import speed_gpu
+
+        return speed_gpu.main(sys.argv[1:] if argv is None else list(argv))
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.backend:
         jax.config.update("jax_platforms", {"gpu": "cuda"}.get(args.backend, args.backend))
     ops = [o for o in args.ops.split(",") if o]

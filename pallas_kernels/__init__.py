@@ -15,6 +15,10 @@ switch (CPU tests run every kernel with ``interpret=True``) and a ``platform`` o
   matmuls with log-space decays; the backward runs the chunks in reverse carrying dS.
 * :mod:`pallas_kernels.chunked_delta`: the (gated) delta rule in the WY/UT form, same
   structure.
+* :mod:`pallas_kernels.rnn`: the sequential head-wise nonlinear RNN (Elman, LSTM, GRU,
+  sLSTM; FlashRNN's idea): one program per (batch block, head) keeps its recurrent
+  weights resident and loops over the whole sequence; the backward is a reverse-time
+  loop recomputing each step.
 
 ``custom_vjp`` wiring lives in ``ssmjax.scan`` (``method="pallas"``), not here.
 """

@@ -8,6 +8,7 @@ from ssmjax.layers import (  # noqa: F401  (imported for their @register side ef
     aaren,
     attention,
     deltanet,
+    fsmn,
     h3,
     hgrn,
     lightnet,
@@ -16,11 +17,14 @@ from ssmjax.layers import (  # noqa: F401  (imported for their @register side ef
     lru,
     mamba,
     mega_ema,
+    plstm,
     rat,
+    rnn,
     s4,
     s5,
     tcnca,
     titans,
+    universal_transformer,
 )
 from ssmjax.layers.registry import get, names, register
 

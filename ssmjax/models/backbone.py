@@ -18,6 +18,14 @@ of pre-norm blocks whose mixers come from a pattern of registry names, and a hea
 
 The recurrent state of the model is the list of the mixers' states (stacked along a
 leading axis per pattern position when ``layer_scan``); ``step`` decodes one token.
+
+Transformer-XL segment recurrence (Dai et al., 2019, "Transformer-XL: Attentive Language
+Models Beyond a Fixed-Length Context"), off unless ``memory_len > 0``:
+``SequenceModel.segment_forward(inputs, memory)`` runs one segment; every block's mixer
+sees the cached inputs of that block from the previous segment(s) (at most
+``memory_len`` positions, no gradient) in front of the segment, and the call returns the
+new memory (the last ``memory_len`` block inputs). Works with any mixer (the memory is
+context, not a mixer state; attention's RoPE keeps relative positions).
 """
 
 from __future__ import annotations
@@ -113,6 +121,7 @@ class Block(nn.Module):
     moe_experts: int = 8
     moe_top_k: int = 2
     norm: str = "rms"
+    memory_len: int = 0  # Transformer-XL segment memory (forward_with_memory)
 
     def setup(self):
         self.mixer_norm = _norm(self.norm, "mixer_norm")
@@ -140,6 +149,14 @@ class Block(nn.Module):
     def step(self, x_t, state):
         y, state = self.mixer_layer.step(self.mixer_norm(x_t), state)
         return self._mlp(x_t + y), state
+
+    def forward_with_memory(self, x, memory):
+        """Segment recurrence: the mixer runs over ``[stop_grad(memory), x]`` (memory: this
+        block's inputs from earlier segments); returns the output on ``x`` and the new
+        memory, the last ``memory_len`` block inputs."""
+        context = jnp.concatenate([jax.lax.stop_gradient(memory).astype(x.dtype), x], axis=1)
+        y = self.mixer_layer(self.mixer_norm(context))[:, memory.shape[1]:]
+        return self._mlp(x + y), context[:, max(0, context.shape[1] - self.memory_len):]
 
     def init_state(self, batch_size, dtype=jnp.float32):
         return self.mixer_layer.init_state(batch_size, dtype)
@@ -175,6 +192,13 @@ class Group(nn.Module):
             new.append(s)
         return x_t, new
 
+    def forward_with_memory(self, x, memories):
+        new = []
+        for block, m in zip(self.blocks, memories):
+            x, m = block.forward_with_memory(x, m)
+            new.append(m)
+        return x, new
+
     def init_state(self, batch_size, dtype=jnp.float32):
         return [b.init_state(batch_size, dtype) for b in self.blocks]
 
@@ -199,6 +223,7 @@ class SequenceModel(nn.Module):
     num_classes: int | None = None
     output_dim: int | None = None
     pooling: str = "mean"
+    memory_len: int = 0  # > 0: Transformer-XL segment recurrence via segment_forward (module docstring)
 
     def setup(self):
         pattern = parse_mixers(self.mixers)
@@ -206,6 +231,8 @@ class SequenceModel(nn.Module):
         self.n_groups = self.n_layers // len(pattern)
         block_fields = dict(d_model=self.d_model, mixer_fields=dict(self.mixer_fields or {}), mlp=self.mlp,
                             mlp_ratio=self.mlp_ratio, moe_experts=self.moe_experts, moe_top_k=self.moe_top_k, norm=self.norm)
+        if self.memory_len > 0:
+            block_fields["memory_len"] = self.memory_len
         if self.vocab_size is not None:
             self.embed = nn.Embed(self.vocab_size, self.d_model)
         else:
@@ -213,7 +240,7 @@ class SequenceModel(nn.Module):
         if self.layer_scan:
             self.groups = nn.scan(
                 Group, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                in_axes=0, out_axes=0, length=self.n_groups, methods=["__call__", "step"],
+                in_axes=0, out_axes=0, length=self.n_groups, methods=["__call__", "step", "forward_with_memory"],
             )(pattern, block_fields)
         else:
             self.groups = [Group(pattern, block_fields, name=f"group_{i}") for i in range(self.n_groups)]
@@ -281,6 +308,31 @@ class SequenceModel(nn.Module):
                 new.append(s)
             state = new
         return self._outputs(h), state
+
+    def segment_forward(self, inputs: Array, memory=None):
+        """One segment with Transformer-XL memory (module docstring): ``(outputs, new_memory)``.
+
+        ``memory``: what the previous call returned (``None`` for the first segment): one
+        ``[b, m, d_model]`` array per block (stacked ``[n_groups, b, m, d_model]`` per
+        pattern position when ``layer_scan``), ``m <= memory_len``.
+        """
+        if self.memory_len <= 0:
+            raise ValueError(f"memory_len: segment recurrence needs memory_len > 0, got {self.memory_len}")
+        h = self._inputs(inputs)
+        if memory is None:  # empty memories: the first segment sees no earlier context
+            pattern = parse_mixers(self.mixers)
+            lead = (self.n_groups,) if self.layer_scan else ()
+            empty = [jnp.zeros(lead + (h.shape[0], 0, self.d_model), h.dtype) for _ in pattern]
+            memory = empty if self.layer_scan else [list(empty) for _ in range(self.n_groups)]
+        if self.layer_scan:
+            h, memory = self.groups.forward_with_memory(h, memory)
+        else:
+            new = []
+            for group, m in zip(self.groups, memory):
+                h, m = group.forward_with_memory(h, m)
+                new.append(m)
+            memory = new
+        return self._outputs(h), memory
 
     def init_state(self, batch_size: int, dtype=jnp.float32):
         pattern = parse_mixers(self.mixers)

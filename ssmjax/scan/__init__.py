@@ -4,6 +4,8 @@ from ssmjax.scan.delta import delta_rule
 from ssmjax.scan.gla import gated_linear_attention
 from ssmjax.scan.linear import linear_scan, matrix_scan
 from ssmjax.scan.newton import NewtonResult, newton_recurrence
+from ssmjax.scan.plstm import plstm_1d, plstm_2d
+from ssmjax.scan.rnn import HeadwiseCell, RNNInfo, nonlinear_rnn
 from ssmjax.scan.selective import selective_scan
 from ssmjax.scan.softmax_attention import (
     SoftmaxState,
@@ -13,7 +15,9 @@ from ssmjax.scan.softmax_attention import (
 )
 
 __all__ = [
+    "HeadwiseCell",
     "NewtonResult",
+    "RNNInfo",
     "SoftmaxState",
     "causal_softmax_attention",
     "delta_rule",
@@ -21,6 +25,9 @@ __all__ = [
     "linear_scan",
     "matrix_scan",
     "newton_recurrence",
+    "plstm_1d",
+    "plstm_2d",
+    "nonlinear_rnn",
     "prefix_softmax_attention",
     "selective_scan",
     "softmax_scan_combine",

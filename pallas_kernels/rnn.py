@@ -1,0 +1,461 @@
+"""Pallas kernels for sequential head-wise non-linear RNNs (Elman, GRU, LSTM, sLSTM).
+
+The FlashRNN idea (Pöppel, Beck and Hochreiter 2024, "FlashRNN: I/O-Aware Optimization of
+Traditional RNNs on modern hardware"): a head-wise RNN's recurrent matrix is
+block-diagonal, one ``[dh, dh]`` block per head and gate, so every head is an independent
+small RNN. One kernel launch runs the whole sequence: a program per (batch block, head)
+loads its head's recurrent blocks once and keeps them resident while it loops over time
+with the state in registers; per step it reads one row of input pre-activations and
+writes one row of outputs. Nothing else touches memory.
+
+Shapes (``S`` = number of state parts: 1 for elman/gru, 2 for lstm, 4 for slstm)::
+
+    gx       [batch, time, gates, heads, dh]   pre-activations from the input (e.g. bf16)
+    R        [gates, heads, dh, dh]            recurrent blocks, r_g = h R_g
+    bias     [gates, heads, dh]                recurrent-side bias
+    state0   [batch, S, heads, dh]             initial state (parts in the order below)
+    keep     [batch, time] bool or None        False: the state entering t is zeroed
+    h        [batch, time, heads, dh]          outputs, in result_type(gx, R, bias)
+    final    [batch, S, heads, dh]             last state, carry dtype (>= float32)
+
+Cells per head (``sigma`` the logistic function, ``g~ = gx_g + r_g``, ``r_g = h_{t-1} R_g
++ b_g``; the math of ``ssmjax.scan.rnn``, written again here on ``[block_b, dh]`` tiles,
+which the tests compare against it)::
+
+    elman  (h):         h = tanh(gx + r)
+    gru    (h):         r = sigma(r~), z = sigma(z~), n = tanh(gx_n + r * r_n),
+                        h = (1 - z) n + z h
+    lstm   (h, c):      c = sigma(f~) c + sigma(i~) tanh(z~),  h = sigma(o~) tanh(c)
+    slstm  (h, c, n, m) and slstm_exp: log f = log sigma(f~) (slstm) or f~ (slstm_exp),
+                        m' = max(log f + m, i~), i = exp(i~ - m'), f = exp(log f + m - m'),
+                        c = f c + i tanh(z~),  n = f n + i,  h = sigma(o~) c / n
+
+Forward kernel, grid ``(batch_pad / block_b, heads)``: the program loads ``R[:, head]``
+``[gates, dh, dh]`` and the bias once, then for ``t = 0 .. T-1`` (chunks of ``block_t``
+unrolled steps, then the remainder; ``T`` is never padded) computes the ``gates``
+products ``[block_b, dh] @ [dh, dh]`` of the recurrent contribution, the cell's
+point-wise update, and stores ``h_t``. With ``save_states`` it also stores every state
+part at every step, ``states [batch_pad, T, S, heads, dh_pad]`` in the carry dtype: the
+residual of the backward.
+
+Backward kernel (same grid; the strategy of FlashRNN: store the states in the forward,
+run the adjoint as a reverse-time loop): for ``t = T-1 .. 0`` it reads the state entering
+``t`` (``states[t - 1]``, or ``state0``), recomputes the pre-activations (one step of the
+forward: ``gates`` small matmuls), differentiates the point-wise update with ``jax.vjp``
+traced inside the kernel (element-wise ops only), and propagates::
+
+    (dgx_t, dr_t, d state_prev) = vjp(pointwise)(d state_t + [dh_t, 0, ...])
+    dh_prev += sum_g dr_g R_g^T,   dR_g += h_prev^T dr_g,   db_g += sum_batch dr_g
+
+``dR`` and ``db`` come out per batch block (``[batch_pad / block_b, gates, heads, dh,
+dh]``) and the wrapper sums them: no atomics, deterministic. Memory of the residual:
+``S`` times the outputs, in float32.
+
+Padding (wrappers, only when needed): the batch to a multiple of ``block_b`` and ``dh``
+to a power of two (at least 16 when compiled, the smallest Triton ``dot``) with zeros;
+zero weights, inputs and states keep padded units at ``h = c = 0`` (sLSTM: ``n > 0``) and
+give them zero gradients. Register budget: the resident ``R`` is ``gates * dh^2`` floats
+per program (64 KB at ``dh = 64``, LSTM): beyond ``dh ~ 32`` the compiler spills it to
+local memory (L1/L2-cached), which FlashRNN avoids by splitting a head over several
+cooperating programs (not done here).
+
+Backends: ``interpret=True`` anywhere (the CPU tests); compiled through Triton on GPUs
+(``platform="gpu"``; the tests check the lowering to Triton IR, no GPU run yet). The
+matmuls use ``precision=HIGHEST`` (no TF32). Not for TPU: Mosaic wants the last two block
+dimensions whole or (8, 128)-aligned, and blocking ``gx [b, t, gates, heads, dh]`` by head
+squeezes the second-to-last one (a head-major input layout would be needed).
+
+The time loop is :func:`pallas_kernels.linear_scan._time_loop` (chunks of ``block_t``
+unrolled steps in a ``fori_loop``, then the remainder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import (
+    carry_dtype_of,
+    compiler_params,
+    is_power_of_two,
+    next_power_of_two,
+)
+from pallas_kernels.linear_scan import _time_loop
+
+#: Cells with a kernel, their gate counts and state parts.
+GATES = {"elman": 1, "gru": 3, "lstm": 4, "slstm": 4, "slstm_exp": 4}
+STATE_PARTS = {"elman": 1, "gru": 1, "lstm": 2, "slstm": 4, "slstm_exp": 4}
+CELLS = tuple(GATES)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the RNN kernels.
+
+    Attributes:
+      block_b: batch rows per program (power of two); the rows of the per-step matmul.
+        Lowered to ``next_power_of_two(batch)`` in interpret mode, at least 16 when
+        compiled (Triton's smallest ``dot``).
+      block_t: time steps per unrolled chunk of the time loop (power of two).
+    """
+
+    block_b: int = 16
+    block_t: int = 4
+
+    def __post_init__(self):
+        for name in ("block_b", "block_t"):
+            if not is_power_of_two(getattr(self, name)):
+                raise ValueError(
+                    f"block_sizes.{name}: expected a positive power of two, got {getattr(self, name)!r}"
+                )
+
+
+# ----------------------------------------------------------------------------- point-wise cells
+def _sigmoid(x):
+    return jax.lax.logistic(x)
+
+
+def _log_sigmoid(x):
+    """``log sigma(x) = min(x, 0) - log1p(exp(-|x|))`` (no overflow, element-wise ops only)."""
+    return jnp.minimum(x, 0.0) - jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _pointwise(cell: str, gx: list, r: list, state: list) -> list:
+    """One step of ``cell`` given the input pre-activations ``gx[g]``, the recurrent
+    contributions ``r[g] = h_prev R_g + b_g`` and the previous state parts (all tiles of
+    the same shape); returns the new state parts, ``h`` first."""
+    if cell == "elman":
+        return [jnp.tanh(gx[0] + r[0])]
+    if cell == "gru":
+        reset = _sigmoid(gx[0] + r[0])
+        update = _sigmoid(gx[1] + r[1])
+        candidate = jnp.tanh(gx[2] + reset * r[2])
+        return [(1.0 - update) * candidate + update * state[0]]
+    i_pre, f_pre, z_pre, o_pre = (gx[g] + r[g] for g in range(4))
+    if cell == "lstm":
+        c = _sigmoid(f_pre) * state[1] + _sigmoid(i_pre) * jnp.tanh(z_pre)
+        return [_sigmoid(o_pre) * jnp.tanh(c), c]
+    _, c, n, m = state
+    log_f = _log_sigmoid(f_pre) if cell == "slstm" else f_pre
+    m_new = jnp.maximum(log_f + m, i_pre)
+    i = jnp.exp(i_pre - m_new)
+    f = jnp.exp(log_f + m - m_new)
+    c = f * c + i * jnp.tanh(z_pre)
+    n = f * n + i
+    return [_sigmoid(o_pre) * c / n, c, n, m_new]
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype)
+
+
+class _Weights(NamedTuple):
+    """One head's resident weights, in the carry dtype."""
+
+    R: list  # gates x [dh, dh]
+    b: list  # gates x [1, dh]
+
+    def recurrent(self, h):
+        return [_dot(h, R) + b for R, b in zip(self.R, self.b)]
+
+
+def _load_weights(R_ref, b_ref, gates: int, dtype) -> _Weights:
+    return _Weights(
+        [R_ref[g].astype(dtype) for g in range(gates)],
+        [b_ref[pl.ds(g, 1), :].astype(dtype) for g in range(gates)],
+    )
+
+
+def _load_gx(gx_ref, t, gates: int, dtype) -> list:
+    return [gx_ref[:, t, g, :].astype(dtype) for g in range(gates)]
+
+
+def _cut(keep_ref, t, parts: list) -> list:
+    """Zero the state entering ``t`` where ``keep`` is 0 (``[block_b, 1]`` per row)."""
+    if keep_ref is None:
+        return parts
+    keep = keep_ref[:, t, :] != 0
+    return [jnp.where(keep, p, jnp.zeros_like(p)) for p in parts]
+
+
+# ----------------------------------------------------------------------------- kernels
+def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states):
+    gx_ref, R_ref, b_ref = refs[:3]
+    keep_ref = refs[3] if has_keep else None
+    s0_ref, h_ref, last_ref = refs[3 + has_keep : 6 + has_keep]
+    states_ref = refs[6 + has_keep] if save_states else None
+    dtype = last_ref.dtype
+    gates, parts = GATES[cell], STATE_PARTS[cell]
+    weights = _load_weights(R_ref, b_ref, gates, dtype)
+
+    def step(t, state):
+        state = _cut(keep_ref, t, list(state))
+        state = _pointwise(cell, _load_gx(gx_ref, t, gates, dtype), weights.recurrent(state[0]), state)
+        h_ref[:, t, :] = state[0].astype(h_ref.dtype)
+        if states_ref is not None:
+            for k in range(parts):
+                states_ref[:, t, k, :] = state[k]
+        return tuple(state)
+
+    state = tuple(s0_ref[:, k, :].astype(dtype) for k in range(parts))
+    state = _time_loop(time, block_t, step, state)
+    for k in range(parts):
+        last_ref[:, k, :] = state[k]
+
+
+def _backward_kernel(*refs, cell, time, block_t, has_keep):
+    gx_ref, R_ref, b_ref = refs[:3]
+    keep_ref = refs[3] if has_keep else None
+    s0_ref, states_ref, dh_ref, dlast_ref, dgx_ref, dR_ref, db_ref, ds0_ref = refs[3 + has_keep :]
+    dtype = ds0_ref.dtype
+    gates, parts = GATES[cell], STATE_PARTS[cell]
+    weights = _load_weights(R_ref, b_ref, gates, dtype)
+    R_T = [R.T for R in weights.R]
+
+    def step_backward(t, prev, carry):
+        """Adjoint of step ``t`` given the (uncut) state entering it."""
+        d_state, dR, db = carry
+        prev = _cut(keep_ref, t, prev)
+        gx = _load_gx(gx_ref, t, gates, dtype)
+        r = weights.recurrent(prev[0])
+        _, pullback = jax.vjp(lambda gx, r, prev: _pointwise(cell, gx, r, prev), gx, r, prev)
+        d_new = list(d_state)
+        d_new[0] = d_new[0] + dh_ref[:, t, :].astype(dtype)
+        dgx, dr, d_prev = pullback(d_new)
+        for g in range(gates):
+            dgx_ref[:, t, g, :] = dgx[g].astype(dgx_ref.dtype)
+        h_prev_T = prev[0].T
+        d_prev[0] = d_prev[0] + sum(_dot(dr[g], R_T[g]) for g in range(gates))
+        dR = [dR[g] + _dot(h_prev_T, dr[g]) for g in range(gates)]
+        db = [db[g] + jnp.sum(dr[g], axis=0, keepdims=True) for g in range(gates)]
+        return tuple(_cut(keep_ref, t, d_prev)), dR, db
+
+    def body(k, carry):
+        t = time - 1 - k  # t >= 1: the state entering t is stored at t - 1
+        prev = [states_ref[:, t - 1, j, :] for j in range(parts)]
+        return step_backward(t, prev, carry)
+
+    d_state = tuple(dlast_ref[:, j, :].astype(dtype) for j in range(parts))
+    dR = [jnp.zeros_like(R) for R in weights.R]
+    db = [jnp.zeros_like(b) for b in weights.b]
+    carry = _time_loop(time - 1, block_t, body, (d_state, dR, db))
+    prev0 = [s0_ref[:, j, :].astype(dtype) for j in range(parts)]
+    d_state, dR, db = step_backward(0, prev0, carry)
+    for j in range(parts):
+        ds0_ref[:, j, :] = d_state[j]
+    for g in range(gates):
+        dR_ref[g] = dR[g]
+        db_ref[pl.ds(g, 1), :] = db[g]
+
+
+# ----------------------------------------------------------------------------- wrappers
+class _Layout(NamedTuple):
+    batch: int
+    time: int
+    heads: int
+    dh: int
+    block_b: int
+    batch_pad: int
+    dh_pad: int
+    gates: int
+    parts: int
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.batch_pad // self.block_b, self.heads
+
+    def pad(self, x: jax.Array, batch_axis: int | None, dh_axes: tuple[int, ...]) -> jax.Array:
+        widths = [(0, 0)] * x.ndim
+        if batch_axis is not None:
+            widths[batch_axis] = (0, self.batch_pad - self.batch)
+        for axis in dh_axes:
+            widths[axis] = (0, self.dh_pad - self.dh)
+        return x if all(w == (0, 0) for w in widths) else jnp.pad(x, widths)
+
+    def specs(self):
+        """BlockSpecs of gx, R, bias, keep, and a state-like ``[batch, S, heads, dh]``."""
+        bb, T, G, S, dh = self.block_b, self.time, self.gates, self.parts, self.dh_pad
+        gx = pl.BlockSpec((bb, T, G, None, dh), lambda i, j: (i, 0, 0, j, 0))
+        R = pl.BlockSpec((G, None, dh, dh), lambda i, j: (0, j, 0, 0))
+        bias = pl.BlockSpec((G, None, dh), lambda i, j: (0, j, 0))
+        keep = pl.BlockSpec((bb, T, 1), lambda i, j: (i, 0, 0))
+        state = pl.BlockSpec((bb, S, None, dh), lambda i, j: (i, 0, j, 0))
+        return gx, R, bias, keep, state
+
+    def seq_spec(self, *inner: int):
+        """``[batch, time, *inner, heads, dh]`` blocked by (batch block, head)."""
+        shape = (self.block_b, self.time, *inner, None, self.dh_pad)
+        return pl.BlockSpec(shape, lambda i, j: (i, 0) + (0,) * len(inner) + (j, 0))
+
+
+def _check_inputs(cell, gx, R, bias, state0, keep):
+    if cell not in GATES:
+        raise ValueError(f"cell: expected one of {CELLS}, got {cell!r}")
+    if gx.ndim != 5:
+        raise ValueError(f"gx: expected shape [batch, time, gates, heads, dh], got {gx.shape}")
+    batch, time, gates, heads, dh = gx.shape
+    if gates != GATES[cell]:
+        raise ValueError(f"gx: expected {GATES[cell]} gates for cell {cell!r}, got shape {gx.shape}")
+    if time < 1:
+        raise ValueError(f"gx: expected time >= 1, got shape {gx.shape}")
+    if R.shape != (gates, heads, dh, dh):
+        raise ValueError(f"R: expected shape [gates, heads, dh, dh] = {(gates, heads, dh, dh)}, got {R.shape}")
+    if bias.shape != (gates, heads, dh):
+        raise ValueError(f"bias: expected shape [gates, heads, dh] = {(gates, heads, dh)}, got {bias.shape}")
+    expected = (batch, STATE_PARTS[cell], heads, dh)
+    if state0.shape != expected:
+        raise ValueError(f"state0: expected shape [batch, S, heads, dh] = {expected}, got {state0.shape}")
+    if keep is not None and keep.shape != (batch, time):
+        raise ValueError(f"keep: expected shape [batch, time] = {(batch, time)}, got {keep.shape}")
+    for name, x in (("gx", gx), ("R", R), ("bias", bias), ("state0", state0)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name}: expected a real floating dtype, got {x.dtype}")
+
+
+def _layout(cell, gx, block_sizes: BlockSizes, interpret: bool) -> _Layout:
+    batch, time, gates, heads, dh = gx.shape
+    min_size = 1 if interpret else 16
+    block_b = max(min(block_sizes.block_b, next_power_of_two(batch)), min_size)
+    return _Layout(
+        batch, time, heads, dh, block_b, -(-batch // block_b) * block_b,
+        max(next_power_of_two(dh), min_size), gates, STATE_PARTS[cell],
+    )
+
+
+def _operands(lay: _Layout, gx, R, bias, keep):
+    ops = [lay.pad(gx, 0, (4,)), lay.pad(R, None, (2, 3)), lay.pad(bias, None, (2,))]
+    if keep is not None:
+        ops.append(lay.pad(keep.astype(jnp.float32)[..., None], 0, ()))
+    return ops
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cell", "block_sizes", "save_states", "interpret", "platform")
+)
+def rnn_forward(
+    gx: jax.Array,
+    R: jax.Array,
+    bias: jax.Array,
+    state0: jax.Array,
+    keep: jax.Array | None = None,
+    *,
+    cell: str,
+    block_sizes: BlockSizes = BlockSizes(),
+    save_states: bool = True,
+    interpret: bool = False,
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The sequential head-wise RNN in one launch (see the module docstring).
+
+    Returns:
+      ``(h, final, states)``: ``h`` ``[batch, time, heads, dh]`` in
+      ``result_type(gx, R, bias)``; ``final`` ``[batch, S, heads, dh]`` and the residual
+      ``states`` (``None`` unless ``save_states``; padded kernel layout, pass it unchanged
+      to :func:`rnn_backward`) in the carry dtype ``result_type(float32, gx, R, bias,
+      state0)``.
+    """
+    _check_inputs(cell, gx, R, bias, state0, keep)
+    carry = carry_dtype_of(gx.dtype, R.dtype, bias.dtype, state0.dtype)
+    out_dtype = jnp.result_type(gx.dtype, R.dtype, bias.dtype)
+    lay = _layout(cell, gx, block_sizes, interpret)
+    gx_spec, R_spec, b_spec, keep_spec, state_spec = lay.specs()
+    out_specs = [lay.seq_spec(), state_spec]
+    out_shape = [
+        jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.heads, lay.dh_pad), out_dtype),
+        jax.ShapeDtypeStruct((lay.batch_pad, lay.parts, lay.heads, lay.dh_pad), carry),
+    ]
+    if save_states:
+        out_specs.append(lay.seq_spec(lay.parts))
+        out_shape.append(jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.parts, lay.heads, lay.dh_pad), carry))
+    outs = pl.pallas_call(
+        functools.partial(
+            _forward_kernel, cell=cell, time=lay.time, block_t=block_sizes.block_t,
+            has_keep=keep is not None, save_states=save_states,
+        ),
+        grid=lay.grid,
+        in_specs=[gx_spec, R_spec, b_spec] + ([keep_spec] if keep is not None else []) + [state_spec],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=compiler_params(platform, interpret),
+        name=f"rnn_{cell}_forward",
+    )(*_operands(lay, gx, R, bias, keep), lay.pad(state0.astype(carry), 0, (3,)))
+    h, final = outs[0][: lay.batch, ..., : lay.dh], outs[1][: lay.batch, ..., : lay.dh]
+    return h, final, outs[2] if save_states else None
+
+
+@functools.partial(jax.jit, static_argnames=("cell", "block_sizes", "interpret", "platform"))
+def rnn_backward(
+    gx: jax.Array,
+    R: jax.Array,
+    bias: jax.Array,
+    state0: jax.Array,
+    keep: jax.Array | None,
+    states: jax.Array,
+    dh: jax.Array,
+    dfinal: jax.Array,
+    *,
+    cell: str,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+    platform: str | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Cotangents of :func:`rnn_forward` by a reverse-time loop over the stored states.
+
+    Args:
+      gx, R, bias, state0, keep: the forward's inputs.
+      states: the forward's residual (same ``block_sizes`` and ``interpret``).
+      dh: cotangent of ``h`` ``[batch, time, heads, dh]``; dfinal: of ``final``.
+
+    Returns:
+      ``(dgx, dR, dbias, dstate0)`` shaped and typed like ``gx, R, bias, state0``.
+    """
+    _check_inputs(cell, gx, R, bias, state0, keep)
+    lay = _layout(cell, gx, block_sizes, interpret)
+    carry = states.dtype
+    expected = (lay.batch_pad, lay.time, lay.parts, lay.heads, lay.dh_pad)
+    if states.shape != expected:
+        raise ValueError(f"states: expected shape {expected} (the forward's residual), got {states.shape}")
+    if dh.shape != gx.shape[:2] + gx.shape[3:]:
+        raise ValueError(f"dh: expected shape [batch, time, heads, dh] = {gx.shape[:2] + gx.shape[3:]}, got {dh.shape}")
+    gx_spec, R_spec, b_spec, keep_spec, state_spec = lay.specs()
+    n_blocks = lay.grid[0]
+    dR_spec = pl.BlockSpec((None, lay.gates, None, lay.dh_pad, lay.dh_pad), lambda i, j: (i, 0, j, 0, 0))
+    db_spec = pl.BlockSpec((None, lay.gates, None, lay.dh_pad), lambda i, j: (i, 0, j, 0))
+    dgx, dR, db, ds0 = pl.pallas_call(
+        functools.partial(
+            _backward_kernel, cell=cell, time=lay.time, block_t=block_sizes.block_t,
+            has_keep=keep is not None,
+        ),
+        grid=lay.grid,
+        in_specs=[gx_spec, R_spec, b_spec] + ([keep_spec] if keep is not None else [])
+        + [state_spec, lay.seq_spec(lay.parts), lay.seq_spec(), state_spec],
+        out_specs=[gx_spec, dR_spec, db_spec, state_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.gates, lay.heads, lay.dh_pad), gx.dtype),
+            jax.ShapeDtypeStruct((n_blocks, lay.gates, lay.heads, lay.dh_pad, lay.dh_pad), carry),
+            jax.ShapeDtypeStruct((n_blocks, lay.gates, lay.heads, lay.dh_pad), carry),
+            jax.ShapeDtypeStruct((lay.batch_pad, lay.parts, lay.heads, lay.dh_pad), carry),
+        ],
+        interpret=interpret,
+        compiler_params=compiler_params(platform, interpret),
+        name=f"rnn_{cell}_backward",
+    )(
+        *_operands(lay, gx, R, bias, keep),
+        lay.pad(state0.astype(carry), 0, (3,)),
+        states,
+        lay.pad(dh, 0, (3,)),
+        lay.pad(dfinal.astype(carry), 0, (3,)),
+    )
+    d = lay.dh
+    return (
+        dgx[: lay.batch, ..., :d],
+        dR.sum(0)[..., :d, :d].astype(R.dtype),
+        db.sum(0)[..., :d].astype(bias.dtype),
+        ds0[: lay.batch, ..., :d].astype(state0.dtype),
+    )
