@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: suite demo test test-slow speed
+.PHONY: suite results demo test test-slow speed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,17 @@ $(STAMP): pyproject.toml
 
 suite: $(STAMP)
 	$(PY) -m experiments.suite
+
+# experiments/RESULTS.md: the reduced-size suite on three tasks for the models of issue 7
+# (about an hour on 2 quiet cores), then the report. The 3:1 hybrid has 4 layers, the others 2.
+RESULT_TASKS := selective_copying mqar induction_heads
+RESULT_MODELS := attention s4d s5 lru mamba mamba2 gla gated_deltanet mlstm
+results: $(STAMP)
+	for task in $(RESULT_TASKS); do \
+	  $(PY) -m experiments.suite --quiet --task $$task --out runs $(foreach m,$(RESULT_MODELS),--model $(m)) && \
+	  $(PY) -m experiments.suite --quiet --task $$task --out runs --model 'gated_deltanet*3,attention' --set n_layers=4 \
+	  || exit 1; done
+	$(PY) -m experiments.report --runs runs --out experiments/RESULTS.md
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo

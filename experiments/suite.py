@@ -28,8 +28,8 @@ DEFAULT_MODELS = ("attention", "mamba", "s4d")
 SUITE_SETTINGS = {
     "selective_copying": ["seq_len=64", "num_tokens=4", "batch_size=16", "steps=600", "lr=3e-3", "warmup_steps=50",
                           "eval_every=200", "checkpoint_every=600", "log_every=50"],
-    "mqar": ["vocab_size=512", "train_shapes=((64, 4), (64, 8))", "eval_shapes=((64, 4), (64, 8), (64, 16))",
-             "steps=600", "eval_every=200", "checkpoint_every=600", "log_every=50"],
+    "mqar": ["vocab_size=128", "train_shapes=((64, 4), (64, 8))", "eval_shapes=((64, 4), (64, 8), (64, 16))",
+             "steps=1500", "eval_every=500", "checkpoint_every=1500", "log_every=50"],
     "induction_heads": ["seq_len=32", "eval_multiples=(1, 2, 4, 8, 16)", "steps=600", "eval_every=200",
                         "checkpoint_every=600", "log_every=50"],
     "boolean_icl": ["num_bits=6", "num_examples=16", "steps=600", "eval_every=200", "checkpoint_every=600",

@@ -20,9 +20,10 @@ def build(name: str, d_model: int = 16, **fields):
 def run_steps(layer, params, x):
     """``T`` calls of ``step`` from ``init_state``: outputs ``[b, t, d]`` and the last state."""
     state = layer.apply(params, x.shape[0], x.dtype, method="init_state")
+    step = jax.jit(lambda p, x_t, s: layer.apply(p, x_t, s, method="step"))  # compiled once, not op by op
     ys = []
     for t in range(x.shape[1]):
-        y, state = layer.apply(params, x[:, t], state, method="step")
+        y, state = step(params, x[:, t], state)
         ys.append(y)
     return jnp.stack(ys, 1), state
 
