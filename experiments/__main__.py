@@ -5,13 +5,16 @@
 
 Writes ``<out>/<experiment>/<run>/``: config.json, metrics.jsonl, checkpoints/,
 result.json, learning_curves.png. ``python -m experiments.report`` turns all runs into
-``experiments/RESULTS.md``. Ctrl-C saves a checkpoint and exits; ``--resume`` continues
-exactly where the run stopped.
+``experiments/RESULTS.md``. Ctrl-C (SIGINT) and SIGTERM (preemption) save a checkpoint and
+exit with 128 + the signal number; checkpoints are also written every
+``checkpoint_every`` steps and ``checkpoint_every_minutes``; ``--resume`` continues
+exactly where the run stopped and prints the step and checkpoint it restored.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 
@@ -27,10 +30,12 @@ COMMON_FIELDS = ("steps", "batch_size", "lr", "seed", "d_model", "n_layers")
 def _epilog(models: list[str]) -> str:
     lines = ["experiments:"]
     lines += [f"  {name:<19}{DESCRIPTIONS[name]}" for name in EXPERIMENTS]
-    lines += ["", "models (registered mixers; a hybrid pattern such as 'gla*3,attention' is tiled over n_layers):"]
+    lines += ["", "models (registered mixers, or a hybrid pattern such as 'gla*3,attention': the pattern sets the",
+              "depth unless --set n_layers=N, a multiple of its length, tiles it):"]
     lines += textwrap.wrap(", ".join(models) or "(none registered)", 88, initial_indent="  ", subsequent_indent="  ")
     lines += ["", f"--set fields of every experiment: {', '.join(COMMON_FIELDS)}, warmup_steps, weight_decay,",
-              "  grad_clip, eval_every, checkpoint_every, log_every, mlp, mixer_fields (a dict per mixer name),",
+              "  grad_clip, eval_every, checkpoint_every, checkpoint_every_minutes, log_every, mlp,",
+              "  mixer_fields (a dict per mixer name),",
               "  and the experiment's own fields (e.g. mqar: vocab_size, train_shapes; algorithmic: task).",
               "", "examples:",
               "  python -m experiments selective_copying --model attention --set steps=200",
@@ -67,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
     except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}\nFrom the command line: --set lr=... (or --set grad_clip=...) with --resume, or "
+              "--overwrite to start again.", file=sys.stderr)
         return 1
     if result["status"] == "interrupted":
-        return 130
+        return 128 + signal.Signals[result.get("signal", "SIGINT")].value
     summary = "  ".join(f"{k} {v:.3f}" for k, v in result["eval"].get("summary", {}).items()) if result["eval"] else ""
     print(f"{result['status']}: step {result['step']}/{result['steps']}, train loss {result['train_loss']:.4f}"
           + (f"; eval {summary}" if summary else ""))

@@ -2,7 +2,8 @@
 (finishes in minutes on 2 cores) and the paper size, and ``--set key=value`` overrides.
 
 Every config has the training fields of :class:`ssmjax.train.TrainConfig` (``steps``,
-``batch_size``, ``lr``, ``seed``, ...), the model fields (``model``: a registry name or
+``lr``, ``seed``, ...), ``batch_size`` (the rows of every training batch the task makes),
+the model fields (``model``: a registry name or
 a hybrid pattern such as ``"gated_deltanet*3,attention"``; ``d_model``, ``n_layers``,
 ``mlp``, ``mixer_fields``) and the task fields below.
 
@@ -22,9 +23,10 @@ from ssmjax.train import TrainConfig
 
 @dataclasses.dataclass
 class ExperimentConfig(TrainConfig):
+    batch_size: int = 32  # rows of each training batch (the tasks in experiments/tasks.py read it)
     model: str = "attention"
     d_model: int = 64
-    n_layers: int = 2
+    n_layers: int | None = None  # None: the pattern sets the depth (ssmjax.models.model_depth)
     mlp: str = "gated"
     mixer_fields: dict = dataclasses.field(default_factory=dict)  # {"mamba": {"d_state": 16}, ...}
     eval_batch_size: int = 64
@@ -184,6 +186,8 @@ def parse_overrides(config: ExperimentConfig, items: list[str]) -> dict[str, Any
 
 def _parse_value(key: str, text: str, current: Any) -> Any:
     try:
+        if current is None:  # an optional field (e.g. n_layers): any literal; the consumer validates it
+            return ast.literal_eval(text)
         if isinstance(current, bool):
             lowered = text.lower()
             if lowered not in ("true", "false", "1", "0", "yes", "no"):

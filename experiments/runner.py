@@ -76,7 +76,8 @@ def prepare_run(experiment: str, model: str, *, size: str = "cpu", overrides: Se
 def run_experiment(experiment: str, model: str, *, size: str = "cpu", overrides: Sequence[str] = (),
                    out: str | Path = "runs", resume: bool = False, overwrite: bool = False, name: str | None = None,
                    stop_at: int | None = None, verbose: bool = True) -> dict[str, Any]:
-    """Train and evaluate one (experiment, model) run; returns the ``result.json`` dict."""
+    """Train and evaluate one (experiment, model) run; returns the ``result.json`` dict
+    (:func:`ssmjax.train.train` also returns the final parameters; the CLI needs only this)."""
     config, run_dir, notes = prepare_run(experiment, model, size=size, overrides=overrides, out=out, resume=resume,
                                          overwrite=overwrite, name=name)
     for note in notes:
@@ -89,4 +90,4 @@ def run_experiment(experiment: str, model: str, *, size: str = "cpu", overrides:
     if verbose:
         print(f"{experiment} / {config.model} -> {run_dir}", flush=True)
     return train(network, task, config, run_dir, resume=resume, stop_at=stop_at, metadata=metadata,
-                 title=f"{experiment}[{config.model}]", verbose=verbose)
+                 title=f"{experiment}[{config.model}]", verbose=verbose).results

@@ -1,11 +1,12 @@
 """The five synthetic experiments as training tasks: training batches from
 :mod:`ssmjax.data.synthetic` and the evaluation each paper reports.
 
-``evaluate(predict)`` returns ``accuracy`` (the headline number), ``summary`` (the
-table columns of ``experiments/RESULTS.md``, in order) and ``curve`` (the per-run series
-the report plots across models, optionally with a ``reference`` such as the optimal
-learner). Evaluation data come from a separate stream (``stream=1``) of the same seed
-and are fixed for a run.
+``evaluate(predict)`` receives an :class:`ssmjax.train.Evaluator` (``predict(inputs)``
+gives argmax predictions; ``.loss`` and ``.logits`` give more) and returns ``accuracy``
+(the headline number), ``summary`` (the table columns of ``experiments/RESULTS.md``, in
+order) and ``curve`` (the per-run series the report plots across models, optionally with
+a ``reference`` such as the optimal learner). Evaluation data come from a separate
+stream (``stream=1``) of the same seed and are fixed for a run.
 """
 
 from __future__ import annotations

@@ -30,9 +30,15 @@ import numpy as np
 
 
 class Batch(NamedTuple):
-    inputs: np.ndarray  # [b, t] int32
-    targets: np.ndarray  # [b, t] int32
-    mask: np.ndarray  # [b, t] bool
+    """One batch of a task (the synthetic generators make the ``[b, t]`` token form).
+
+    In general (see :class:`ssmjax.train.Task`): ``inputs`` int32 ``[b, t]`` tokens or
+    float32 ``[b, t, d]`` features; ``targets`` int32 ``[b, t]`` (per position) or ``[b]``
+    (per sequence); ``mask`` bool, the shape of ``targets``."""
+
+    inputs: np.ndarray  # [b, t] int32 (or [b, t, d] float32)
+    targets: np.ndarray  # [b, t] int32 (or [b])
+    mask: np.ndarray  # [b, t] bool (or [b])
 
 
 def batch_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:

@@ -1,22 +1,25 @@
-"""Training: the optax loop, orbax checkpoints, JSON-lines metrics, progress and plots."""
+"""Training: the optax loop, batch validation, the evaluation hook, orbax checkpoints,
+JSON-lines metrics, progress and plots."""
 
 from ssmjax.train.checkpoint import Checkpointer
+from ssmjax.train.checks import BatchSpec, check_batch, model_spec
+from ssmjax.train.evaluation import Evaluator, make_predict, masked_loss_and_accuracy, masked_sums
 from ssmjax.train.loop import (
     TIMING_KEYS,
     NonFiniteLossError,
     Task,
     TrainConfig,
+    TrainResult,
     count_params,
     make_optimizer,
-    make_predict,
     make_train_step,
-    masked_loss_and_accuracy,
+    nonfinite_message,
     train,
 )
 from ssmjax.train.metrics import MetricsLog, Progress, read_metrics
 
 __all__ = [
-    "TIMING_KEYS", "Checkpointer", "MetricsLog", "NonFiniteLossError", "Progress", "Task", "TrainConfig",
-    "count_params", "make_optimizer", "make_predict", "make_train_step", "masked_loss_and_accuracy",
-    "read_metrics", "train",
+    "TIMING_KEYS", "BatchSpec", "Checkpointer", "Evaluator", "MetricsLog", "NonFiniteLossError", "Progress", "Task",
+    "TrainConfig", "TrainResult", "check_batch", "count_params", "make_optimizer", "make_predict", "make_train_step",
+    "masked_loss_and_accuracy", "masked_sums", "model_spec", "nonfinite_message", "read_metrics", "train",
 ]

@@ -1,6 +1,9 @@
 """The training loop: optax AdamW with warmup + cosine decay and gradient clipping,
 jit-compiled train/eval steps, explicit PRNG keys, orbax checkpoints, JSON-lines metrics.
 
+``train(model, task, config, run_dir)`` returns a :class:`TrainResult`: the final
+``params``, ``opt_state`` and ``step`` and the ``results`` dict (``result.json``).
+
 Determinism and resume. Batch ``i`` (0-based) is ``task.train_batch(i)``, a pure
 function of the step, and the PRNG key of update ``i`` is ``fold_in(key, i)``; the
 checkpoint holds ``{params, opt_state, step}``, so the data iterator state is the step
@@ -8,14 +11,23 @@ number and ``train(..., resume=True)`` continues with the same batches, keys and
 as an uninterrupted run. Metrics rows past the restored step (written after the last
 checkpoint by a killed run) are dropped on resume.
 
+Bad data. Every batch is validated on the host before its step
+(:func:`ssmjax.train.checks.check_batch`): token ids outside ``[0, vocab_size)``, NaN/inf
+float inputs, targets outside ``[0, num_classes)`` and wrong dtypes or shapes raise a
+``ValueError`` naming the field and the offending value.
+
 Failure handling. A step whose loss, gradient norm or updated parameters are not finite
 is not applied: the run stops with :class:`NonFiniteLossError` (``result.json`` says
 ``"status": "nonfinite"``) and the newest checkpoint on disk is the last good one.
-``SIGINT`` (Ctrl-C) finishes the current step, saves a checkpoint and returns with
-``"status": "interrupted"``; a second ``SIGINT`` aborts immediately.
 
-Outputs in ``run_dir``: ``config.json`` (written by the caller), ``metrics.jsonl``,
-``checkpoints/<step>/``, ``result.json`` and ``learning_curves.png``.
+Preemption. ``SIGINT`` (Ctrl-C) and ``SIGTERM`` (what SLURM, Kubernetes and TPU
+preemption send) finish the current step, save a checkpoint and return with
+``"status": "interrupted"`` (``"signal"`` names it); a second signal aborts at once.
+Checkpoints are written every ``checkpoint_every`` steps and every
+``checkpoint_every_minutes`` of wall time, whichever comes first.
+
+Outputs in ``run_dir``: ``config.json``, ``metrics.jsonl``, ``checkpoints/<step>/``,
+``result.json`` and ``learning_curves.png``.
 """
 
 from __future__ import annotations
@@ -26,9 +38,9 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import flax.linen as nn
 import jax
@@ -38,6 +50,8 @@ import optax
 
 from ssmjax.data import Batch
 from ssmjax.train.checkpoint import Checkpointer
+from ssmjax.train.checks import BatchSpec, check_batch, model_spec
+from ssmjax.train.evaluation import Evaluator, masked_loss_and_accuracy
 from ssmjax.train.metrics import MetricsLog, Progress
 
 TIMING_KEYS = ("elapsed_s", "tokens_per_s")  # metrics fields that differ between identical runs
@@ -45,10 +59,10 @@ TIMING_KEYS = ("elapsed_s", "tokens_per_s")  # metrics fields that differ betwee
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping settings shared by every experiment."""
+    """Optimisation and bookkeeping settings. The batch size is not here: it is the
+    task's (the number of rows ``task.train_batch(step)`` returns)."""
 
     steps: int = 1000
-    batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
     final_lr_ratio: float = 0.1  # cosine decays to lr * final_lr_ratio at the last step
@@ -60,20 +74,53 @@ class TrainConfig:
     log_every: int = 25
     eval_every: int = 500
     checkpoint_every: int = 500
+    checkpoint_every_minutes: float = 10.0  # also save after this much wall time since the last save; 0 disables
     keep_checkpoints: int = 2
 
 
 @runtime_checkable
 class Task(Protocol):
-    """What the loop needs from an experiment."""
+    """What the loop needs from your data: two methods (and optionally ``vocab_size``).
+
+    ``train_batch(step) -> Batch``: the training batch of update ``step`` (0-based), a
+    :class:`ssmjax.data.Batch` of NumPy arrays. It must be a pure function of ``step``
+    (e.g. draw from ``np.random.default_rng([seed, step])``): that is what makes resume
+    exact. The number of rows is the batch size. Fields:
+
+    * ``inputs``: int32 token ids ``[b, t]`` in ``[0, vocab_size)`` (models with an
+      embedding, ``SequenceModel(vocab_size=V)``), or float32 features ``[b, t, d]``,
+      finite (models with an input projection, ``SequenceModel(vocab_size=None)``);
+    * ``targets``: int32 class ids, ``[b, t]`` (one per position: language modelling,
+      tagging; heads ``"lm"`` or ``"regress"`` with ``output_dim=C``) or ``[b]`` (one per
+      sequence; head ``"classify"``), in ``[0, C)`` where ``C`` is the model's last
+      output dimension (the vocabulary for a language model);
+    * ``mask``: bool, the shape of ``targets``: where the loss and accuracy are taken
+      (targets elsewhere are ignored).
+
+    The loss is the masked mean cross-entropy (see :mod:`ssmjax.train.evaluation`).
+    Batches are validated before each step; bad values raise ``ValueError``.
+
+    ``evaluate(model) -> dict``: called every ``eval_every`` steps and at the end, with
+    an :class:`~ssmjax.train.evaluation.Evaluator`: ``model(inputs)`` gives argmax
+    predictions, ``model.logits(inputs)`` the outputs, ``model.loss(batches)`` the
+    validation loss, perplexity and accuracy over a list of batches. The dict must
+    contain ``"accuracy"``; other scalar entries (and those of an optional ``"summary"``
+    dict) are logged to ``metrics.jsonl``, everything is kept in ``result.json``.
+    """
 
     def train_batch(self, step: int) -> Batch: ...
 
-    def evaluate(self, predict: Callable[[np.ndarray], np.ndarray]) -> dict[str, Any]:
-        """Score ``predict`` (int inputs ``[b, t]`` -> argmax tokens ``[b, t]``); the dict
-        must contain ``"accuracy"``; other scalar entries are logged, the rest kept in
-        ``result.json``."""
-        ...
+    def evaluate(self, model: Evaluator) -> dict[str, Any]: ...
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns: the final training state and the results
+    (``result.json``: ``status``, ``step``, ``train_loss``, ``eval``, ...)."""
+
+    params: Any
+    opt_state: Any
+    step: int
+    results: dict[str, Any]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,21 +144,11 @@ def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, o
     return optax.chain(clip, adamw), schedule
 
 
-def masked_loss_and_accuracy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Mean cross-entropy and argmax accuracy over the positions where ``mask`` is set."""
-    logits = logits.astype(jnp.float32)
-    weights = mask.astype(jnp.float32)
-    count = jnp.maximum(weights.sum(), 1.0)
-    xent = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return jnp.sum(xent * weights) / count, jnp.sum(correct * weights) / count
-
-
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -> Callable:
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
     """``(state, inputs, targets, mask, key) -> (new_state, metrics)``, jit-compiled."""
 
     def loss_fn(params, inputs, targets, mask, key):
@@ -131,49 +168,54 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation) -
     return train_step
 
 
-def make_predict(model: nn.Module) -> Callable:
-    """``(params, inputs [b, t]) -> argmax tokens [b, t]``, jit-compiled."""
-    return jax.jit(lambda params, inputs: jnp.argmax(model.apply(params, inputs), -1))
-
-
 def count_params(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
 class _InterruptFlag:
-    """SIGINT sets the flag (the loop saves and stops); a second SIGINT raises at once."""
+    """SIGINT or SIGTERM sets the flag (the loop saves and stops); a second signal raises
+    ``KeyboardInterrupt`` at once. Handlers are installed only on the main thread."""
 
-    def __init__(self):
-        self.set = False
-        self._previous = None
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, verbose: bool = True):
+        self.name: str | None = None
+        self.verbose = verbose
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def set(self) -> bool:
+        return self.name is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         if self.set:
             raise KeyboardInterrupt
-        self.set = True
-        print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort)", flush=True)
+        self.name = signal.Signals(signum).name
+        if self.verbose:
+            print(f"\n{self.name}: finishing this step, saving a checkpoint (send it again to abort)", flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _scalars(values: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float, np.number)) and not isinstance(v, bool)}
 
 
-def _nonfinite_message(step: int, metrics: Mapping[str, Any], checkpoints: Checkpointer) -> str:
-    last = checkpoints.latest_step()
-    kept = (f"last good checkpoint: step {last} in {checkpoints.directory}" if last is not None
-            else "no checkpoint had been written yet")
-    return (f"non-finite loss/gradients at step {step} (loss {float(metrics['loss'])}, grad norm "
-            f"{float(metrics['grad_norm'])}); the update was not applied and training stopped; {kept}. "
-            "Lower the learning rate (--set lr=...) and --resume, or start again.")
+def nonfinite_message(step: int, loss: float, grad_norm: float, last_checkpoint: str | None) -> str:
+    """Why a run stopped on NaN/inf, with the likely causes in library terms."""
+    kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint had been written yet"
+    return (f"non-finite loss/gradients at step {step} (loss {loss}, grad norm {grad_norm}); the update was not "
+            f"applied and training stopped; {kept}. Likely causes: a learning rate too high for this model "
+            "(TrainConfig.lr; warmup_steps), unclipped gradient spikes (TrainConfig.grad_clip; 0 disables "
+            "clipping), or extreme input values (inputs are checked for NaN/inf and range, not scale). Lower lr or "
+            "grad_clip and train(..., resume=True) from the checkpoint, or start again.")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -184,14 +226,15 @@ def _write_json(path: Path, value: Any) -> None:
 
 def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
           stop_at: int | None = None, metadata: Mapping[str, Any] | None = None, title: str = "",
-          verbose: bool = True) -> dict[str, Any]:
-    """Train ``model`` on ``task`` for ``config.steps`` updates; returns the result dict
-    (also written to ``run_dir/result.json``).
+          verbose: bool = True) -> TrainResult:
+    """Train ``model`` on ``task`` (see :class:`Task`) for ``config.steps`` updates.
 
-    ``resume``: continue from the newest checkpoint in ``run_dir`` (a fresh start if there
-    is none); without it an existing checkpoint is an error. ``stop_at``: stop (and save)
-    after that many updates as if interrupted, e.g. to split a run. ``metadata`` is copied
-    into ``result.json``.
+    Returns a :class:`TrainResult` ``(params, opt_state, step, results)``; ``results`` is
+    also written to ``run_dir/result.json``. ``resume``: continue from the newest
+    checkpoint in ``run_dir`` (printed; a fresh start if there is none); without it an
+    existing checkpoint is an error. ``stop_at``: stop (and save) after that many updates
+    as if interrupted, e.g. to split a run. ``metadata`` is copied into ``result.json``.
+    Raises ``ValueError`` on an invalid batch and :class:`NonFiniteLossError` on NaN/inf.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +242,9 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
     key = jax.random.PRNGKey(config.seed)
     init_key, step_key = jax.random.split(key)
     first = task.train_batch(0)
+    check_batch(first, model_spec(model, task), "task.train_batch(0)")
     params = jax.jit(model.init)(init_key, jnp.asarray(first.inputs))
+    spec = _batch_spec(model, task, params, first)
     state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -210,70 +255,101 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
             state = checkpoints.restore(state)
             restored = int(state["step"])
             log.truncate_after(restored, keep_eval=restored < config.steps)  # a finished run re-evaluates
+            if verbose:
+                print(f"resumed from step {restored} of {config.steps}: {checkpoints.directory / str(restored)}",
+                      flush=True)
         else:
+            if resume and verbose:
+                print(f"resume: no checkpoint in {checkpoints.directory}; starting from step 0", flush=True)
             log.truncate_after(0)
         if not (run_dir / "config.json").exists():
             _write_json(run_dir / "config.json", _jsonable(dict(metadata or {}, config=dataclasses.asdict(config))))
-        return _run(model, task, config, run_dir, state, optimizer, schedule, step_key, checkpoints, log,
+        return _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_key, checkpoints, log,
                     stop_at=stop_at, metadata=dict(metadata or {}), title=title, verbose=verbose)
     finally:
         checkpoints.close()
 
 
-def _run(model, task, config, run_dir, state, optimizer, schedule, step_key, checkpoints, log, *, stop_at,
-         metadata, title, verbose) -> dict[str, Any]:
-    train_step, predict = make_train_step(model, optimizer), make_predict(model)
+def _batch_spec(model: nn.Module, task: Task, params: Any, first: Batch) -> BatchSpec:
+    """The model's :class:`BatchSpec`, with the number of classes read off its outputs
+    (checked against ``first.targets``' shape)."""
+    out = jax.eval_shape(model.apply, params, jnp.asarray(first.inputs))
+    shape = getattr(out, "shape", None)
+    targets = np.shape(first.targets)
+    if shape is None or tuple(shape[:-1]) != targets:
+        raise ValueError(f"task.train_batch(0): batch.targets: shape {targets} does not match the model's outputs "
+                         f"{shape if shape is not None else type(out).__name__} (expected the outputs' shape without "
+                         "the last, class axis: [b, t] for per-position heads, [b] for a classifier)")
+    return dataclasses.replace(model_spec(model, task), num_classes=int(shape[-1]))
+
+
+def _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_key, checkpoints, log, *, stop_at,
+         metadata, title, verbose) -> TrainResult:
+    train_step, evaluator = make_train_step(model, optimizer), Evaluator(model, lambda b, w: check_batch(b, spec, w))
     start = int(state["step"])
     end = config.steps if stop_at is None else min(config.steps, stop_at)
     progress = Progress(config.steps, config.log_every, title, enabled=verbose)
     elapsed0 = log.last_value("elapsed_s", 0.0)
-    clock = time.perf_counter()
-    status, message, saved_at = "running", "", start
+    clock = last_save = time.perf_counter()
+    status, message, saved_at, batch_size, interrupt = "running", "", start, None, None
     result_base = dict(metadata, params=count_params(state["params"]), steps=config.steps)
 
     def evaluate(params, step):
-        scores = task.evaluate(lambda inputs: np.asarray(predict(params, jnp.asarray(inputs))))
+        scores = task.evaluate(evaluator.at(params))
         log.write(dict(split="eval", step=step, **{**_scalars(scores.get("summary", {})), **_scalars(scores)}))
-        progress.eval(step, scores["accuracy"])
+        progress.eval(step, scores["accuracy"], scores.get("loss"))
         return scores
 
+    def save(step):
+        nonlocal saved_at, last_save
+        checkpoints.save(step, state)
+        saved_at, last_save = step, time.perf_counter()
+
     scores: dict[str, Any] = {}
-    with _InterruptFlag() as interrupted:
+    with _InterruptFlag(verbose) as interrupted:
         step = start
         while step < end:
             batch = task.train_batch(step)
+            check_batch(batch, spec, f"task.train_batch({step})")
             new_state, m = train_step(state, jnp.asarray(batch.inputs), jnp.asarray(batch.targets),
                                       jnp.asarray(batch.mask), jax.random.fold_in(step_key, step))
             if not bool(m["finite"]):
-                status, message = "nonfinite", _nonfinite_message(step + 1, m, checkpoints)
+                last = checkpoints.latest_step()
+                status = "nonfinite"
+                message = nonfinite_message(step + 1, float(m["loss"]), float(m["grad_norm"]),
+                                            None if last is None else f"step {last} in {checkpoints.directory}")
                 break
             state, step = new_state, step + 1
+            batch_size = np.shape(batch.inputs)[0]
             loss, accuracy = float(m["loss"]), float(m["accuracy"])
             row = dict(split="train", step=step, loss=loss, accuracy=accuracy, grad_norm=float(m["grad_norm"]),
                        lr=float(schedule(step - 1)), elapsed_s=round(elapsed0 + time.perf_counter() - clock, 3))
-            tokens_per_s = progress.update(step, loss, accuracy, batch.inputs.size)
+            tokens_per_s = progress.update(step, loss, accuracy, int(np.prod(np.shape(batch.inputs)[:2])))
             if tokens_per_s is not None:
                 row["tokens_per_s"] = round(tokens_per_s, 1)
             log.write(row)
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                checkpoints.save(step, state)
-                saved_at = step
+            minutes = (time.perf_counter() - last_save) / 60
+            if (step % config.checkpoint_every == 0 or step == config.steps
+                    or 0 < config.checkpoint_every_minutes <= minutes):
+                save(step)
             if step % config.eval_every == 0 and step < config.steps:
                 scores = evaluate(state["params"], step)
             if interrupted.set:
-                status, message = "interrupted", f"interrupted at step {step}; resume with --resume"
+                interrupt = interrupted.name
+                status, message = "interrupted", f"{interrupt} at step {step}; checkpoint saved, resume to continue"
                 break
         if status == "running" and step < config.steps:
-            status, message = "stopped", f"stopped at step {step} of {config.steps}; resume with --resume"
-    if status in ("interrupted", "stopped") and saved_at != step:
-        checkpoints.save(step, state)
+            status, message = "stopped", f"stopped at step {step} of {config.steps}; resume to continue"
+        if status in ("interrupted", "stopped") and saved_at != step:
+            save(step)
     if status == "running":
         status = "done"
         scores = evaluate(state["params"], step)
     progress.close()
     elapsed = elapsed0 + time.perf_counter() - clock
-    result = dict(result_base, status=status, step=step, message=message, wall_s=round(elapsed, 2),
-                  **log.summary(), eval=scores)
+    extra = dict(signal=interrupt) if interrupt else {}
+    result = dict(result_base, status=status, step=step, message=message, **extra, batch_size=batch_size,
+                  wall_s=round(elapsed, 2), **log.summary(), eval=scores)
     _write_json(run_dir / "result.json", _jsonable(result))
     from ssmjax.train.plots import plot_learning_curves  # matplotlib only when writing outputs
 
@@ -282,7 +358,7 @@ def _run(model, task, config, run_dir, state, optimizer, schedule, step_key, che
         raise NonFiniteLossError(message, result)
     if message and verbose:
         print(message, flush=True)
-    return result
+    return TrainResult(state["params"], state["opt_state"], step, result)
 
 
 def _jsonable(value):

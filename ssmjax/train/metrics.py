@@ -93,9 +93,11 @@ class Progress:
         self._first = False
         return rate
 
-    def eval(self, step: int, accuracy: float) -> None:
+    def eval(self, step: int, accuracy: float, loss: float | None = None) -> None:
         if self.enabled:
-            self.stream.write(("\n" if self.tty else "") + f"{self.title} eval @ {step}: accuracy {accuracy:.4f}\n")
+            loss_text = f", loss {loss:.4f}" if loss is not None else ""
+            self.stream.write(("\n" if self.tty else "") + f"{self.title} eval @ {step}: accuracy {accuracy:.4f}"
+                              f"{loss_text}\n")
             self.stream.flush()
 
     def close(self) -> None:

@@ -25,7 +25,8 @@ def smooth(values: ArrayLike, window: int) -> np.ndarray:
 
 
 def plot_learning_curves(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Train loss (log scale) and train/eval accuracy against the step; returns ``path``."""
+    """Train (and eval, if logged) loss, log scale, and train/eval accuracy against the step;
+    returns ``path``."""
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -37,6 +38,10 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: str | Path, title: st
         ax_acc.plot(steps, smooth([r["accuracy"] for r in train], window), color="C0", label="train")
         if min(r["loss"] for r in train) > 0:
             ax_loss.set_yscale("log")
+    if [r for r in evals if "loss" in r]:
+        ax_loss.plot([r["step"] for r in evals if "loss" in r], [r["loss"] for r in evals if "loss" in r], "o-",
+                     color="C1", label="eval")
+        ax_loss.legend(loc="upper right")
     if evals:
         ax_acc.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="C1", label="eval")
     ax_loss.set(xlabel="step", ylabel="loss", title="loss")

@@ -1,4 +1,6 @@
-"""The training loop: exact resume (stop / SIGINT / kill after logging), NaN handling,
+"""The training loop: the returned state, exact resume (stop / SIGINT / SIGTERM to a
+subprocess / kill after logging), time-based checkpoints, bad batches caught before the
+step, NaN handling, the evaluation hook (validation loss against a float64 oracle),
 outputs on disk, and one train + eval step for a tiny model of every registered mixer."""
 
 import io
@@ -7,6 +9,10 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -15,14 +21,17 @@ import numpy as np
 import pytest
 
 import ssmjax.layers
-from ssmjax.data import induction_heads
+from ssmjax.data import Batch, induction_heads
 from ssmjax.models import SequenceModel
 from ssmjax.train import (
     TIMING_KEYS,
+    BatchSpec,
     Checkpointer,
     NonFiniteLossError,
     Progress,
     TrainConfig,
+    TrainResult,
+    check_batch,
     make_optimizer,
     make_predict,
     make_train_step,
@@ -35,34 +44,37 @@ VOCAB, MAGIC = 9, 8  # induction heads over tokens 0..7; token 8 only where a te
 
 
 class TinyTask:
-    """Induction heads, 4 x 12 tokens; ``hooks[step]()`` runs when batch ``step`` is made."""
+    """Induction heads, 4 x 12 tokens; ``hooks[step]()`` runs when batch ``step`` is made;
+    ``delay`` seconds of sleep per batch (to signal a subprocess mid-run)."""
 
-    def __init__(self, hooks=None):
-        self.hooks = hooks or {}
+    def __init__(self, hooks=None, delay=0.0):
+        self.hooks, self.delay = hooks or {}, delay
         self.eval_batch = induction_heads(0, 0, batch_size=16, seq_len=12, vocab_size=8, stream=1)
 
     def train_batch(self, step):
+        time.sleep(self.delay)
         if step in self.hooks:
             return self.hooks[step]()
         return induction_heads(0, step, batch_size=4, seq_len=12, vocab_size=8)
 
-    def evaluate(self, predict):
+    def evaluate(self, model):
         b = self.eval_batch
-        correct = (predict(b.inputs) == b.targets)[b.mask]
-        return dict(accuracy=float(correct.mean()), summary={"acc": float(correct.mean())})
+        correct = (model(b.inputs) == b.targets)[b.mask]
+        scores = model.loss([b])
+        return dict(accuracy=float(correct.mean()), loss=scores["loss"], summary={"acc": float(correct.mean())})
 
 
 def tiny_model(mixers="attention", n_layers=1):
     return SequenceModel(d_model=16, n_layers=n_layers, mixers=mixers, vocab_size=VOCAB)
 
 
-CONFIG = TrainConfig(steps=8, batch_size=4, lr=1e-2, warmup_steps=2, log_every=2, eval_every=4, checkpoint_every=4,
+CONFIG = TrainConfig(steps=8, lr=1e-2, warmup_steps=2, log_every=2, eval_every=4, checkpoint_every=4,
                      keep_checkpoints=3)
 
 
-def final_params(run_dir, model=None):
+def final_params(run_dir, model=None, config=CONFIG):
     model = model or tiny_model()
-    optimizer, _ = make_optimizer(CONFIG)
+    optimizer, _ = make_optimizer(config)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32))
     like = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
     checkpoints = Checkpointer(run_dir / "checkpoints")
@@ -76,10 +88,10 @@ def metric_rows(run_dir):
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_metrics(run_dir / "metrics.jsonl")]
 
 
-def assert_same_run(a, b):
-    state_a, _ = final_params(a)
-    state_b, _ = final_params(b)
-    assert int(state_a["step"]) == int(state_b["step"]) == CONFIG.steps
+def assert_same_run(a, b, config=CONFIG):
+    state_a, _ = final_params(a, config=config)
+    state_b, _ = final_params(b, config=config)
+    assert int(state_a["step"]) == int(state_b["step"]) == config.steps
     for x, y in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert metric_rows(a) == metric_rows(b)
@@ -88,11 +100,17 @@ def assert_same_run(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight_run(tmp_path_factory):
+def straight(tmp_path_factory):
+    """``(run_dir, TrainResult)`` of one uninterrupted run of CONFIG."""
     run_dir = tmp_path_factory.mktemp("straight")
-    result = train(tiny_model(), TinyTask(), CONFIG, run_dir, verbose=False)
-    assert result["status"] == "done" and result["step"] == CONFIG.steps
-    return run_dir
+    run = train(tiny_model(), TinyTask(), CONFIG, run_dir, verbose=False)
+    assert isinstance(run, TrainResult) and run.results["status"] == "done" and run.step == CONFIG.steps
+    return run_dir, run
+
+
+@pytest.fixture(scope="module")
+def straight_run(straight):
+    return straight[0]
 
 
 def test_outputs_on_disk(straight_run):
@@ -112,11 +130,11 @@ def test_outputs_on_disk(straight_run):
 
 
 def test_stop_then_resume_equals_one_run(straight_run, tmp_path):
-    first = train(tiny_model(), TinyTask(), CONFIG, tmp_path, stop_at=4, verbose=False)
+    first = train(tiny_model(), TinyTask(), CONFIG, tmp_path, stop_at=4, verbose=False).results
     assert first["status"] == "stopped" and first["step"] == 4
     with pytest.raises(FileExistsError, match="already has checkpoints"):
         train(tiny_model(), TinyTask(), CONFIG, tmp_path, verbose=False)
-    second = train(tiny_model(), TinyTask(), CONFIG, tmp_path, resume=True, verbose=False)
+    second = train(tiny_model(), TinyTask(), CONFIG, tmp_path, resume=True, verbose=False).results
     assert second["status"] == "done"
     assert_same_run(straight_run, tmp_path)
 
@@ -127,9 +145,9 @@ def test_sigint_saves_and_resume_is_exact(straight_run, tmp_path):
         return induction_heads(0, 5, batch_size=4, seq_len=12, vocab_size=8)
 
     previous = signal.getsignal(signal.SIGINT)
-    result = train(tiny_model(), TinyTask({5: interrupt_then_batch}), CONFIG, tmp_path, verbose=False)
+    result = train(tiny_model(), TinyTask({5: interrupt_then_batch}), CONFIG, tmp_path, verbose=False).results
     assert signal.getsignal(signal.SIGINT) is previous, "the handler is restored"
-    assert result["status"] == "interrupted" and result["step"] == 6
+    assert result["status"] == "interrupted" and result["step"] == 6 and result["signal"] == "SIGINT"
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "interrupted"
     assert final_params(tmp_path)[1] == [4, 6]
     train(tiny_model(), TinyTask(), CONFIG, tmp_path, resume=True, verbose=False)
@@ -148,9 +166,129 @@ def test_resume_after_a_kill_drops_metrics_past_the_checkpoint(straight_run, tmp
 
 def test_resuming_a_finished_run_changes_nothing(straight_run, tmp_path):
     shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
-    result = train(tiny_model(), TinyTask(), CONFIG, tmp_path, resume=True, verbose=False)
+    result = train(tiny_model(), TinyTask(), CONFIG, tmp_path, resume=True, verbose=False).results
     assert result["status"] == "done" and result["step"] == CONFIG.steps
     assert_same_run(straight_run, tmp_path)  # one eval row at the last step, not two
+
+
+def test_train_returns_the_final_state_and_the_eval_loss_matches_a_float64_oracle(straight):
+    run_dir, run = straight
+    saved, _ = final_params(run_dir)
+    assert run.step == int(saved["step"]) == CONFIG.steps
+    returned, on_disk = (run.params, run.opt_state), (saved["params"], saved["opt_state"])
+    for x, y in zip(jax.tree.leaves(returned), jax.tree.leaves(on_disk), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert run.results == json.loads((run_dir / "result.json").read_text()) and run.results["batch_size"] == 4
+    b = TinyTask().eval_batch  # oracle: log-softmax in float64 of the returned parameters' logits
+    logits = np.asarray(tiny_model().apply(run.params, jnp.asarray(b.inputs)), np.float64)
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    xent = -np.take_along_axis(log_p, b.targets[..., None], -1)[..., 0]
+    assert run.results["eval"]["loss"] == pytest.approx(xent[b.mask].mean(), rel=1e-5)
+
+
+SIGNAL_CONFIG = TrainConfig(steps=40, lr=1e-2, warmup_steps=2, log_every=1, eval_every=10, checkpoint_every=1000,
+                            checkpoint_every_minutes=0.0, keep_checkpoints=2)
+
+
+def run_for_a_signal(run_dir: str) -> None:
+    """The subprocess of the SIGTERM test: 0.1 s per batch, so the signal lands mid-run."""
+    train(tiny_model(), TinyTask(delay=0.1), SIGNAL_CONFIG, run_dir, verbose=False)
+
+
+def test_sigterm_to_a_subprocess_saves_and_resume_is_exact(tmp_path, capsys):
+    straight_dir, run_dir = tmp_path / "straight", tmp_path / "signalled"
+    train(tiny_model(), TinyTask(), SIGNAL_CONFIG, straight_dir, verbose=False)
+    code = ("import sys, tests.conftest; from tests.train.test_train import run_for_a_signal; "  # conftest: x64 as here
+            "run_for_a_signal(sys.argv[1])")
+    process = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=Path(__file__).parents[2])
+    deadline = time.monotonic() + 300
+    while max((r["step"] for r in read_metrics(run_dir / "metrics.jsonl")), default=0) < 3:
+        assert process.poll() is None and time.monotonic() < deadline, "the subprocess ended before the signal"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0, "SIGTERM: a clean exit"
+    result = json.loads((run_dir / "result.json").read_text())
+    stopped = result["step"]
+    assert result["status"] == "interrupted" and result["signal"] == "SIGTERM" and 3 <= stopped < SIGNAL_CONFIG.steps
+    assert final_params(run_dir, config=SIGNAL_CONFIG)[1] == [stopped], "a checkpoint at the interrupted step"
+    capsys.readouterr()
+    train(tiny_model(), TinyTask(), SIGNAL_CONFIG, run_dir, resume=True)
+    assert f"resumed from step {stopped} of 40: {run_dir.absolute() / 'checkpoints' / str(stopped)}" in \
+        capsys.readouterr().out
+    assert_same_run(straight_dir, run_dir, SIGNAL_CONFIG)
+
+
+def test_checkpoints_every_n_minutes(tmp_path):
+    config = TrainConfig(**{**CONFIG.__dict__, "checkpoint_every": 1000, "checkpoint_every_minutes": 1e-9})
+    train(tiny_model(), TinyTask(), config, tmp_path, verbose=False)
+    assert final_params(tmp_path)[1] == [6, 7, 8]  # every step (keep_checkpoints=3), not only the last
+
+
+def test_a_bad_token_id_raises_before_its_step(tmp_path):
+    def bad_token():
+        batch = induction_heads(0, 2, batch_size=4, seq_len=12, vocab_size=8)
+        batch.inputs[1, 3] = VOCAB
+        return batch
+
+    with pytest.raises(ValueError, match=r"task.train_batch\(2\): batch.inputs: token ids must lie in \[0, 9\), got "
+                       r"values in \[0, 9\]; first offending value 9 at index \(1, 3\)"):
+        train(tiny_model(), TinyTask({2: bad_token}), CONFIG, tmp_path, verbose=False)
+    assert max(r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")) == 2
+
+
+def test_a_bad_target_raises_before_the_first_step(tmp_path):
+    def bad_target():
+        batch = induction_heads(0, 0, batch_size=4, seq_len=12, vocab_size=8)
+        batch.targets[2, 11] = 12
+        return batch
+
+    with pytest.raises(ValueError, match=r"batch.targets: class ids \(where mask is True\) must lie in \[0, 9\).* "
+                       r"12 at index \(2, 11\)"):
+        train(tiny_model(), TinyTask({0: bad_target}), CONFIG, tmp_path, verbose=False)
+
+
+B, T, D = 2, 3, 4
+TOKENS = np.zeros((B, T), np.int32)
+FEATURES = np.zeros((B, T, D), np.float32)
+LABELS, MASK = np.zeros((B, T), np.int32), np.ones((B, T), bool)
+TOKEN_SPEC = BatchSpec(vocab_size=9, num_classes=5, float_inputs=False)
+FEATURE_SPEC = BatchSpec(vocab_size=None, num_classes=5, float_inputs=True)
+
+
+def _with(array, index, value):
+    array = array.copy()
+    array[index] = value
+    return array
+
+
+@pytest.mark.parametrize("batch, spec, message", [
+    (Batch(_with(FEATURES, (0, 1, 2), np.nan), LABELS, MASK), FEATURE_SPEC,
+     r"batch.inputs: expected finite floats, got 1 NaN/inf values; first nan at index \(0, 1, 2\)"),
+    (Batch(_with(FEATURES, (1, 0, 0), -np.inf), LABELS, MASK), FEATURE_SPEC, r"first -inf at index \(1, 0, 0\)"),
+    (Batch(_with(TOKENS, (0, 2), -1), LABELS, MASK), TOKEN_SPEC,
+     r"batch.inputs: token ids must lie in \[0, 9\), got values in \[-1, 0\]"),
+    (Batch(TOKENS, LABELS, MASK), FEATURE_SPEC, "batch.inputs: expected float features"),
+    (Batch(FEATURES, LABELS, MASK), TOKEN_SPEC, "batch.inputs: expected int token ids"),
+    (Batch(TOKENS.astype(bool), LABELS, MASK), TOKEN_SPEC, "batch.inputs: expected int token ids or float features"),
+    (Batch(TOKENS, LABELS.astype(np.float32), MASK), TOKEN_SPEC,
+     "batch.targets: expected int class ids, got dtype float32"),
+    (Batch(TOKENS, LABELS, MASK.astype(np.float32)), TOKEN_SPEC, "batch.mask: expected bool"),
+    (Batch(TOKENS, _with(LABELS, (1, 1), 5), MASK), TOKEN_SPEC,
+     r"batch.targets: class ids \(where mask is True\) must lie in \[0, 5\).* 5 at index \(1, 1\)"),
+    (Batch(TOKENS, LABELS, MASK[:, :2]), TOKEN_SPEC, r"targets \(2, 3\), mask \(2, 2\)"),
+    (Batch(TOKENS[0], LABELS[0], MASK[0]), TOKEN_SPEC, r"batch.inputs: expected \[batch, time\]"),
+    ((TOKENS, LABELS), TOKEN_SPEC, r"expected a Batch\(inputs, targets, mask\), got tuple"),
+])
+def test_check_batch_names_the_field_and_the_offending_value(batch, spec, message):
+    with pytest.raises(ValueError, match="where: " + message if message.startswith("batch.") else message):
+        check_batch(batch, spec, "where")
+
+
+def test_check_batch_accepts_valid_batches_and_ignores_masked_off_targets():
+    check_batch(Batch(FEATURES, LABELS, MASK), FEATURE_SPEC)
+    check_batch(Batch(FEATURES, LABELS[:, 0], MASK[:, 0]), FEATURE_SPEC)  # one label per sequence
+    check_batch(Batch(_with(TOKENS, (0, 0), 8), _with(LABELS, (0, 0), -100), _with(MASK, (0, 0), False)), TOKEN_SPEC)
 
 
 class NaNWhenMagic(nn.Module):
@@ -181,8 +319,11 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(straight_run, tmp_path):
 
 def test_nan_learning_rate_stops_before_any_update(tmp_path):
     config = TrainConfig(**{**CONFIG.__dict__, "lr": float("nan")})
-    with pytest.raises(NonFiniteLossError, match="step 1 .*no checkpoint had been written"):
+    with pytest.raises(NonFiniteLossError, match="step 1 .*no checkpoint had been written") as error:
         train(tiny_model(), TinyTask(), config, tmp_path, verbose=False)
+    message = str(error.value)  # causes in library terms; the CLI adds its flags itself
+    assert "TrainConfig.lr" in message and "grad_clip" in message and "resume=True" in message
+    assert "--set" not in message and "--resume" not in message
     assert not list((tmp_path / "checkpoints").iterdir())
     assert json.loads((tmp_path / "result.json").read_text())["status"] == "nonfinite"
 
@@ -200,6 +341,8 @@ def test_schedule_and_masked_loss():
     np.testing.assert_allclose(loss, (xent[0, 0] + xent[0, 2] + xent[1, 2]) / 3, rtol=1e-6)
     hits = jnp.argmax(logits, -1) == targets
     assert float(accuracy) == pytest.approx(float(hits[0, 0] + hits[0, 2] + hits[1, 2]) / 3)
+    ignored = jnp.where(mask, targets, -100)  # targets where mask is False are never looked up
+    assert masked_loss_and_accuracy(logits, ignored, mask) == (loss, accuracy)
 
 
 def test_progress_lines():
