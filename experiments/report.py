@@ -1,12 +1,19 @@
-"""Regenerate ``experiments/RESULTS.md`` (tables + plots) from the runs on disk.
+"""A results report (tables + plots) from the runs on disk.
 
-    python -m experiments.report [--runs runs/] [--out experiments/RESULTS.md]
+    python -m experiments.report [--runs runs/] [--out FILE]
 
-Reads ``<runs>/<experiment>/<run>/{result.json, metrics.jsonl}``, groups the runs by
-(experiment, variant, size), and writes one section per group: what the paper found, a
-table (one row per model; the Bayes-optimal learner where the task has one) and a figure
-(eval accuracy over training, and the task's curve across models) into
-``<out dir>/results/``. Hand-written commentary belongs in ``experiments/notes/<experiment>.md``,
+Finds every run folder below ``--runs`` at any depth (``runs/<experiment>/<run>/`` as
+``python -m experiments`` writes them, ``runs/suite/<experiment>/<run>/`` as the suite
+does): a folder with ``config.json`` or ``result.json``. It groups the runs by
+(experiment, variant, size), read from those files, and writes one section per group:
+what the paper found, a table (one row per run, labelled by its run name, its model and
+the settings that differ between the group's runs; the Bayes-optimal learner where the
+task has one) and a figure (eval accuracy over training, and the task's curve across
+models) into ``<out dir>/results/``. A run without ``result.json`` (still running, or
+killed) is listed with status ``incomplete`` and the last step in its ``metrics.jsonl``.
+
+The report goes to ``<runs>/RESULTS.md`` unless ``--out`` names a file; the committed
+``experiments/RESULTS.md`` is written only when asked for by name (``make results``). Hand-written commentary belongs in ``experiments/notes/<experiment>.md``,
 which is included verbatim under the section; RESULTS.md itself is never edited by hand.
 """
 
@@ -55,15 +62,43 @@ PAPER_FINDINGS = {
 MODEL_ORDER = ("attention", "s4d", "s5", "lru", "mamba", "mamba2", "gla", "gated_deltanet", "mlstm")
 
 
+def _run_dirs(runs_dir: Path) -> list[Path]:
+    """Folders below ``runs_dir`` (any depth) holding a run's ``config.json`` or ``result.json``."""
+    found = {p.parent for name in ("config.json", "result.json") for p in runs_dir.rglob(name)}
+    return sorted(d for d in found if "checkpoints" not in d.relative_to(runs_dir).parts)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """One run: ``result.json`` (or, for an incomplete run, ``config.json``'s metadata with
+    ``status="incomplete"`` and the last logged step), its metrics rows under ``"metrics"``
+    and its settings under ``"config"``."""
+    run_dir = Path(run_dir)
+    saved = _read_json(run_dir / "config.json")
+    metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
+    result = _read_json(run_dir / "result.json")
+    if not result:
+        result = {k: v for k, v in saved.items() if k != "config"}
+        steps = [row["step"] for row in metrics if "step" in row]
+        result.update(status="incomplete", step=max(steps) if steps else 0,
+                      steps=saved.get("config", {}).get("steps"))
+    result.setdefault("run", run_dir.name)
+    result.update(metrics=metrics, config=saved.get("config", {}), dir=str(run_dir))
+    return result
+
+
 def load_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
-    """Every ``<runs>/<experiment>/<run>/result.json`` with its metrics rows."""
-    runs = []
-    for path in sorted(Path(runs_dir).glob("*/*/result.json")):
-        result = json.loads(path.read_text())
-        result["metrics"] = read_metrics(path.parent / "metrics.jsonl")
-        result["dir"] = str(path.parent)
-        runs.append(result)
-    return runs
+    """Every run folder below ``runs_dir`` (see :func:`load_run`), nested at any depth."""
+    return [load_run(d) for d in _run_dirs(Path(runs_dir))]
+
+
+def differing_settings(runs: list[dict[str, Any]]) -> list[str]:
+    """The config fields (other than ``model``) whose values are not the same in every run."""
+    keys = sorted({k for run in runs for k in run.get("config", {})} - {"model"})
+    return [k for k in keys if len({json.dumps(run.get("config", {}).get(k), sort_keys=True) for run in runs}) > 1]
 
 
 def _model_key(model: str):
@@ -90,27 +125,43 @@ def _params(n) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
+def _settings(run: dict[str, Any], keys: list[str]) -> str:
+    config = run.get("config", {})
+    return ", ".join(f"{k}={json.dumps(config[k]) if not isinstance(config.get(k), str) else config[k]}"
+                     for k in keys if k in config) or "-"
+
+
+def _run_order(run: dict[str, Any]):
+    return (_model_key(run.get("model", "")), run.get("run", ""))
+
+
 def table(runs: list[dict[str, Any]]) -> str:
-    """A markdown table, one row per run (plus the reference learner where present)."""
+    """A markdown table, one row per run (plus the reference learner where present). Rows are
+    labelled by run name and model, plus a ``settings`` column with the fields that differ
+    between the runs when any do."""
     columns = []
     for run in runs:
         for column in (run.get("eval") or {}).get("summary", {}):
             if column not in columns:
                 columns.append(column)
-    header = ["model", "params", "steps", "status", *columns, "train loss", "time"]
+    differing = differing_settings(runs)
+    labels = ["run", "model", *(["settings"] if differing else [])]
+    header = [*labels, "params", "steps", "status", *columns, "train loss", "time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for run in sorted(runs, key=lambda r: _model_key(r.get("model", ""))):
+    for run in sorted(runs, key=_run_order):
         summary = (run.get("eval") or {}).get("summary", {})
         steps = f"{run.get('step', '-')}" + ("" if run.get("step") == run.get("steps") else f"/{run.get('steps')}")
         wall = run.get("wall_s")
-        row = [f"`{run.get('model', '?')}`", _params(run.get("params")), steps, run.get("status", "?"),
-               *[_format(summary.get(c)) for c in columns], _format(run.get("train_loss")),
+        row = [f"`{run.get('run', '?')}`", f"`{run.get('model', '?')}`",
+               *([_settings(run, differing)] if differing else []), _params(run.get("params")), steps,
+               run.get("status", "?"), *[_format(summary.get(c)) for c in columns], _format(run.get("train_loss")),
                "-" if wall is None else f"{wall / 60:.1f} min"]
         lines.append("| " + " | ".join(row) + " |")
     reference = next((r["eval"]["curve"]["reference"] for r in runs
                       if (r.get("eval") or {}).get("curve", {}).get("reference")), None)
     if reference and reference.get("summary"):
-        row = [reference["label"], "-", "-", "-", *[_format(reference["summary"].get(c)) for c in columns], "-", "-"]
+        row = [reference["label"], *["-"] * (len(labels) + 2), *[_format(reference["summary"].get(c)) for c in columns],
+               "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -124,8 +175,8 @@ def plot_group(runs: list[dict[str, Any]], path: Path, title: str) -> Path:
 
     fig, (ax_train, ax_curve) = plt.subplots(1, 2, figsize=(11, 4))
     reference, curve_meta = None, {}
-    for i, run in enumerate(sorted(runs, key=lambda r: _model_key(r.get("model", "")))):
-        color, label = f"C{i % 10}", run.get("model", "?")
+    for i, run in enumerate(sorted(runs, key=_run_order)):
+        color, label = f"C{i % 10}", run.get("run", "?")
         evals = [r for r in run["metrics"] if r.get("split") == "eval"]
         if evals:
             ax_train.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", ms=3, color=color, label=label)
@@ -203,12 +254,14 @@ def build_report(runs_dir: str | Path, out: str | Path, notes_dir: str | Path | 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="runs", help="runs directory (default: runs/)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "RESULTS.md"),
-                        help="markdown file to write (default: experiments/RESULTS.md)")
+    parser.add_argument("--runs", default="runs", help="runs directory, searched at any depth (default: runs/)")
+    parser.add_argument("--out", default=None, help="markdown file to write (default: <runs>/RESULTS.md)")
     args = parser.parse_args(argv)
-    build_report(args.runs, args.out)
-    print(f"wrote {args.out}")
+    if not Path(args.runs).is_dir():
+        parser.error(f"--runs: {args.runs!r} is not a directory")
+    out = Path(args.out) if args.out else Path(args.runs) / "RESULTS.md"
+    build_report(args.runs, out)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,17 +2,20 @@
 
     python -m experiments.speed                       # all ops, default lengths
     python -m experiments.speed --ops selective_scan --lengths 1024,4096
-    python -m experiments.speed --quick               # short lengths, few repeats
+    python -m experiments.speed --quick               # T in {1024, 4096}, 3 repeats
     python -m experiments.speed --peers               # also time the PyTorch CPU peers
 
 For each (op, method, T) it reports the median wall time of the jitted forward and of
-forward+backward (``jax.grad`` of the sum of outputs w.r.t. every input), the ratio to
-the ``sequential`` method at the same T, the compiled temp memory of forward+backward
-(``jit(...).lower(...).compile().memory_analysis()``), and per (op, method) the growth
-exponent ``p`` of ``time ~ T^p`` fitted over the lengths. Anchor rows reproduce the
-performance targets' shapes. Configurations whose compiled memory exceeds
-``--max-memory-gb`` are reported (memory only) but not run. Prints a table and writes
-JSON (``--out``).
+forward+backward (``jax.grad`` of the sum of outputs w.r.t. every input), the speed-up
+over the ``sequential`` method at the same shape, the compiled temp memory of
+forward+backward (``jit(...).lower(...).compile().memory_analysis()``), and per (op,
+method) the growth exponent ``p`` of ``time ~ T^p`` fitted over the lengths. The
+comparison rows time the shapes at which ``python -m experiments.bench.peers`` times
+the PyTorch peers (mambapy, flash-linear-attention), so ``--peers`` prints the ratios of
+one sitting. A configuration whose compiled memory exceeds ``--max-memory-gb`` is
+reported (memory only) but not run; every cell left empty says why in the row's note.
+Prints the tables (with a legend of the columns) and writes JSON (``--out``). Timing and
+tables come from :mod:`experiments.bench`.
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from experiments.bench import peers
+from experiments.bench.table import Column, legend, shape_text, text_table, write_json
+from experiments.bench.timing import environment, growth_exponent, measure_jax, run_row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,74 +147,9 @@ def newton_gru_workload(t, batch=2, d=16):
 
 
 # ----------------------------------------------------------------------------- head-wise RNNs
-#: Lengths at which the PyTorch peers (pip pararnn-torch, flashrnn) are also timed when they
-#: are importable: on CPU their per-step Python loops take ~4 s per fwd+bwd at T = 1024.
+#: Lengths at which the PyTorch RNN peers (:func:`experiments.bench.peers.rnn_peer_timings`)
+#: are also timed when importable: their per-step Python loops take ~4 s per fwd+bwd at T = 1024.
 RNN_PEER_MAX_T = 4096
-
-
-def _torch_median_ms(fn, reps: int = 3) -> float:
-    """Median of ``reps`` calls (no warm-up call: eager PyTorch has no compilation)."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def rnn_peer_timings(cell: str, t: int, batch: int, heads: int, dh: int) -> dict:
-    """fwd+bwd ms of the PyTorch CPU peers at the same (b, t, d = heads * dh), if importable:
-
-    * ``pararnn_{newton,sequential}``: pip pararnn-torch's ``ParaRNN(ParaLSTM | ParaGRU)``
-      (ParaRNN-style cells with *diagonal* recurrent weights, so its exact Newton is
-      cheaper per iteration than ours with dense head blocks) with its default Newton
-      schedule (``NewtonConfig(max_iters=None)``), and its sequential loop;
-    * ``flashrnn_vanilla``: flashrnn's pure-PyTorch backend on our layout
-      (``Wx [b, t, gates, heads, dh]``, ``R [gates, heads, dh, dh]``), float32.
-
-    Neither is a dependency: a missing package just leaves its entries out. They live in
-    the peers venv (shared/bench/setup_peers.sh; flashrnn is not in it), so one sitting
-    with both runs that interpreter with this repo's venv appended, e.g.
-    ``PYTHONPATH=.:.venv/lib/python3.11/site-packages .peers-venv/bin/python -m
-    experiments.speed --ops rnn_lstm,rnn_gru``.
-    """
-    try:
-        import torch
-    except ImportError:
-        return {}
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    d, out = heads * dh, {}
-    reps = 3 if t <= 1024 else 1  # one call at T = 4096 takes ~5-45 s
-    try:
-        from pararnn import NewtonConfig, ParaGRU, ParaLSTM, ParaRNN
-
-        para_cell = {"lstm": ParaLSTM, "gru": ParaGRU}[cell](d, d)
-        x = torch.randn(batch, t, d, requires_grad=True)
-        for solver in ("newton", "sequential"):
-            model = ParaRNN(para_cell, config=NewtonConfig(max_iters=None), solver=solver)
-            out[f"pararnn_{solver}"] = _torch_median_ms(lambda m=model: m(x).sum().backward(), reps)
-            if solver == "newton" and model.last_stats:
-                out["pararnn_newton_iters"] = int(model.last_stats[0].iters)
-    except ImportError:
-        pass
-    try:
-        from flashrnn import flashrnn
-
-        # flashrnn's GRU takes 3 input gates (r, z, n), 3 recurrent ones (n, r, z), 4 biases
-        gates, rgates, biases = {"lstm": (4, 4, 4), "gru": (3, 3, 4)}[cell]
-        wx = torch.randn(batch, t, gates, heads, dh, requires_grad=True)
-        R = (torch.randn(rgates, heads, dh, dh) / dh**0.5).requires_grad_(True)
-        b = torch.zeros(biases, heads, dh, requires_grad=True)
-
-        def flash_fwd_bwd():
-            h, _ = flashrnn(wx, R, b, function=cell, backend="vanilla", dtype="float32")
-            h[0].sum().backward()
-
-        out["flashrnn_vanilla"] = _torch_median_ms(flash_fwd_bwd, reps)
-    except ImportError:
-        pass
-    return out
 
 
 def rnn_workload(cell: str, t: int, batch: int = 2, heads: int = 4, dh: int = 4) -> Workload:
@@ -237,14 +175,14 @@ def rnn_workload(cell: str, t: int, batch: int = 2, heads: int = 4, dh: int = 4)
     count = jax.jit(lambda jac, gx, R, bias: nonlinear_rnn(cell, gx, R, bias, method="newton", jacobian=jac,
                                                            return_info=True)[2].iterations, static_argnums=0)
     iters = {jac: int(count(jac, gx, R, bias)) for jac in ("block", "diagonal")}
-    peers = rnn_peer_timings(cell, t, batch, heads, dh) if t <= RNN_PEER_MAX_T else {}
-    print(f"\nrnn_{cell} t={t}: Newton iterations to 1e-5: {iters}" + (f"; peers fwd+bwd ms: {peers}" if peers else ""))
+    rnn_peers = peers.rnn_peer_timings(cell, t, batch, heads, dh) if t <= RNN_PEER_MAX_T else {}
+    print(f"\nrnn_{cell} t={t}: Newton iterations to 1e-5: {iters}" + (f"; peers fwd+bwd ms: {rnn_peers}" if rnn_peers else ""), file=sys.stderr)
     methods = ("sequential", "newton", "newton_diag")
     if jax.default_backend() in ("gpu", "tpu"):
         methods += ("pallas",)
     shape = dict(b=batch, t=t, h=heads, d=dh, newton_iters=iters)
-    if peers:
-        shape["peers_ms"] = peers
+    if rnn_peers:
+        shape["peers_ms"] = rnn_peers
     return Workload(f"rnn_{cell}", shape, (gx, R, bias), run, methods)
 
 
@@ -271,88 +209,95 @@ DEFAULT_LENGTHS = {
     "rnn_lstm": (1024, 4096, 16384, 65536),
     "rnn_gru": (1024, 4096, 16384, 65536),
 }
-#: Shapes named in the performance targets: (op, kwargs) measured once each.
-ANCHORS = (
-    ("selective_scan", dict(t=1024, batch=2, d=256, n=16)),
-    ("selective_scan", dict(t=4096, batch=2, d=256, n=16)),
-    ("gla", dict(t=2048, batch=2, heads=4, d=64)),
+#: Comparison rows: the shapes the PyTorch peers are timed at (experiments.bench.peers.SHAPES);
+#: ``timed=False`` rows report compiled memory only (the sequential method is too slow there).
+COMPARISON = (
+    ("selective_scan", dict(t=1024, batch=2, d=256, n=16), True),
+    ("selective_scan", dict(t=4096, batch=2, d=256, n=16), False),
+    ("gla", dict(t=2048, batch=2, heads=4, d=64), True),
 )
-
-
-def median_ms(fn, args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def measure(w: Workload, method: str, reps: int, max_bytes: float, timed: bool = True) -> dict:
-    def outputs(*args):
-        return w.run(method, *args)
-
-    def loss(*args):
-        out = outputs(*args)
-        return sum(jnp.sum(x.real) for x in jax.tree.leaves(out))
-
-    fwd = jax.jit(outputs)
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(len(w.args)))))
-    mem = fwd_bwd.lower(*w.args).compile().memory_analysis()
-    row = dict(op=w.op, method=method, **w.shape, temp_mb=mem.temp_size_in_bytes / 2**20)
-    if timed and mem.temp_size_in_bytes <= max_bytes:
-        row["fwd_ms"] = median_ms(fwd, w.args, reps)
-        row["fwd_bwd_ms"] = median_ms(fwd_bwd, w.args, reps)
-    return row
-
-
+#: peer result key -> (op of the comparison row, its t, our method compared)
+PEER_RATIOS = {
+    "mambapy_selective_scan_fb_ms": ("selective_scan", 1024, "chunked"),
+    "fla_naive_chunk_simple_gla_fb_ms": ("gla", 2048, "chunked"),
+}
 SHAPE_KEYS = ("b", "t", "h", "d", "n")
+COLUMNS = (
+    Column("op", "op", meaning="scan op (ssmjax.scan)"),
+    Column("method", "method", meaning="its method= argument"),
+    Column("shape", "shape", meaning="b batch, t length, h heads, d channels/head dim, n state size"),
+    Column("fwd_ms", "fwd ms", "{:.1f}", "median ms of the jitted forward"),
+    Column("fwd_vs_seq", "x seq", "{:.2f}", "sequential time / this time at the same shape (> 1: faster)"),
+    Column("fwd_bwd_ms", "fwd+bwd ms", "{:.1f}", "median ms of jax.grad of the sum of the outputs"),
+    Column("fwd_bwd_vs_seq", "x seq ", "{:.2f}", "the same speed-up for forward+backward"),
+    Column("temp_mb", "temp MB", "{:.1f}", "compiled scratch memory of forward+backward (XLA memory_analysis)"),
+    Column("note", "note", meaning="why a cell is empty"),
+    Column("error", "error", meaning="the exception of a failing configuration"),
+)
 
 
 def shape_of(row: dict) -> tuple:
     return tuple((k, row[k]) for k in SHAPE_KEYS if k in row)
 
 
+def measure(w: Workload, method: str, reps: int, max_bytes: float, timed: bool = True) -> dict:
+    """One row: ``op``, ``method``, the shape fields, then :func:`experiments.bench.measure_jax`'s
+    times, memory and note (``fwd_temp_mb``, ``temp_mb``, ``fwd_ms``, ``fwd_bwd_ms``)."""
+    row = dict(op=w.op, method=method, **w.shape)
+    row.update(measure_jax(lambda *args: w.run(method, *args), w.args, reps=reps, max_memory_gb=max_bytes / 2**30,
+                           timed=timed))
+    return row
+
+
 def add_ratios_and_growth(rows: list[dict]) -> dict:
-    """``*_vs_seq`` = sequential time / method time (>1: faster); exponent of T."""
+    """``*_vs_seq`` = sequential time / method time (>1: faster), or a note why it is
+    missing; returns the exponent ``p`` of ``fwd+bwd ms ~ T^p`` per ``op/method``."""
     seq = {(r["op"], shape_of(r)): r for r in rows if r["method"] == "sequential"}
     for r in rows:
         ref = seq.get((r["op"], shape_of(r)))
         for key in ("fwd_ms", "fwd_bwd_ms"):
             if ref and key in ref and key in r:
                 r[key.replace("_ms", "_vs_seq")] = ref[key] / r[key]
+        if "fwd_ms" in r and "fwd_vs_seq" not in r and "note" not in r:
+            r["note"] = "x seq: sequential not measured at this shape"
     growth = {}
     for op, method in sorted({(r["op"], r["method"]) for r in rows}):
-        pts = [(r["t"], r["fwd_bwd_ms"]) for r in rows if (r["op"], r["method"]) == (op, method) and "fwd_bwd_ms" in r]
-        if len(pts) >= 2:
-            x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-            growth[f"{op}/{method}"] = float(np.polyfit(x, y, 1)[0])
+        p = growth_exponent([(r["t"], r["fwd_bwd_ms"]) for r in rows
+                             if (r["op"], r["method"]) == (op, method) and "fwd_bwd_ms" in r])
+        if p is not None:
+            growth[f"{op}/{method}"] = p
     return growth
 
 
+def _with_shape(rows: list[dict]) -> list[dict]:
+    return [dict(r, shape=shape_text(dict(shape_of(r)))) for r in rows]
+
+
 def print_table(rows: list[dict], title: str) -> None:
-    print(f"\n{title}")
-    head = f"{'op':<16}{'method':<13}{'shape':<28}{'fwd ms':>9}{'x seq':>7}{'fwd+bwd ms':>12}{'x seq':>7}{'temp MB':>10}"
-    print(head + "\n" + "-" * len(head))
-    for r in rows:
-        shape = ",".join(f"{k}={v}" for k, v in shape_of(r))
-        fmt = lambda k, f: (f % r[k]) if k in r else "-"  # noqa: E731
-        print(f"{r['op']:<16}{r['method']:<13}{shape:<28}{fmt('fwd_ms', '%.1f'):>9}{fmt('fwd_vs_seq', '%.2f'):>7}"
-              f"{fmt('fwd_bwd_ms', '%.1f'):>12}{fmt('fwd_bwd_vs_seq', '%.2f'):>7}{r['temp_mb']:>10.1f}")
+    print(f"\n{title}\n{text_table(_with_shape(rows), COLUMNS)}")
 
 
-def run_peers(python: str) -> dict | None:
-    """Time the PyTorch CPU peers (../shared/bench/peers_speed.py) in this sitting."""
-    script = Path(__file__).resolve().parents[2] / "shared" / "bench" / "peers_speed.py"
-    if not (Path(python).exists() and script.exists()):
-        print(f"\npeers: skipped ({python} or {script} missing; see shared/bench/setup_peers.sh)")
+def run_peers(python: str | None) -> dict | None:
+    """The PyTorch peers' timings (:mod:`experiments.bench.peers`): in this process when
+    torch imports here, else in ``python`` (an interpreter with ``.[peers]``); ``None``
+    with the reason printed when neither can run them."""
+    if peers.missing("torch") is None or not python:
+        result = peers.peer_timings()
+    elif not Path(python).exists():
+        print(f"\npeers: skipped (torch is not importable here and --peers-python {python} does not exist; "
+              f"{peers.INSTALL_HINT})")
         return None
-    out = subprocess.run([python, str(script)], capture_output=True, text=True, check=False)
-    if out.returncode:
-        print(f"\npeers: failed\n{out.stderr[-2000:]}")
-        return None
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    else:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run([python, "-m", "experiments.bench.peers"], capture_output=True, text=True, check=False,
+                             cwd=root)
+        if out.returncode:
+            print(f"\npeers: failed\n{out.stderr[-2000:]}")
+            return None
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key, reason in result.get("skipped", {}).items():
+        print(f"\npeers: {key} skipped ({reason})")
+    return result
 
 
 def main(argv=None) -> dict:
@@ -361,9 +306,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--lengths", default=None, help="comma-separated T values (default per op)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="T in {1024, 4096}, 3 repeats")
-    parser.add_argument("--no-anchors", action="store_true")
-    parser.add_argument("--peers", action="store_true", help="also run shared/bench/peers_speed.py")
-    parser.add_argument("--peers-python", default=".peers-venv/bin/python")
+    parser.add_argument("--no-comparison", "--no-anchors", dest="no_comparison", action="store_true",
+                        help="skip the comparison rows (the PyTorch peers' shapes)")
+    parser.add_argument("--peers", action="store_true", help="also time the PyTorch peers (experiments.bench.peers)")
+    parser.add_argument("--peers-python", default=None,
+                        help="interpreter with the peers installed, when torch is not importable here")
     parser.add_argument("--max-memory-gb", type=float, default=4.0)
     parser.add_argument("--backend", default=None, help="cpu or gpu (default: JAX's choice)")
     parser.add_argument("--out", default="results/speed.json")
@@ -382,7 +329,9 @@ def main(argv=None) -> dict:
         parser.error(f"--ops: unknown {unknown}; choose from {sorted(WORKLOADS)}")
     reps = 3 if args.quick else args.reps
     max_bytes = args.max_memory_gb * 2**30
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cpus")
+    env = environment()
+    print(f"jax {env['jax']} on {env['device']}, {env['cpus']} cpus; {reps} timed calls per cell after one "
+          f"compile-and-warm-up call; progress on stderr")
 
     rows = []
     for op in ops:
@@ -390,46 +339,43 @@ def main(argv=None) -> dict:
             lengths = [int(t) for t in args.lengths.split(",")]
         else:
             lengths = (1024, 4096) if args.quick else DEFAULT_LENGTHS[op]
-        for t in lengths:
+        for i, t in enumerate(lengths):
             w = WORKLOADS[op](t)
             for method in w.methods:
-                rows.append(measure(w, method, reps, max_bytes))
-                print(".", end="", flush=True)
+                run_row(rows, {}, lambda w=w, m=method: measure(w, m, reps, max_bytes),
+                        label=f"{op} t={t} {method}", progress=f"[{op} {i + 1}/{len(lengths)}]")
     growth = add_ratios_and_growth(rows)
     print_table(rows, "T sweep (median ms; x seq = speed-up over the sequential method)")
-    print("\ngrowth exponent p (fwd+bwd time ~ T^p):")
+    print("\ngrowth exponent p (fwd+bwd time ~ T^p, fitted over the lengths above; 1 = linear):")
     for key, p in growth.items():
         print(f"  {key:<32} {p:.2f}")
 
-    anchors = []
-    if not args.no_anchors:
-        for op, kw in ANCHORS:
+    comparison = []
+    if not args.no_comparison:
+        for op, kw, timed in COMPARISON:
             if op in ops:
                 w = WORKLOADS[op](**kw)
                 for method in w.methods:
-                    anchors.append(measure(w, method, reps, max_bytes, timed=(op, kw["t"]) != ("selective_scan", 4096)))
-        add_ratios_and_growth(anchors)
-        print_table(anchors, "anchor shapes (targets)")
-    result = dict(jax=jax.__version__, device=jax.devices()[0].device_kind, rows=rows,
-                  growth=growth, anchors=anchors)
+                    run_row(comparison, {}, lambda w=w, m=method, timed=timed: measure(w, m, reps, max_bytes, timed),
+                            label=f"{op} t={kw['t']} {method}", progress="[comparison]")
+        add_ratios_and_growth(comparison)
+        print_table(comparison, "comparison rows (the shapes python -m experiments.bench.peers times the PyTorch "
+                                "peers at)")
+    print("\ncolumns:\n" + legend(_with_shape(rows + comparison), COLUMNS))
+    result = dict(env, rows=rows, growth=growth, comparison=comparison)
     if args.peers:
-        peers = run_peers(args.peers_python)
-        if peers:
-            result["peers"] = peers
-            print("\npeers (PyTorch CPU, same sitting):", json.dumps(peers))
-            ours = {r["method"]: r.get("fwd_bwd_ms") for r in anchors if r["op"] == "selective_scan" and r["t"] == 1024}
-            gla = {r["method"]: r.get("fwd_bwd_ms") for r in anchors if r["op"] == "gla"}
-            for label, ours_ms, peer_key in (
-                ("selective_scan chunked vs mambapy pscan", ours.get("chunked"), "mambapy_selective_scan_fb_ms"),
-                ("gla chunked vs fla naive_chunk_simple_gla", gla.get("chunked"), "fla_naive_chunk_simple_gla_fb_ms"),
-            ):
-                if ours_ms:
-                    ratio = peers[peer_key] / ours_ms
-                    print(f"{label} (fwd+bwd): {ratio:.1f}x faster")
-                    result[label] = ratio
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {args.out}")
+        peer = run_peers(args.peers_python)
+        if peer:
+            result["peers"] = peer
+            print("\npeers (PyTorch CPU, same sitting):", json.dumps(peer))
+            for key, (op, t, method) in PEER_RATIOS.items():
+                ours = next((r.get("fwd_bwd_ms") for r in comparison
+                             if (r["op"], r["t"], r["method"]) == (op, t, method)), None)
+                if ours and key in peer:
+                    label = f"{op} {method} vs {key.removesuffix('_fb_ms')}"
+                    result[label] = peer[key] / ours
+                    print(f"{label} (fwd+bwd): {result[label]:.1f}x faster")
+    print(f"\nwrote {write_json(args.out, result)}")
     return result
 
 

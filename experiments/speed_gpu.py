@@ -1,4 +1,4 @@
-"""GPU benchmark of the Pallas kernels (issue 4), every comparison side by side in one run.
+"""GPU benchmark of the Pallas kernels, every comparison side by side in one run.
 
     python -m experiments.speed_gpu                        # on a GPU: all sections
     python -m experiments.speed_gpu --sections fla,bandwidth --json out.json
@@ -16,8 +16,8 @@ in its row and the table goes on):
   (2, 16384, 16, 128), (8, 1024, 8, 64), bf16 q/k/v: fla's ``chunk_gla``,
   ``chunk_simple_gla`` and ``chunk_gated_delta_rule`` (when ``import torch, fla`` works and
   CUDA is there; otherwise the row says why not) next to ssmjax's Pallas kernels (exact
-  float32 products, and ``pallas-tf32``: ``dot_precision="default"``, TF32 tensor cores)
-  and the chunked XLA form, forward and forward+backward.
+  float32 products, and ``pallas-tf32``: ``block_sizes=GLABlockSizes(dot_precision=
+  "default")``, TF32 tensor cores) and the chunked XLA form, forward and forward+backward.
 * ``bandwidth``: ``linear_scan`` forward over ``>= 2^28`` float32 elements (reads ``a``,
   ``b``, writes ``h``: 12 bytes per element) against the measured copy bandwidth
   (``x -> x + 1``, 8 bytes per element): achieved GB/s and the fraction of copy
@@ -30,7 +30,8 @@ Prints one markdown table per section and writes JSON to ``--json``, else ``$OUT
 ``speed_gpu.json`` when ``$OUT`` is set, else ``results/speed_gpu.json``. Never run on a
 GPU yet: the whole run compiles ~70 programs, so where a device call is capped (10 min)
 split it, e.g. ``--sections fla`` then ``--sections methods,bandwidth,memory``.
-``SPEED_GPU_TRACEBACK=1`` prints the traceback of a failing row.
+``BENCH_TRACEBACK=1`` prints the traceback of a failing row; timing and tables come from
+:mod:`experiments.bench`.
 """
 
 from __future__ import annotations
@@ -38,12 +39,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import json
 import os
-import statistics
 import sys
-import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,6 +50,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
+
+from experiments import bench
+from experiments.bench.clock import median_of_calls
+from experiments.bench.table import Column, markdown_table
+from experiments.bench.timing import run_row
 
 SECTIONS = ("methods", "fla", "bandwidth", "memory")
 FLA_SHAPES = ((1, 8192, 96, 128), (2, 16384, 16, 128), (8, 1024, 8, 64))
@@ -92,67 +94,11 @@ SMOKE = Sizes(
 
 
 # ----------------------------------------------------------------------------- timing
-def median_ms(run: Callable[[], object], reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        jax.block_until_ready(run())
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def temp_mb(compiled) -> float | None:
-    analysis = compiled.memory_analysis()
-    if analysis is None:
-        return None
-    return analysis.temp_size_in_bytes / 2**20
-
-
-def _floating_argnums(args) -> tuple[int, ...]:
-    return tuple(i for i, x in enumerate(args) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
-
-
 def measure_jax(fn: Callable, args: tuple, cfg, backward: bool = True, timed: bool = True) -> dict:
-    """Median ms of ``jit(fn)`` and of ``jit(grad(sum of outputs))``; temp memory of the
-    latter (nothing timed when it exceeds ``--max-memory-gb``)."""
-
-    def loss(*xs):
-        return sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(fn(*xs)))
-
-    row = {}
-    fwd = jax.jit(fn).lower(*args).compile()
-    row["fwd_temp_mb"] = temp_mb(fwd)
-    if backward:
-        fwd_bwd = jax.jit(jax.grad(loss, argnums=_floating_argnums(args))).lower(*args).compile()
-        row["temp_mb"] = temp_mb(fwd_bwd)
-    too_big = any((row.get(k) or 0) * 2**20 > cfg.max_memory_gb * 2**30 for k in ("fwd_temp_mb", "temp_mb"))
-    if too_big:
-        row["note"] = f"not timed: temp memory > {cfg.max_memory_gb} GB"
-    elif timed:
-        row["fwd_ms"] = median_ms(lambda: fwd(*args), cfg.reps, cfg.warmup)
-        if backward:
-            row["fwd_bwd_ms"] = median_ms(lambda: fwd_bwd(*args), cfg.reps, cfg.warmup)
-    return row
-
-
-def run_row(rows: list, base: dict, measure: Callable[[], dict]) -> dict:
-    """Append ``base | measure()``, or ``base`` with the error, to ``rows``."""
-    row = dict(base)
-    label = " ".join(f"{v}" for v in base.values() if not isinstance(v, dict))
-    print(f"  {label} ...", end="", flush=True, file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        row.update(measure())
-        print(f" {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    except Exception as e:  # noqa: BLE001 - one failing kernel must not kill the table
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        print(f" FAILED ({row['error']})", file=sys.stderr)
-        if os.environ.get("SPEED_GPU_TRACEBACK"):
-            traceback.print_exc()
-    rows.append(row)
-    return row
+    """:func:`experiments.bench.measure_jax` with this run's ``--reps``, ``--warmup`` and
+    ``--max-memory-gb``."""
+    return bench.measure_jax(fn, args, reps=cfg.reps, warmup=cfg.warmup, max_memory_gb=cfg.max_memory_gb,
+                             backward=backward, timed=timed)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -199,35 +145,28 @@ def selective_fn(method):
 
 
 def gla_fn(method):
-    """``gated_linear_attention``; ``method="pallas-tf32"`` calls the same custom_vjp with
-    the kernels' ``dot_precision="default"``."""
-    from ssmjax.scan import gla
+    """``gated_linear_attention``; ``method="pallas-tf32"`` is ``"pallas"`` with the
+    kernels' ``dot_precision="default"`` (TF32 tensor cores) through ``block_sizes``."""
+    from ssmjax.scan import GLABlockSizes, gated_linear_attention
 
     if method != "pallas-tf32":
-        return lambda q, k, v, g: gla.gated_linear_attention(q, k, v, log_decay=g, method=method)
-    from pallas_kernels.chunked_gla import BlockSizes
-
-    def run(q, k, v, g):
-        b, _, h, d = q.shape
-        s0 = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
-        return gla.gla_pallas(q, k, v, g, s0, d**-0.5, BlockSizes(dot_precision="default"))
-
-    return run
+        return lambda q, k, v, g: gated_linear_attention(q, k, v, log_decay=g, method=method)
+    tf32 = GLABlockSizes(dot_precision="default")
+    return lambda q, k, v, g: gated_linear_attention(
+        q, k, v, log_decay=g, method="pallas", block_sizes=tf32
+    )
 
 
 def delta_fn(method):
-    from ssmjax.scan import delta
+    """``delta_rule``; ``method="pallas-tf32"`` as in :func:`gla_fn`."""
+    from ssmjax.scan import DeltaBlockSizes, delta_rule
 
     if method != "pallas-tf32":
-        return lambda q, k, v, beta, g: delta.delta_rule(q, k, v, beta, log_decay=g, method=method)
-    from pallas_kernels.chunked_delta import BlockSizes
-
-    def run(q, k, v, beta, g):
-        b, _, h, d = q.shape
-        s0 = jnp.zeros((b, h, d, v.shape[-1]), jnp.float32)
-        return delta.delta_rule_pallas(q, k, v, beta, g, s0, d**-0.5, BlockSizes(dot_precision="default"))
-
-    return run
+        return lambda q, k, v, beta, g: delta_rule(q, k, v, beta, log_decay=g, method=method)
+    tf32 = DeltaBlockSizes(dot_precision="default")
+    return lambda q, k, v, beta, g: delta_rule(
+        q, k, v, beta, log_decay=g, method="pallas", block_sizes=tf32
+    )
 
 
 def _shape(**kw) -> dict:
@@ -313,16 +252,7 @@ def measure_fla(op: str, shape, cfg) -> dict:
         fn(**kwargs)[0].backward(do)
 
     def timed(run):
-        for _ in range(cfg.warmup):
-            run()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(cfg.reps):
-            start = time.perf_counter()
-            run()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times)
+        return median_of_calls(lambda: (run(), torch.cuda.synchronize()), cfg.reps, cfg.warmup)
 
     import fla
 
@@ -362,7 +292,7 @@ def section_bandwidth(cfg, sizes: Sizes) -> list[dict]:
 
     def copy():
         f = jax.jit(lambda x: x + 1.0).lower(x).compile()
-        ms = median_ms(lambda: f(x), cfg.reps, cfg.warmup)
+        ms = bench.median_ms(lambda: f(x), cfg.reps, cfg.warmup)
         return dict(fwd_ms=ms, gb_per_s=8 * n / ms / 1e6, bytes_per_element=8)
 
     copy_row = run_row(rows, dict(section="bandwidth", op="copy x -> x + 1", impl="xla", shape=shp), copy)
@@ -399,34 +329,19 @@ def section_memory(cfg, sizes: Sizes) -> list[dict]:
 
 # ----------------------------------------------------------------------------- report
 COLUMNS = (
-    ("op", "op", "{}"),
-    ("impl", "impl", "{}"),
-    ("shape", "shape", "{}"),
-    ("fwd_ms", "fwd ms", "{:.3f}"),
-    ("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
-    ("temp_mb", "temp MB (fwd+bwd)", "{:.4g}"),
-    ("gb_per_s", "GB/s", "{:.4g}"),
-    ("of_copy", "of copy", "{:.0%}"),
-    ("per_btd", "temp / (b t d) floats", "{:.2f}"),
-    ("per_btdn", "temp / (b t d n) floats", "{:.3f}"),
-    ("note", "note", "{}"),
-    ("error", "error", "{}"),
+    Column("op", "op"),
+    Column("impl", "impl"),
+    Column("shape", "shape"),
+    Column("fwd_ms", "fwd ms", "{:.3f}"),
+    Column("fwd_bwd_ms", "fwd+bwd ms", "{:.3f}"),
+    Column("temp_mb", "temp MB (fwd+bwd)", "{:.4g}"),
+    Column("gb_per_s", "GB/s", "{:.4g}"),
+    Column("of_copy", "of copy", "{:.0%}"),
+    Column("per_btd", "temp / (b t d) floats", "{:.2f}"),
+    Column("per_btdn", "temp / (b t d n) floats", "{:.3f}"),
+    Column("note", "note"),
+    Column("error", "error"),
 )
-
-
-def markdown_table(rows: list[dict]) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in r and r[c[0]] is not None for r in rows)]
-
-    def cell(r, key, fmt):
-        if r.get(key) is None:
-            return ""
-        if key == "shape":
-            return ",".join(f"{k}={v}" for k, v in r[key].items())
-        return fmt.format(r[key]).replace("|", "/")
-
-    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in cols) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def output_path(arg: str | None) -> Path:
@@ -477,10 +392,8 @@ def main(argv=None) -> dict:
             rows = runners[section](cfg, sizes)
         result["sections"][section] = rows
         print(f"\n## {section}\n")
-        print(markdown_table(rows))
-    path = output_path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+        print(markdown_table(rows, COLUMNS))
+    path = bench.write_json(output_path(args.json), result)
     print(f"\nwrote {path}")
     return result
 

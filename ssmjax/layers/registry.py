@@ -1,6 +1,6 @@
 """Name -> layer class registry: ``get(name, **fields)`` builds a mixer, ``names()`` lists them.
 
-Every registered class follows the layer contract of DESIGN.md: a Linen module with a
+Every registered class follows the layer contract (docs/architecture.md): a Linen module with a
 ``d_model`` field (all other fields defaulted), ``__call__(x, *, state=None,
 return_state=False)``, ``init_state(batch_size, dtype)`` and ``step(x_t, state)``.
 """

@@ -3,10 +3,14 @@ of pre-norm blocks whose mixers come from a pattern of registry names, and a hea
 
     block(x) = x + mixer(norm(x));  x = x + mlp(norm(x))       (mlp optional)
 
-* ``mixers``: ``"gated_deltanet*3,attention"`` (registry names, ``*n`` repeats) is tiled to
-  ``n_layers`` (its length must divide ``n_layers``); :func:`hybrid_pattern` builds the
-  "linear : full" ratio patterns of "A Systematic Analysis of Hybrid Linear Attention"
-  (e.g. ``hybrid_pattern("gla", linear_to_full=3)`` == ``"gla*3,attention"``).
+* ``mixers``: ``"gated_deltanet*3,attention"`` (registry names, ``*n`` repeats). The
+  pattern sets the depth when ``n_layers`` is not given (``None``): it is repeated the
+  fewest times that give at least ``DEFAULT_MIN_LAYERS`` (2) layers, so
+  ``"gated_deltanet*3,attention"`` is 4 layers and ``"mamba"`` 2; a given ``n_layers`` must
+  be a multiple of the pattern length and tiles it (:func:`model_depth`).
+  :func:`hybrid_pattern` builds the "linear : full" ratio patterns of "A Systematic
+  Analysis of Hybrid Linear Attention" (e.g. ``hybrid_pattern("gla", linear_to_full=3)``
+  == ``"gla*3,attention"``).
 * ``mlp``: ``"gated"`` (SwiGLU, Shazeer 2020), ``"none"``, or ``"moe"`` (top-k routed
   SwiGLU experts as in Jamba, Lieber et al. 2024; experts are evaluated densely and
   mixed with the renormalised top-k router weights, which is exact and fine at CPU
@@ -42,8 +46,12 @@ import ssmjax.layers
 _PATTERN_ITEM = re.compile(r"^([a-z0-9_]+)(?:\*([1-9][0-9]*))?$")
 
 
-def parse_mixers(pattern: str, n_layers: int | None = None) -> tuple[str, ...]:
-    """``"gla*3,attention"`` -> ``("gla", "gla", "gla", "attention")``, tiled to ``n_layers``."""
+#: Depth of a model whose ``n_layers`` is not given and whose pattern is shorter.
+DEFAULT_MIN_LAYERS = 2
+
+
+def pattern_group(pattern: str) -> tuple[str, ...]:
+    """One repetition of a pattern: ``"gla*3,attention"`` -> ``("gla", "gla", "gla", "attention")``."""
     if not isinstance(pattern, str) or not pattern.strip():
         raise ValueError(f"mixers: expected a pattern like 'gla*3,attention', got {pattern!r}")
     group = []
@@ -55,11 +63,33 @@ def parse_mixers(pattern: str, n_layers: int | None = None) -> tuple[str, ...]:
         if name not in ssmjax.layers.names():
             raise ValueError(f"mixers: unknown layer {name!r} in {pattern!r}; registered: {ssmjax.layers.names()}")
         group += [name] * count
+    return tuple(group)
+
+
+def model_depth(pattern: str, n_layers: int | None = None) -> int:
+    """The number of layers of a model built from ``pattern``.
+
+    ``n_layers=None``: the pattern sets the depth, ``len(group) * ceil(DEFAULT_MIN_LAYERS /
+    len(group))`` (one copy of a pattern of two or more layers; two layers of a single
+    name). Otherwise ``n_layers`` itself, which must be a positive multiple of the
+    pattern length (the pattern is tiled ``n_layers / len(group)`` times).
+    """
+    size = len(pattern_group(pattern))
     if n_layers is None:
-        return tuple(group)
-    if n_layers % len(group):
-        raise ValueError(f"n_layers: {n_layers} is not a multiple of the pattern length {len(group)} of {pattern!r}")
-    return tuple(group) * (n_layers // len(group))
+        return size * -(-DEFAULT_MIN_LAYERS // size)
+    if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1 or n_layers % size:
+        raise ValueError(
+            f"n_layers: {n_layers!r} is not a multiple of the pattern length {size} of {pattern!r}; give a multiple "
+            f"of {size} (e.g. {size} or {2 * size}) to tile the pattern, or leave n_layers unset (None) and the "
+            f"pattern sets the depth ({model_depth(pattern)} layers)")
+    return n_layers
+
+
+def parse_mixers(pattern: str, n_layers: int | None = None) -> tuple[str, ...]:
+    """The mixer of every layer: ``pattern`` tiled to :func:`model_depth` ``(pattern, n_layers)``
+    layers, e.g. ``("gla", "gla", "gla", "attention")`` for ``"gla*3,attention"``."""
+    group = pattern_group(pattern)
+    return group * (model_depth(pattern, n_layers) // len(group))
 
 
 def hybrid_pattern(linear: str, linear_to_full: int, full: str = "attention") -> str:
@@ -208,7 +238,7 @@ class SequenceModel(nn.Module):
     ``vocab_size`` is set, else features ``[b, t, input_dim]``."""
 
     d_model: int = 64
-    n_layers: int = 2
+    n_layers: int | None = None  # None: the pattern sets the depth (see model_depth)
     mixers: str = "attention"
     mixer_fields: Mapping[str, Mapping] | None = None  # per mixer name: extra layer fields
     mlp: str = "gated"
@@ -226,9 +256,8 @@ class SequenceModel(nn.Module):
     memory_len: int = 0  # > 0: Transformer-XL segment recurrence via segment_forward (module docstring)
 
     def setup(self):
-        pattern = parse_mixers(self.mixers)
-        parse_mixers(self.mixers, self.n_layers)  # validates the tiling
-        self.n_groups = self.n_layers // len(pattern)
+        pattern = pattern_group(self.mixers)
+        self.n_groups = model_depth(self.mixers, self.n_layers) // len(pattern)
         block_fields = dict(d_model=self.d_model, mixer_fields=dict(self.mixer_fields or {}), mlp=self.mlp,
                             mlp_ratio=self.mlp_ratio, moe_experts=self.moe_experts, moe_top_k=self.moe_top_k, norm=self.norm)
         if self.memory_len > 0:
@@ -320,7 +349,7 @@ class SequenceModel(nn.Module):
             raise ValueError(f"memory_len: segment recurrence needs memory_len > 0, got {self.memory_len}")
         h = self._inputs(inputs)
         if memory is None:  # empty memories: the first segment sees no earlier context
-            pattern = parse_mixers(self.mixers)
+            pattern = pattern_group(self.mixers)
             lead = (self.n_groups,) if self.layer_scan else ()
             empty = [jnp.zeros(lead + (h.shape[0], 0, self.d_model), h.dtype) for _ in pattern]
             memory = empty if self.layer_scan else [list(empty) for _ in range(self.n_groups)]
@@ -335,7 +364,7 @@ class SequenceModel(nn.Module):
         return self._outputs(h), memory
 
     def init_state(self, batch_size: int, dtype=jnp.float32):
-        pattern = parse_mixers(self.mixers)
+        pattern = pattern_group(self.mixers)
         if self.layer_scan:  # mixer states depend on fields only: build one group's unbound
             one = Group(pattern, self.groups.block_fields, parent=None).apply({}, batch_size, dtype, method="init_state")
             return jax.tree.map(lambda x: jnp.broadcast_to(x, (self.n_groups,) + x.shape), one)

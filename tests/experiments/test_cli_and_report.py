@@ -3,13 +3,15 @@ report builder on a fixture runs/ folder."""
 
 import json
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 import ssmjax.layers
 from experiments import report
 from experiments.__main__ import main
-from experiments.configs import EXPERIMENTS, SIZES, make_config, parse_overrides
-from experiments.runner import model_slug, run_experiment, run_name
+from experiments.configs import EXPERIMENTS, SIZES, make_config, parse_overrides, replace
+from experiments.runner import build_model, model_slug, run_experiment, run_name
 
 TINY = ["d_model=16", "n_layers=1", "batch_size=4", "eval_batch_size=4", "eval_batches=1", "log_every=1",
         "warmup_steps=1", "checkpoint_every=2", "eval_every=100"]
@@ -92,20 +94,48 @@ def test_cli_pattern_run_dir_resume_and_errors(tmp_path, capsys):
         assert "error" in capsys.readouterr().err
 
 
+def test_a_hybrid_pattern_sets_the_depth_unless_n_layers_is_given(capsys):
+    assert make_config("mqar").n_layers is None  # the README's hybrid command leaves it unset
+    config = replace(make_config("mqar"), model="attention*3,attention", d_model=8, mlp="none")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    for n_layers, groups in ((None, 1), (8, 2)):  # unset: the pattern's 4 layers; 8: tiled twice
+        params = build_model(replace(config, n_layers=n_layers), 16).init(jax.random.PRNGKey(0), tokens)["params"]
+        assert sorted(k for k in params if k.startswith("group_")) == [f"group_{i}" for i in range(groups)]
+        assert len(params["group_0"]) == 4
+    with pytest.raises(SystemExit):
+        main(["mqar", "--model", "attention*3,attention", "--set", "n_layers=2"])
+    error = capsys.readouterr().err  # says both rules
+    assert "n_layers: 2 is not a multiple of the pattern length 4" in error and "leave n_layers unset" in error
+
+
 # ----------------------------------------------------------------------------- report
-def _write_run(root, experiment, run, model, summary, variant="", status="done", reference=None):
+def _write_run(root, experiment, run, model, summary, variant="", status="done", reference=None, config=None):
+    """A fake run folder as ``python -m experiments`` writes it (``status=None``: no result.json yet)."""
     run_dir = root / experiment / run
     run_dir.mkdir(parents=True)
-    curve = dict(xlabel="length", ylabel="accuracy", xscale="log", x=[8, 16], y=list(summary.values())[:2])
-    if reference:
-        curve["reference"] = reference
-    result = dict(experiment=experiment, model=model, variant=variant, size="cpu", run=run, params=123456, steps=10,
-                  step=10 if status == "done" else 6, status=status, message="", wall_s=90.0, train_loss=0.5,
-                  train_accuracy=0.9, tokens_per_s=1000.0, eval=dict(accuracy=0.7, summary=summary, curve=curve))
-    (run_dir / "result.json").write_text(json.dumps(result))
+    metadata = dict(experiment=experiment, model=model, variant=variant, size="cpu", run=run)
+    settings = {**dict(model=model, steps=10, lr=3e-3, n_layers=2), **(config or {})}
+    (run_dir / "config.json").write_text(json.dumps(dict(metadata, config=settings)))
     rows = [dict(split="train", step=s, loss=1.0 / s, accuracy=0.1 * s) for s in range(1, 7)]
-    rows += [dict(split="eval", step=5, accuracy=0.5), dict(split="eval", step=10, accuracy=0.7)]
+    rows += [dict(split="eval", step=5, accuracy=0.5)]
+    if status is not None:
+        rows += [dict(split="eval", step=10, accuracy=0.7)]
+        curve = dict(xlabel="length", ylabel="accuracy", xscale="log", x=[8, 16], y=[0.5, 0.7])
+        if reference:
+            curve["reference"] = reference
+        result = dict(metadata, params=123456, steps=10, step=10 if status == "done" else 6, status=status, message="",
+                      wall_s=90.0, train_loss=0.5, train_accuracy=0.9, tokens_per_s=1000.0,
+                      eval=dict(accuracy=0.7, summary=summary, curve=curve))
+        (run_dir / "result.json").write_text(json.dumps(result))
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def _table_rows(text, header):
+    lines = text.splitlines()
+    start = lines.index(header) + 2
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
 
 
 def test_report_builds_tables_and_plots_from_a_runs_folder(tmp_path):
@@ -117,7 +147,7 @@ def test_report_builds_tables_and_plots_from_a_runs_folder(tmp_path):
     reference = dict(label="Bayes-optimal learner", y=[0.8, 0.9], summary={"acc @1": 0.8, "acc @2": 0.9})
     _write_run(runs, "boolean_icl", "attention-parity", "attention", {"acc @1": 0.5, "acc @2": 0.6}, variant="parity",
                reference=reference)
-    (runs / "induction_heads" / "unfinished").mkdir()  # a run without result.json is skipped
+    (runs / "induction_heads" / "empty").mkdir()  # neither config.json nor result.json: not a run
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "induction_heads.md").write_text("Hand-written commentary.")
@@ -127,21 +157,51 @@ def test_report_builds_tables_and_plots_from_a_runs_folder(tmp_path):
     sections = [line for line in text.splitlines() if line.startswith("## ")]
     assert sections == ["## Induction heads: length extrapolation",
                         "## In-context learning of Boolean functions: parity"]
-    lines = text.splitlines()
-    header = lines.index("| model | params | steps | status | acc @8 (train) | acc @16 | train loss | time |")
-    rows = lines[header + 2:header + 5]
-    assert [r.split(" | ")[0] for r in rows] == ["| `attention`", "| `mamba`", "| `gla*3,attention`"]
-    assert rows[0] == "| `attention` | 123k | 10 | done | 1.000 | 0.250 | 0.500 | 1.5 min |"
+    rows = _table_rows(text, "| run | model | params | steps | status | acc @8 (train) | acc @16 | train loss | time |")
+    assert [r.split(" | ")[1] for r in rows] == ["`attention`", "`mamba`", "`gla*3,attention`"]
+    assert rows[0] == "| `attention` | `attention` | 123k | 10 | done | 1.000 | 0.250 | 0.500 | 1.5 min |"
     assert "| 6/10 | nonfinite |" in rows[2]
-    assert "| Bayes-optimal learner | - | - | - | 0.800 | 0.900 | - | - |" in text
+    assert "| Bayes-optimal learner | - | - | - | - | 0.800 | 0.900 | - | - |" in text
     assert "Hand-written commentary." in text and "*Paper:* Gu & Dao" in text
     for image in ("results/induction_heads.png", "results/boolean_icl-parity.png"):
         assert f"]({image})" in text and (out.parent / image).stat().st_size > 0
 
 
-def test_report_cli_on_an_empty_folder(tmp_path, capsys):
-    report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "R.md")])
-    assert "No runs found" in (tmp_path / "R.md").read_text()
+def test_report_labels_runs_by_name_and_differing_settings(tmp_path):
+    runs = tmp_path / "runs"
+    summary = {"accuracy": 0.5}
+    _write_run(runs, "mqar", "attention", "attention", summary)
+    _write_run(runs, "mqar", "attention-lr1e-2", "attention", summary, config=dict(lr=1e-2))
+    _write_run(runs, "mqar", "attention-deep", "attention", summary, config=dict(n_layers=4))
+    rows = _table_rows(report.build_report(runs, tmp_path / "R.md"),
+                       "| run | model | settings | params | steps | status | accuracy | train loss | time |")
+    assert [r.split(" | ")[:3] for r in rows] == [["| `attention`", "`attention`", "lr=0.003, n_layers=2"],
+                                                   ["| `attention-deep`", "`attention`", "lr=0.003, n_layers=4"],
+                                                   ["| `attention-lr1e-2`", "`attention`", "lr=0.01, n_layers=2"]]
+
+
+def test_report_lists_incomplete_runs_and_finds_nested_run_folders(tmp_path):
+    runs = tmp_path / "runs"
+    _write_run(runs / "suite", "mqar", "mamba", "mamba", {"accuracy": 0.9})
+    running = _write_run(runs / "suite", "mqar", "attention", "attention", {}, status=None)
+    (running / "checkpoints" / "5").mkdir(parents=True)
+    (running / "checkpoints" / "5" / "result.json").write_text("{}")  # inside a checkpoint: not a run
+    text = report.build_report(runs, tmp_path / "R.md")
+    rows = _table_rows(text, "| run | model | params | steps | status | accuracy | train loss | time |")
+    assert rows[0] == "| `attention` | `attention` | - | 6/10 | incomplete | - | - | - |"
+    assert rows[1].startswith("| `mamba` | `mamba` | 123k | 10 | done | 0.900 |")
+    assert len(rows) == 2 and "## Multi-query associative recall (MQAR)" in text
+
+
+def test_report_cli_writes_into_the_runs_folder_unless_out_is_given(tmp_path, capsys):
+    report.main(["--runs", str(tmp_path)])
+    assert "No runs found" in (tmp_path / "RESULTS.md").read_text()
+    assert f"wrote {tmp_path / 'RESULTS.md'}" in capsys.readouterr().out
+    report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "other" / "R.md")])
+    assert (tmp_path / "other" / "R.md").exists()
+    with pytest.raises(SystemExit):
+        report.main(["--runs", str(tmp_path / "missing")])
+    assert "--runs" in capsys.readouterr().err
 
 
 def test_suite_defaults_are_registered_and_settings_valid():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import ssmjax.layers.attention  # noqa: F401  (registers "attention")
-from ssmjax.models import SequenceModel, generate, hybrid_pattern, parse_mixers
+from ssmjax.models import SequenceModel, generate, hybrid_pattern, model_depth, parse_mixers
 from ssmjax.models.backbone import MoE, SwiGLU
 
 
@@ -22,6 +22,25 @@ def test_parse_mixers():
             parse_mixers(bad)
     with pytest.raises(ValueError, match="n_layers"):
         parse_mixers("attention*2", 3)
+
+
+def test_a_pattern_sets_the_depth_unless_n_layers_is_given():
+    assert model_depth("attention*3,attention") == 4  # the hybrid example: one copy of the pattern
+    assert model_depth("attention") == 2 and model_depth("attention,attention*2") == 3
+    assert model_depth("attention*3,attention", 8) == 8  # a multiple tiles it
+    assert parse_mixers("attention") == ("attention",) * 2
+    for bad in (2, 6, 0, -4, True):
+        with pytest.raises(ValueError) as error:
+            model_depth("attention*3,attention", bad)
+        message = str(error.value)  # names the argument, the rule and the default depth
+        assert message.startswith("n_layers:") and "multiple of the pattern length 4" in message
+        assert "leave n_layers unset" in message and "(4 layers)" in message
+    x = jnp.zeros((1, 3), jnp.int32)
+    for n_layers, groups in ((None, 1), (8, 2)):
+        model = SequenceModel(d_model=8, n_layers=n_layers, mixers="attention*3,attention", vocab_size=5, mlp="none")
+        params = model.init(jax.random.PRNGKey(0), x)["params"]
+        assert sorted(params) == ["embed", "final_norm", *[f"group_{i}" for i in range(groups)], "lm_head"]
+        assert len(params["group_0"]) == 4
 
 
 def lm(**kw):
