@@ -15,24 +15,16 @@ Parameters: ``4 d_model^2`` (no biases).
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
+from ssmjax.layers.common import rotary_embedding
 from ssmjax.layers.registry import register
-
-
-def rotary_embedding(x: Float[Array, "b t h d"], positions: Array, base: float) -> Float[Array, "b t h d"]:
-    """Rotate channel pairs ``(x[..., :d/2], x[..., d/2:])`` by ``position * base^(-2i/d)``."""
-    half = x.shape[-1] // 2
-    dtype = jnp.result_type(x.dtype, jnp.float32)  # at least float32; float64 stays float64
-    freqs = base ** (-jnp.arange(half, dtype=dtype) / half)
-    angles = positions[..., None].astype(dtype) * freqs  # [b?, t, half]
-    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
-    x1, x2 = x[..., :half].astype(dtype), x[..., half:].astype(dtype)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
 @register("attention")
@@ -44,8 +36,8 @@ class Attention(nn.Module):
     window: int | None = None
     rope_base: float = 10000.0
     max_len: int = 2048
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    dtype: Any = None  # computation dtype; None: the input's (promoted with the params')
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         if self.d_model % self.num_heads:

@@ -1,8 +1,19 @@
-"""Pieces shared by the linear-attention family of mixers (``linear_attention``,
-``retnet``, ``gla``, ``hgrn``, ``hgrn2``, ``deltanet``, ``gated_deltanet``, ``mlstm``,
-``aaren``, ``lightnet``): the ``__call__`` / ``step`` plumbing of the layer contract,
-head reshapes, per-head normalisations, the short causal convolution and the
-"ones column" trick that makes a linear-attention scan carry its own normaliser.
+"""Helpers every mixer may use: the one public helper module of :mod:`ssmjax.layers`.
+
+Layers never import each other; what two layers share lives here:
+
+* contract plumbing: :func:`check_layer_input`, :class:`RecurrentMixer` (the one ``__call__``
+  / ``step`` mechanism), :func:`output_dropout`, :func:`state_float` (the dtype a state
+  accumulates in);
+* initialisers: :func:`uniform_init`, :func:`constant`, :func:`uniform_log_init`,
+  :func:`log_uniform_init`, :func:`dt_bias_init`, and :func:`as_complex` /
+  :func:`complex_pairs` for complex parameters stored as real pairs;
+* projections, head reshapes and per-head normalisations;
+* gates: :func:`lower_bounded_log_forget`;
+* positions: :func:`rotary_embedding`;
+* convolutions: the one short convolution (:func:`short_conv_params`, :func:`short_conv`)
+  and the one dilated causal convolution (:func:`dilated_causal_conv`);
+* the "ones column" trick that makes a linear-attention scan carry its own normaliser.
 
 No recurrence lives here: the layers call :mod:`ssmjax.scan`.
 """
@@ -14,11 +25,12 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Float
 
-from ssmjax.scan._checks import check_ndim, check_shape
+from ssmjax.checks import check_ndim, check_shape
 from ssmjax.scan.conv import causal_conv1d
 from ssmjax.scan.delta import delta_rule
 from ssmjax.scan.gla import gated_linear_attention
@@ -64,6 +76,63 @@ def log_uniform_init(lo: float, hi: float):
         return jnp.log(jax.random.uniform(key, shape, jnp.float32, lo, hi)).astype(dtype)
 
     return init
+
+
+def uniform_log_init(low: float, high: float):
+    """``log x`` with ``x`` log-uniform in ``[low, high]``, i.e. ``U(log low, log high)``
+    (the S4 / S5 ``dt`` initialisation)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        u = jax.random.uniform(key, shape, jnp.float32)
+        return (math.log(low) + u * (math.log(high) - math.log(low))).astype(dtype)
+
+    return init
+
+
+def constant(value):
+    """An initialiser returning a fixed array (cast to the parameter dtype)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.broadcast_to(jnp.asarray(value, dtype), shape)
+
+    return init
+
+
+def as_complex(p: Float[Array, "*lead 2"]) -> Array:
+    """``[..., 2]`` real pairs -> complex ``[...]`` (complex parameters are stored as pairs)."""
+    return jax.lax.complex(p[..., 0], p[..., 1])
+
+
+def complex_pairs(z) -> np.ndarray:
+    """complex ``[...]`` -> ``[..., 2]`` real pairs (float64 numpy, for initialisers)."""
+    z = np.asarray(z)
+    return np.stack([z.real, z.imag], axis=-1)
+
+
+def lower_bounded_log_forget(logits: Array, lower_bound: float) -> Array:
+    """``log(lb + (1 - lb) sigmoid(logits))`` without forming ``log(0)`` (HGRN's forget
+    gate with the layer's lower bound ``0 <= lb < 1``; Qin et al., 2023, "Hierarchically
+    Gated Recurrent Neural Network for Sequence Modeling")."""
+    if not 0.0 <= lower_bound < 1.0:
+        raise ValueError(f"lower_bound: expected a value in [0, 1), got {lower_bound}")
+    log_mu = jax.nn.log_sigmoid(logits)
+    if lower_bound == 0.0:
+        return log_mu
+    return jnp.logaddexp(math.log(lower_bound), math.log1p(-lower_bound) + log_mu)
+
+
+def rotary_embedding(x: Float[Array, "b t h d"], positions: Array, base: float) -> Float[Array, "b t h d"]:
+    """Rotary position embedding (Su et al., 2021, "RoFormer"): rotate the channel pairs
+    ``(x[..., i], x[..., i + d/2])`` by ``position * base^(-2i/d)``; ``positions`` is
+    ``[t]`` or ``[b, t]``. Computed in at least float32, returned in ``x``'s dtype."""
+    half = x.shape[-1] // 2
+    dtype = jnp.result_type(x.dtype, jnp.float32)  # at least float32; float64 stays float64
+    freqs = base ** (-jnp.arange(half, dtype=dtype) / half)
+    angles = positions[..., None].astype(dtype) * freqs  # [b?, t, half]
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
+    x1, x2 = x[..., :half].astype(dtype), x[..., half:].astype(dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
 class RecurrentMixer(nn.Module):
@@ -123,9 +192,10 @@ def check_heads(name: str, total: int, heads: int) -> int:
     return total // heads
 
 
-def state_float(dtype) -> jnp.dtype:
-    """The dtype a recurrent state accumulates in: at least float32."""
-    return jnp.result_type(dtype, jnp.float32)
+def state_float(*dtypes) -> jnp.dtype:
+    """The dtype a recurrent state accumulates in: at least float32 (complex64 if any of
+    ``dtypes`` is complex; float64 stays float64)."""
+    return jnp.result_type(jnp.float32, *dtypes)
 
 
 def scan_method(method: str, time: int) -> str:
@@ -180,19 +250,79 @@ def ones_param(module: nn.Module, name: str, size: int):
     return module.param(name, nn.initializers.ones_init(), (size,), module.param_dtype)
 
 
-def conv_weight(module: nn.Module, width: int, channels: int, name: str = "conv_w"):
-    """Depthwise causal conv kernel ``[width, channels]``, ``U(-width^-1/2, width^-1/2)``
-    (PyTorch's ``Conv1d`` default with fan-in ``width``); no bias."""
-    return module.param(name, uniform_init(1.0 / math.sqrt(width)), (width, channels), module.param_dtype)
+def short_conv_params(module: nn.Module, width: int, channels: int, *, bias: bool):
+    """The depthwise causal conv kernel ``conv_w [width, channels]`` (and ``conv_b
+    [channels]`` when ``bias``), both ``U(-width^-1/2, width^-1/2)`` (PyTorch's ``Conv1d``
+    default with fan-in ``width``). Returns ``(weight, bias or None)``."""
+    init = uniform_init(1.0 / math.sqrt(width))
+    weight = module.param("conv_w", init, (width, channels), module.param_dtype)
+    return weight, (module.param("conv_b", init, (channels,), module.param_dtype) if bias else None)
 
 
-def short_conv_silu(
-    x: Float[Array, "batch time channels"], weight: ArrayLike, state: Float[Array, "batch k1 channels"]
+def short_conv(
+    x: Float[Array, "batch time channels"],
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    state: Float[Array, "batch k1 channels"],
+    segment_ids: Array | None = None,
+    reset: Array | None = None,
 ) -> tuple[Float[Array, "batch time channels"], Float[Array, "batch k1 channels"]]:
-    """``silu(causal_conv1d(x))`` (bias-free short convolution) and the new conv state, in
-    the dtype of ``state``."""
-    y, new_state = causal_conv1d(x, jnp.asarray(weight, x.dtype), initial_state=state.astype(x.dtype))
+    """The short convolution of Mamba, GLA-family, mLSTM and sLSTM blocks:
+    ``silu(causal_conv1d(x))`` (depthwise, ``y_t = b + sum_j w_j x_{t-K+1+j}``) and the new
+    conv state in the dtype of ``state``; ``segment_ids`` / ``reset`` keep the taps inside
+    packed documents."""
+    y, new_state = causal_conv1d(
+        x, jnp.asarray(weight, x.dtype), None if bias is None else jnp.asarray(bias, x.dtype),
+        initial_state=state.astype(x.dtype), segment_ids=segment_ids, reset=reset,
+    )
     return jax.nn.silu(y), new_state.astype(state.dtype)
+
+
+def _dilated_conv_phases(
+    seq: Float[Array, "batch length channels"], weight: Float[Array, "taps channels"], dilation: int
+) -> Float[Array, "batch length channels"]:
+    """``out_s = sum_j weight[taps - 1 - j] seq_{s - j dilation}`` (zeros before the start).
+
+    The frames of one residue class modulo ``dilation`` only see each other, so the
+    sequence is split into ``dilation`` phases (folded into the batch) and each phase runs
+    the undilated ``taps``-tap :func:`~ssmjax.scan.conv.causal_conv1d`: ``taps`` products
+    per frame instead of the ``(taps - 1) dilation + 1`` of a zero-stuffed filter.
+    """
+    batch, length, channels = seq.shape
+    front = -length % dilation
+    seq = jnp.pad(seq, [(0, 0), (front, 0), (0, 0)])
+    phases = seq.reshape(batch, -1, dilation, channels).swapaxes(1, 2).reshape(batch * dilation, -1, channels)
+    out, _ = causal_conv1d(phases, weight)
+    out = out.reshape(batch, dilation, -1, channels).swapaxes(1, 2).reshape(batch, -1, channels)
+    return out[:, front:]
+
+
+def _dilated_causal_conv(
+    x: Float[Array, "batch time channels"],
+    weight: Float[Array, "taps channels"],
+    dilation: int,
+    history: Float[Array, "batch width1 channels"] | None = None,
+    lookahead: int = 0,
+) -> tuple[Float[Array, "batch time channels"], Float[Array, "batch width1 channels"] | None]:
+    """``y_t = sum_s weight[s] x_{t + lookahead - (taps - 1 - s) dilation}`` per channel.
+
+    Causal (``lookahead = 0``): ``history`` holds the last ``(taps - 1) dilation`` inputs
+    (zeros if ``None``) and the new history is returned (the state of a step form).
+    ``lookahead > 0`` (a centred filter): zeros before the start and after the end, no
+    history (``None`` returned).
+    """
+    taps = weight.shape[0]
+    span = (taps - 1) * dilation
+    if history is None:
+        history = jnp.zeros((x.shape[0], span - lookahead, x.shape[2]), x.dtype)
+    seq = jnp.concatenate([history.astype(x.dtype), x, jnp.zeros((x.shape[0], lookahead, x.shape[2]), x.dtype)], 1)
+    out = _dilated_conv_phases(seq, weight.astype(x.dtype), dilation)
+    y = out[:, history.shape[1] + lookahead:]
+    return y, (None if lookahead else seq[:, seq.shape[1] - span:])
+
+
+#: The one dilated causal convolution (:func:`_dilated_causal_conv`), compiled per shape.
+dilated_causal_conv = compiled(_dilated_causal_conv, "dilation", "lookahead")
 
 
 def with_ones_column(v: Float[Array, "batch time heads dv"]) -> Float[Array, "batch time heads dv1"]:

@@ -44,14 +44,14 @@ from ssmjax.layers.common import (
     RecurrentMixer,
     check_heads,
     delta_rule_op,
-    conv_weight,
     dense,
     gated_rms_norm,
     l2_normalize,
     ones_param,
     rms_norm,
     scan_method,
-    short_conv_silu,
+    short_conv,
+    short_conv_params,
     split_heads,
     state_float,
 )
@@ -80,7 +80,7 @@ class _DeltaRuleMixer(RecurrentMixer):
         dk, dv = self.head_dims
         H = self.num_heads
         self.qkv_proj = dense(self.conv_channels, self, "qkv_proj")
-        self.conv_w = conv_weight(self, self.conv_size, self.conv_channels)
+        self.conv_w, _ = short_conv_params(self, self.conv_size, self.conv_channels, bias=False)
         self.b_proj = dense(H, self, "b_proj")
         self.norm_weight = ones_param(self, "norm_weight", dv)
         if self.gated:
@@ -105,7 +105,7 @@ class _DeltaRuleMixer(RecurrentMixer):
         dk, dv = self.head_dims
         H = self.num_heads
         real = state_float(x.dtype)
-        qkv, conv_state = short_conv_silu(self.qkv_proj(x), self.conv_w, state["conv"])
+        qkv, conv_state = short_conv(self.qkv_proj(x), self.conv_w, None, state["conv"])
         q, k, v = jnp.split(qkv, [H * dk, 2 * H * dk], axis=-1)
         q, k = l2_normalize(split_heads(q, H)), l2_normalize(split_heads(k, H))
         beta = jax.nn.sigmoid(self.b_proj(x).astype(real)) * (2.0 if self.allow_neg_eigval else 1.0)

@@ -56,63 +56,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import Array
-from jaxtyping import Float
 
 from ssmjax.layers.common import (
     check_layer_input,
-    compiled,
+    dilated_causal_conv,
     no_state_when_bidirectional,
     output_dropout,
     uniform_init,
 )
 from ssmjax.layers.registry import register
-from ssmjax.scan.conv import causal_conv1d
-
-
-def dilated_causal_conv(
-    seq: Float[Array, "batch length channels"], weight: Float[Array, "taps channels"], dilation: int
-) -> Float[Array, "batch length channels"]:
-    """``out_s = sum_j weight[taps - 1 - j] seq_{s - j dilation}`` (zeros before the start).
-
-    The frames of one residue class modulo ``dilation`` only see each other, so the
-    sequence is split into ``dilation`` phases (folded into the batch) and each phase runs
-    the undilated ``taps``-tap :func:`~ssmjax.scan.conv.causal_conv1d`: ``taps`` products
-    per frame instead of the ``(taps - 1) dilation + 1`` of a zero-stuffed filter.
-    """
-    batch, length, channels = seq.shape
-    front = -length % dilation
-    seq = jnp.pad(seq, [(0, 0), (front, 0), (0, 0)])
-    phases = seq.reshape(batch, -1, dilation, channels).swapaxes(1, 2).reshape(batch * dilation, -1, channels)
-    out, _ = causal_conv1d(phases, weight)
-    out = out.reshape(batch, dilation, -1, channels).swapaxes(1, 2).reshape(batch, -1, channels)
-    return out[:, front:]
-
-
-def filter_frames(
-    x: Float[Array, "batch time channels"],
-    weight: Float[Array, "taps channels"],
-    dilation: int,
-    history: Float[Array, "batch width1 channels"] | None,
-    lookahead: int,
-) -> tuple[Float[Array, "batch time channels"], Float[Array, "batch width1 channels"] | None]:
-    """``y_t = sum_s weight[s] x_{t + lookahead - (taps - 1 - s) dilation}`` per channel.
-
-    Causal (``lookahead = 0``): the ``history`` of the last ``(taps - 1) dilation`` frames is
-    carried in and out (the state of the step form). ``lookahead > 0`` (a centred filter):
-    zeros before the start and after the end, no history.
-    """
-    taps = weight.shape[0]
-    span = (taps - 1) * dilation
-    if history is None:
-        history = jnp.zeros((x.shape[0], span - lookahead, x.shape[2]), x.dtype)
-    seq = jnp.concatenate([history.astype(x.dtype), x, jnp.zeros((x.shape[0], lookahead, x.shape[2]), x.dtype)], 1)
-    out = dilated_causal_conv(seq, weight.astype(x.dtype), dilation)
-    y = out[:, history.shape[1] + lookahead:]
-    return y, (None if lookahead else seq[:, seq.shape[1] - span:])
-
-
-#: :func:`filter_frames` compiled per shape (cheap eager ``apply`` / token-by-token decoding).
-filter_frames_op = compiled(filter_frames, "dilation", "lookahead")
 
 
 def prelu(x: Array, slope: Array) -> Array:
@@ -185,7 +137,7 @@ class FSMN(nn.Module):
         weight = self.param(name, uniform_init(1.0 / math.sqrt(taps * fan_in_groups)), (taps, x.shape[-1]),
                             self.param_dtype)
         lookahead = (taps // 2) * dilation if self.bidirectional else 0
-        y, new = filter_frames_op(x, weight, dilation, history, lookahead)
+        y, new = dilated_causal_conv(x, weight, dilation, history, lookahead)
         return y, (None if new is None else new.astype(history.dtype))
 
     def _ffconv(self, h, branch: str, history):

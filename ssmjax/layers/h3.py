@@ -53,11 +53,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssmjax.checks import check_choice
 from ssmjax.layers.hippo import S4D_INITS, s4d_init
-from ssmjax.layers.common import check_layer_input
+from ssmjax.layers.common import (
+    as_complex,
+    check_layer_input,
+    complex_pairs,
+    constant,
+    state_float,
+    uniform_log_init,
+)
 from ssmjax.layers.registry import register
-from ssmjax.layers.s4 import as_complex, complex_pairs, constant, log_uniform
-from ssmjax.scan._checks import check_method, state_dtype
 from ssmjax.scan.conv import fft_causal_convolution
 from ssmjax.scan.lti import (
     DISCRETISATIONS,
@@ -108,8 +114,8 @@ class H3(nn.Module):
             raise ValueError(f"head_dim: must divide d_model = {d}, got {self.head_dim}")
         if n < 2 or n % 2:
             raise ValueError(f"d_state: expected an even int >= 2, got {n!r}")
-        check_method(self.a_init, S4D_INITS)
-        check_method(self.discretization, DISCRETISATIONS)
+        check_choice("a_init", self.a_init, S4D_INITS)
+        check_choice("discretization", self.discretization, DISCRETISATIONS)
         dense = lambda name: nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         self.q_proj, self.k_proj, self.v_proj = dense("q_proj"), dense("k_proj"), dense("v_proj")
         self.output_linear = dense("output_linear")
@@ -125,14 +131,14 @@ class H3(nn.Module):
         self.A_imag = self.param("A_imag", constant(Lambda.imag), (h, half), self.param_dtype)
         self.B = self.param("B", constant(complex_pairs(b)), (h, half, 2), self.param_dtype)
         self.C = self.param("C", nn.initializers.normal(math.sqrt(0.5)), (h, half, 2), self.param_dtype)
-        self.log_dt = self.param("log_dt", log_uniform(self.dt_min, self.dt_max), (h,), self.param_dtype)
+        self.log_dt = self.param("log_dt", uniform_log_init(self.dt_min, self.dt_max), (h,), self.param_dtype)
         self.D = self.param("D", nn.initializers.normal(1.0), (h,), self.param_dtype)
         self.drop = nn.Dropout(self.dropout)
 
     def init_state(self, batch_size: int, dtype=jnp.float32) -> dict:
         m = self.head_dim
         return dict(
-            shift=jnp.zeros((batch_size, self.d_state - 1, self.d_model), state_dtype(dtype)),
+            shift=jnp.zeros((batch_size, self.d_state - 1, self.d_model), state_float(dtype)),
             ssm=jnp.zeros((batch_size, self.heads, m, m, self.d_state // 2), jnp.result_type(dtype, jnp.complex64)),
         )
 
@@ -146,7 +152,7 @@ class H3(nn.Module):
         return tuple(a[:, None, None, :] for a in (log_A_bar, B_bar, C))
 
     def project(self, x):
-        rdt = state_dtype(x.dtype)
+        rdt = state_float(x.dtype)
         return tuple(p(x).astype(rdt) for p in (self.q_proj, self.k_proj, self.v_proj))
 
     def readout(self, q, kv, s, out_dtype):
@@ -232,7 +238,7 @@ class GSS(nn.Module):
         return log_A_bar, B_bar, as_complex(self.C.astype(real_dtype))
 
     def branches(self, x):
-        rdt = state_dtype(x.dtype)
+        rdt = state_float(x.dtype)
         v = jax.nn.gelu(self.to_v(x), approximate=False)
         u = self.norm(jax.nn.gelu(self.to_u(x), approximate=False)).astype(rdt)
         return v, u

@@ -35,11 +35,11 @@ from ssmjax.layers.common import (
     dense,
     gated_rms_norm,
     linear_scan_op,
+    lower_bounded_log_forget,
     ones_param,
     scan_method,
     state_float,
 )
-from ssmjax.layers.linear_attention import lower_bounded_log_forget
 from ssmjax.layers.registry import register
 
 

@@ -15,7 +15,8 @@ needs no decay: the normalised state ``S_t = M_t / Z_t`` forgets through the gro
     S_t = diag(exp(z_{t-1} - z_t)) S_{t-1} + exp(k~_t - z_t) v_t^T
 
 (all exponents ``<= 0``), which is how ``__call__`` / ``step`` evaluate it
-(:func:`ssmjax.scan.gla.gated_linear_attention`; the state is ``(S, z)``). Because ``M`` and
+(:func:`ssmjax.scan.lightnet.additive_gates` into
+:func:`ssmjax.scan.gla.gated_linear_attention`; the state is ``(S, z)``). Because ``M`` and
 ``Z`` are plain sums, the final state does not depend on the order in which tokens are
 scanned: one scan over a flattened image (any order) gives every token the same global
 context. That is ``bidirectional=True``: ``S = sum_t softmax_t(k~) v_t^T`` over all tokens
@@ -60,41 +61,26 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
-from ssmjax.layers.attention import rotary_embedding
 from ssmjax.layers.common import (
     RecurrentMixer,
     check_heads,
+    check_layer_input,
     dense,
     gated_rms_norm,
     gla_op,
     linear_scan_op,
     merge_heads,
+    no_state_when_bidirectional,
     ones_param,
     output_dropout,
     rms_norm,
+    rotary_embedding,
     scan_method,
     split_heads,
     state_float,
 )
-from ssmjax.layers.common import check_layer_input, no_state_when_bidirectional
 from ssmjax.layers.registry import register
-
-
-# ----------------------------------------------------------------------------- additive gates
-def additive_gates(
-    key_logits: Float[Array, "batch time heads dk"], z0: Float[Array, "batch heads dk"]
-) -> tuple[Float[Array, "batch time heads dk"], Float[Array, "batch time heads dk"], Float[Array, "batch heads dk"]]:
-    """The additive recurrence as gated-linear-attention inputs.
-
-    With ``z_t = logaddexp(z_{t-1}, k~_t)`` from ``z_{-1} = z0`` (``-inf``: no tokens yet):
-    the normalised keys ``exp(k~_t - z_t)``, the log-decays ``z_{t-1} - z_t`` (``0`` while
-    ``z_{t-1} = -inf``: the state is still empty) and ``z`` after the last token.
-    """
-    z = jnp.logaddexp(z0[:, None], jax.lax.cumlogsumexp(key_logits, axis=1))
-    z_prev = jnp.concatenate([z0[:, None], z[:, :-1]], axis=1)
-    started = jnp.isfinite(z_prev)
-    log_decay = jnp.where(started, jnp.where(started, z_prev, z) - z, 0.0)
-    return jnp.exp(key_logits - z), log_decay, z[:, -1]
+from ssmjax.scan.lightnet import additive_gates
 
 
 # ----------------------------------------------------------------------------- MD-LRPE
@@ -107,7 +93,7 @@ def grid_coordinates(grid_shape: tuple[int, ...], start: Array | int = 0, length
 
 def md_lrpe(x: Float[Array, "b t h d"], coords: Array, base: float = 10000.0) -> Float[Array, "b t h d"]:
     """MD-LRPE: split the channels into ``D = coords.shape[-1]`` equal slices and rotate
-    slice ``a`` (RoPE, :func:`~ssmjax.layers.attention.rotary_embedding`) by the
+    slice ``a`` (RoPE, :func:`~ssmjax.layers.common.rotary_embedding`) by the
     coordinate along axis ``a``; ``coords [t, D]``. Then ``md_lrpe(q, p) . md_lrpe(k, p')``
     depends on ``p' - p`` only."""
     axes = coords.shape[-1]

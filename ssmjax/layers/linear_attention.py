@@ -63,40 +63,46 @@ C_t``, ``n~_t = exp(-m_t) n_t`` and ``h~_t = C~_t q_t / max(|n~_t^T q_t|, exp(-m
 which equals the unstabilised ``h~_t`` exactly (the factor ``exp(-m_t)`` cancels).
 ``C~`` and ``n~`` are one gated linear attention with the value augmented by a ones column,
 the keys ``exp(i~_t - m_t) k_t`` and the log-decays ``log f_t + m_{t-1} - m_t``: every
-exponent is ``<= 0`` however large ``i~`` grows (see :func:`mlstm_cell`).
+exponent is ``<= 0`` however large ``i~`` grows (see :func:`ssmjax.scan.mlstm.mlstm`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jaxtyping import Float
 
-from ssmjax.layers.attention import rotary_embedding
 from ssmjax.layers.common import (
     RecurrentMixer,
     check_heads,
+    compiled,
     dense,
     gated_rms_norm,
     gla_op,
     layer_norm,
+    lower_bounded_log_forget,
     merge_heads,
     ones_param,
     rms_norm,
+    rotary_embedding,
     scan_method,
+    short_conv,
+    short_conv_params,
     split_heads,
     split_normaliser,
     state_float,
     with_ones_column,
 )
-from ssmjax.layers.mamba import conv_params, conv_silu
 from ssmjax.layers.registry import register
+from ssmjax.scan.mlstm import init_mlstm_state, mlstm
+
+#: :func:`ssmjax.scan.mlstm.mlstm` compiled per shape (see ``common.compiled``).
+mlstm_op = compiled(mlstm, "chunk_size", "method")
 
 FEATURE_MAPS = {"identity": lambda x: x, "elu+1": lambda x: jax.nn.elu(x) + 1.0}
 
@@ -258,17 +264,6 @@ class GLA(RecurrentMixer):
 
 
 # ----------------------------------------------------------------------------- HGRN2
-def lower_bounded_log_forget(logits: Array, lower_bound: float) -> Array:
-    """``log(lb + (1 - lb) sigmoid(logits))`` without forming ``log(0)`` (HGRN's forget
-    gate with the layer's lower bound ``0 <= lb < 1``)."""
-    if not 0.0 <= lower_bound < 1.0:
-        raise ValueError(f"lower_bound: expected a value in [0, 1), got {lower_bound}")
-    log_mu = jax.nn.log_sigmoid(logits)
-    if lower_bound == 0.0:
-        return log_mu
-    return jnp.logaddexp(math.log(lower_bound), math.log1p(-lower_bound) + log_mu)
-
-
 @register("hgrn2")
 class HGRN2(RecurrentMixer):
     """HGRN2 (module docstring); ``expand_ratio`` is the key (forget) size per head
@@ -323,57 +318,6 @@ def linspace_init(start: float, stop: float):
     return init
 
 
-class MLSTMState(NamedTuple):
-    """``C [batch, heads, dk, dv + 1]``: the stabilised memory ``exp(-m) C^T`` with the
-    stabilised normaliser ``exp(-m) n`` as its last column; ``m [batch, heads]``: the
-    stabiliser."""
-
-    C: Array
-    m: Array
-
-
-def mlstm_stabiliser(
-    log_f: Float[Array, "batch time heads"], log_i: Float[Array, "batch time heads"], m0: Float[Array, "batch heads"]
-) -> Float[Array, "batch time heads"]:
-    """``m_t = max(log f_t + m_{t-1}, log i_t)`` from ``m_{-1} = m0``, in closed form:
-    with ``F_t = log f_0 + ... + log f_t``, ``m_t = F_t + max(m0, max_{j <= t}(log i_j - F_j))``
-    (a cumulative sum and a cumulative max, no token loop)."""
-    F = jnp.cumsum(log_f, axis=1)
-    return F + jnp.maximum(m0[:, None], jax.lax.cummax(log_i - F, axis=1))
-
-
-def mlstm_cell(
-    q: Float[Array, "batch time heads dk"],
-    k: Float[Array, "batch time heads dk"],
-    v: Float[Array, "batch time heads dv"],
-    log_f: Float[Array, "batch time heads"],
-    log_i: Float[Array, "batch time heads"],
-    state: MLSTMState,
-    *,
-    chunk_size: int = 64,
-    method: str = "auto",
-) -> tuple[Float[Array, "batch time heads dv"], MLSTMState]:
-    """The stabilised mLSTM memory (xLSTM, Beck et al. 2024, eqs. 19-27 without the
-    output gate): ``h~_t = C_t q_t / max(|n_t^T q_t|, 1)`` with ``C_t = f_t C_{t-1} + i_t
-    v_t k_t^T``, ``n_t = f_t n_{t-1} + i_t k_t`` and keys scaled by ``dk^-1/2``.
-
-    One :func:`gated_linear_attention` over the value augmented with a ones column carries
-    ``(exp(-m) C^T, exp(-m) n)``: its keys are ``exp(log i_t - m_t) k_t`` and its
-    log-decays ``log f_t + m_{t-1} - m_t`` (both ``<= 0`` as ``m_t >= log i_t`` and ``m_t >=
-    log f_t + m_{t-1}``). Any stabiliser sequence gives the same ``h~`` in exact
-    arithmetic, so ``m`` carries no gradient (``stop_gradient``).
-    """
-    m = jax.lax.stop_gradient(mlstm_stabiliser(log_f, log_i, state.m))
-    m_prev = jnp.concatenate([state.m[:, None], m[:, :-1]], axis=1)
-    keys = k * jnp.exp(log_i - m)[..., None]
-    o, C = gla_op(q, keys, with_ones_column(v), log_decay=log_f + m_prev - m,
-                                  scale=q.shape[-1] ** -0.5, initial_state=state.C,
-                                  chunk_size=chunk_size, method=method)
-    numerator, denominator = split_normaliser(o)
-    h = numerator / jnp.maximum(jnp.abs(denominator), jnp.exp(-m)[..., None])
-    return h, MLSTMState(C, m[:, -1])
-
-
 @register("mlstm")
 class MLSTM(RecurrentMixer):
     """xLSTM mLSTM block (module docstring); ``E = expand d``, parameters
@@ -401,7 +345,7 @@ class MLSTM(RecurrentMixer):
         check_heads("num_heads", E, H)
         check_heads("qkv_blocksize", E, bs)
         self.up_proj = dense(2 * E, self, "up_proj")
-        self.conv_w, self.conv_b = conv_params(self, self.conv_size, E)
+        self.conv_w, self.conv_b = short_conv_params(self, self.conv_size, E, bias=True)
         # xLSTM's small_init: N(0, 2 / (5 E)).
         init = nn.initializers.normal(math.sqrt(2.0 / (5.0 * E)))
         self.q_blocks, self.k_blocks, self.v_blocks = (
@@ -418,7 +362,7 @@ class MLSTM(RecurrentMixer):
         dh = E // H
         real = state_float(dtype)
         return dict(conv=jnp.zeros((batch_size, self.conv_size - 1, E), dtype),
-                    cell=MLSTMState(jnp.zeros((batch_size, H, dh, dh + 1), real), jnp.zeros((batch_size, H), real)))
+                    cell=init_mlstm_state(batch_size, H, dh, dh, real))
 
     def _block_diagonal(self, x: Array, blocks) -> Array:
         """``x [..., E]`` times the block-diagonal matrix with ``[bs, bs]`` blocks."""
@@ -429,14 +373,15 @@ class MLSTM(RecurrentMixer):
         H = self.num_heads
         real = state_float(x.dtype)
         x_m, z = jnp.split(self.up_proj(x), 2, axis=-1)
-        x_c, conv_state = conv_silu(x_m, self.conv_w, self.conv_b, state["conv"], None, None)
+        x_c, conv_state = short_conv(x_m, self.conv_w, self.conv_b, state["conv"])
         q, k, v = (self._block_diagonal(u, w) for u, w in ((x_c, self.q_blocks), (x_c, self.k_blocks),
                                                            (x_m, self.v_blocks)))
         gates_in = jnp.concatenate([q, k, v], axis=-1)
         log_i = self.igate(gates_in).astype(real)
         log_f = jax.nn.log_sigmoid(self.fgate(gates_in).astype(real))
-        h, cell = mlstm_cell(split_heads(q, H), split_heads(k, H), split_heads(v, H), log_f, log_i, state["cell"],
-                             chunk_size=self.chunk_size, method=scan_method(self.method, x.shape[1]))
+        h, cell = mlstm_op(split_heads(q, H), split_heads(k, H), split_heads(v, H), log_f, log_i,
+                           initial_state=state["cell"], chunk_size=self.chunk_size,
+                           method=scan_method(self.method, x.shape[1]))
         h = layer_norm(h, split_heads(self.norm_weight.astype(real), H), self.norm_eps)
         h = merge_heads(h).astype(x.dtype) + self.skip.astype(x.dtype) * x_c
         return self.down_proj(h * jax.nn.silu(z)), dict(conv=conv_state, cell=cell)

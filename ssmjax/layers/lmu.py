@@ -44,9 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 
-from ssmjax.layers.common import check_layer_input
+from ssmjax.checks import check_choice
+from ssmjax.layers.common import check_layer_input, state_float
 from ssmjax.layers.registry import register
-from ssmjax.scan._checks import check_method, state_dtype
 from ssmjax.scan.conv import fft_causal_convolution
 from ssmjax.scan.linear import matrix_scan
 
@@ -105,7 +105,7 @@ class LMU(nn.Module):
         return self.order or self.d_model
 
     def setup(self):
-        check_method(self.method, LMU_METHODS)
+        check_choice("method", self.method, LMU_METHODS)
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         self.W_u = dense(self.memory_dim, name="W_u")
         self.W_h = dense(self.d_model, name="W_h")
@@ -113,7 +113,7 @@ class LMU(nn.Module):
         self.drop = nn.Dropout(self.dropout)
 
     def init_state(self, batch_size: int, dtype=jnp.float32) -> dict:
-        return dict(m=jnp.zeros((batch_size, self.memory_dim, self.q), state_dtype(dtype)))
+        return dict(m=jnp.zeros((batch_size, self.memory_dim, self.q), state_float(dtype)))
 
     def memory_by_fft(self, u):
         """``m [b, t, d_u, q]`` from zero state by FFT convolution with ``H``."""
@@ -133,7 +133,7 @@ class LMU(nn.Module):
         check_layer_input(x, self.d_model)
         batch, time, _ = x.shape
         u = jax.nn.relu(self.W_u(x))
-        u = u.astype(state_dtype(u.dtype))
+        u = u.astype(state_float(u.dtype))
         continuing = state is not None or segment_ids is not None or reset is not None
         if self.method == "fft" and not continuing and time > 0:
             m = self.memory_by_fft(u)

@@ -58,9 +58,9 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Float, Inexact
 
+from ssmjax.checks import carry_cut_mask
 from ssmjax.layers.common import check_layer_input, no_state_when_bidirectional
 from ssmjax.layers.registry import register
-from ssmjax.scan._checks import carry_cut_mask
 from ssmjax.scan.conv import causal_conv1d
 from ssmjax.scan.linear import linear_scan
 

@@ -50,9 +50,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ssmjax.layers.common import check_layer_input, dt_bias_init, log_uniform_init, uniform_init
+from ssmjax.layers.common import (
+    check_layer_input,
+    dt_bias_init,
+    log_uniform_init,
+    short_conv,
+    short_conv_params,
+    uniform_init,
+)
 from ssmjax.layers.registry import register
-from ssmjax.scan.conv import causal_conv1d
 from ssmjax.scan.gla import gated_linear_attention
 from ssmjax.scan.selective import selective_scan
 
@@ -60,22 +66,6 @@ from ssmjax.scan.selective import selective_scan
 def s4d_real_log_init(key, shape, dtype=jnp.float32):
     """``A_log[e, n] = log(n + 1)``: ``A = -exp(A_log)`` is S4D-Real's ``-(n + 1)``."""
     return jnp.log(jnp.broadcast_to(jnp.arange(1, shape[-1] + 1, dtype=jnp.float32), shape)).astype(dtype)
-
-
-def conv_params(module: nn.Module, width: int, channels: int):
-    """Depthwise causal conv ``(weight [width, channels], bias [channels])``."""
-    bound = 1 / math.sqrt(width)
-    w = module.param("conv_w", uniform_init(bound), (width, channels), module.param_dtype)
-    b = module.param("conv_b", uniform_init(bound), (channels,), module.param_dtype)
-    return w, b
-
-
-def conv_silu(x, w, b, state, segment_ids, reset):
-    """``silu(causal_conv1d(x))`` and the new conv state (in the dtype of ``state``)."""
-    y, new_state = causal_conv1d(
-        x, w.astype(x.dtype), b.astype(x.dtype), initial_state=state, segment_ids=segment_ids, reset=reset
-    )
-    return jax.nn.silu(y), new_state.astype(state.dtype)
 
 
 def gated_rms_norm(y, z, weight, groups: int, eps: float):
@@ -120,7 +110,7 @@ class Mamba(_MambaBase):
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
     dt_scale: float = 1.0
-    scan_method: str = "auto"
+    method: str = "auto"
     chunk_size: int | None = None
     dropout: float = 0.0
     deterministic: bool = True
@@ -139,7 +129,7 @@ class Mamba(_MambaBase):
         E, N, R = self.d_inner, self.d_state, self.rank
         dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
         self.in_proj = dense(2 * E, name="in_proj")
-        self.conv_w, self.conv_b = conv_params(self, self.d_conv, E)
+        self.conv_w, self.conv_b = short_conv_params(self, self.d_conv, E, bias=True)
         self.x_proj = dense(R + 2 * N, name="x_proj")
         dt_init = dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor)
         self.dt_proj_kernel = self.param(
@@ -161,13 +151,13 @@ class Mamba(_MambaBase):
         N, R = self.d_state, self.rank
         real = jnp.result_type(x.dtype, jnp.float32)
         xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
-        xs, conv_state = conv_silu(xs, self.conv_w, self.conv_b, state["conv"], segment_ids, reset)
+        xs, conv_state = short_conv(xs, self.conv_w, self.conv_b, state["conv"], segment_ids, reset)
         dt, B, C = jnp.split(self.x_proj(xs), [R, R + N], axis=-1)
         y, ssm_state = selective_scan(
             xs, dt @ self.dt_proj_kernel.astype(dt.dtype), -jnp.exp(self.A_log.astype(real)), B, C,
             D=self.D, z=z, delta_bias=self.dt_proj_bias, delta_softplus=True,
             initial_state=state["ssm"], segment_ids=segment_ids, reset=reset,
-            method=self.scan_method, chunk_size=self.chunk_size,
+            method=self.method, chunk_size=self.chunk_size,
         )
         return self.out_proj(y), dict(conv=conv_state, ssm=ssm_state)
 
@@ -189,7 +179,7 @@ class Mamba2(_MambaBase):
     dt_init_floor: float = 1e-4
     norm_eps: float = 1e-5
     chunk_size: int = 64
-    scan_method: str = "auto"
+    method: str = "auto"
     dropout: float = 0.0
     deterministic: bool = True
     dtype: Any = None
@@ -215,7 +205,7 @@ class Mamba2(_MambaBase):
             raise ValueError(f"ngroups: must divide the number of heads {H}, got {G}")
         dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
         self.in_proj = dense(2 * E + 2 * G * N + H, name="in_proj")
-        self.conv_w, self.conv_b = conv_params(self, self.d_conv, E + 2 * G * N)
+        self.conv_w, self.conv_b = short_conv_params(self, self.d_conv, E + 2 * G * N, bias=True)
         self.dt_bias = self.param("dt_bias", dt_bias_init(self.dt_min, self.dt_max, self.dt_init_floor), (H,),
                                   self.param_dtype)
         lo, hi = self.A_init_range
@@ -238,7 +228,7 @@ class Mamba2(_MambaBase):
         E, N, G, H, P = self.d_inner, self.d_state, self.ngroups, self.num_heads, self.head_size
         batch, time, _ = x.shape
         z, xBC, dt = jnp.split(self.in_proj(x), [E, 2 * E + 2 * G * N], axis=-1)
-        xBC, conv_state = conv_silu(xBC, self.conv_w, self.conv_b, state["conv"], segment_ids, reset)
+        xBC, conv_state = short_conv(xBC, self.conv_w, self.conv_b, state["conv"], segment_ids, reset)
         xs, B, C = jnp.split(xBC, [E, E + G * N], axis=-1)
         real = jnp.result_type(x.dtype, jnp.float32)
         delta = jax.nn.softplus(dt.astype(real) + self.dt_bias.astype(real))  # [b, t, H]
@@ -248,7 +238,7 @@ class Mamba2(_MambaBase):
         o, ssm_state = gated_linear_attention(
             per_head(C), per_head(B), heads.astype(real) * delta[..., None],
             log_decay=delta * A, scale=1.0, initial_state=state["ssm"],
-            segment_ids=segment_ids, reset=reset, chunk_size=self.chunk_size, method=self.scan_method,
+            segment_ids=segment_ids, reset=reset, chunk_size=self.chunk_size, method=self.method,
         )
         y = (o + self.D.astype(real)[:, None] * heads.astype(real)).reshape(batch, time, E)
         y = gated_rms_norm(y, z.astype(real), self.norm_weight.astype(real), G, self.norm_eps)

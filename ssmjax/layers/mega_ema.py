@@ -45,9 +45,9 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
+from ssmjax.checks import check_choice
 from ssmjax.layers.common import check_layer_input, no_state_when_bidirectional
 from ssmjax.layers.registry import register
-from ssmjax.scan._checks import check_method
 from ssmjax.scan.conv import fft_causal_convolution
 from ssmjax.scan.linear import linear_scan
 
@@ -155,7 +155,7 @@ class MegaEMA(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        check_method(self.method, EMA_METHODS)
+        check_choice("method", self.method, EMA_METHODS)
         make = functools.partial(DampedEMA, self.d_model, self.ndim, self.param_dtype)
         self.forward_ema = make(name="forward")
         self.backward_ema = make(name="backward") if self.bidirectional else None

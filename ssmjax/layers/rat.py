@@ -17,9 +17,9 @@ per head (head ``h`` uses q/k group ``h mod G``; the gate acts on each head's ow
 channels). ``R`` is the chunk-level rotary embedding of the paper's code ("inter-chunk
 RoPE"): queries, own states and summaries of chunk ``c`` are rotated by angle ``c``.
 The intra-chunk recurrence is :func:`ssmjax.scan.linear.linear_scan` with resets at chunk
-starts; the attention over summaries is a masked softmax with one extra, per-query key
-(the running state), written out directly because ``jax.nn.dot_product_attention`` has no
-per-query key.
+starts; the attention over summaries is
+:func:`ssmjax.scan.chunk_summary.attend_chunk_summaries` (a masked softmax with one extra,
+per-query key: the running state).
 
 Step form / state: only the chunk summaries are cached (``max_len / L`` slots), plus the
 running ``(kt, vt)`` of the current chunk and the absolute position, so generation needs
@@ -34,6 +34,7 @@ Parameters: ``4 d^2 + 2 G d_h d + d`` (``W_in``: ``d (3 d + 2 G d_h)``, gate bia
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,27 +42,10 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Bool, Float
 
-from ssmjax.layers.attention import rotary_embedding
+from ssmjax.layers.common import rotary_embedding
 from ssmjax.layers.registry import register
+from ssmjax.scan.chunk_summary import attend_chunk_summaries
 from ssmjax.scan.linear import linear_scan
-
-
-def attend_chunk_summaries(
-    q: Float[Array, "b t h d"],
-    k_sum: Float[Array, "b n h d"],
-    v_sum: Float[Array, "b n h d"],
-    visible: Bool[Array, "t n"],
-    k_own: Float[Array, "b t h d"],
-    v_own: Float[Array, "b t h d"],
-) -> Float[Array, "b t h d"]:
-    """``softmax([q . k_sum_j]_{visible j} ++ [q . k_own]) [v_sum; v_own] / sqrt(d)``: every
-    query has its own extra key, so no row is fully masked."""
-    scale = q.shape[-1] ** -0.5
-    logits = scale * jnp.einsum("bthd,bnhd->bthn", q, k_sum)
-    logits = jnp.where(visible[None, :, None, :], logits, -jnp.inf)
-    own = scale * jnp.sum(q * k_own, -1, keepdims=True)  # [b, t, h, 1]
-    weights = jax.nn.softmax(jnp.concatenate([logits, own], -1), axis=-1)
-    return jnp.einsum("bthn,bnhd->bthd", weights[..., :-1], v_sum) + weights[..., -1:] * v_own
 
 
 @jax.jit
@@ -84,8 +68,8 @@ class RAT(nn.Module):
     chunk_size: int = 16
     max_len: int = 2048
     rope_base: float | None = 10000.0
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    dtype: Any = None  # computation dtype; None: the input's (promoted with the params')
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         if self.d_model % self.num_heads:
@@ -135,7 +119,7 @@ class RAT(nn.Module):
         # Intra-chunk recurrence of values and keys, one gate per channel.
         inputs = jnp.stack([values, k], 2).astype(gate.dtype)  # [b, t, 2, d], at least float32
         running, h_last = intra_chunk_recurrence(gate, inputs, chunk_start, None if state is None else state["h"])
-        running = running.astype(self.dtype).reshape(batch, time, 2, self.num_heads, head)
+        running = running.astype(values.dtype).reshape(batch, time, 2, self.num_heads, head)
         v_run, k_run = running[:, :, 0], running[:, :, 1]
         q, k_run = self._rotate(q, chunk_of), self._rotate(k_run, chunk_of)
         complete = positions % L == L - 1

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Bool, Float, Int
 
+from ssmjax.checks import carry_cut_mask
 from ssmjax.layers.common import (
     check_heads,
     check_layer_input,
@@ -78,12 +79,12 @@ from ssmjax.layers.common import (
     layer_norm,
     output_dropout,
     scan_method,
+    short_conv,
+    short_conv_params,
     state_float,
     uniform_init,
 )
-from ssmjax.layers.mamba import conv_silu
 from ssmjax.layers.registry import register
-from ssmjax.scan._checks import carry_cut_mask
 from ssmjax.scan.rnn import CELLS, init_state, nonlinear_rnn
 
 GATINGS = ("none", "additive", "learned_rate", "input")
@@ -368,9 +369,7 @@ class SLSTM(_HeadwiseRNN):
         self.if_proj = dense((2, H, dh), self, "if_proj")
         self.zo_proj = dense((2, H, dh), self, "zo_proj")
         if self.conv_size:
-            bound = 1 / math.sqrt(self.conv_size)
-            self.conv_w = self.param("conv_w", uniform_init(bound), (self.conv_size, self.d_model), self.param_dtype)
-            self.conv_b = self.param("conv_b", uniform_init(bound), (self.d_model,), self.param_dtype)
+            self.conv_w, self.conv_b = short_conv_params(self, self.conv_size, self.d_model, bias=True)
         self.norm_weight = self.param("norm_weight", nn.initializers.ones, (H, dh), self.param_dtype)
 
     def extra_state(self, batch_size: int, dtype) -> dict:
@@ -382,7 +381,7 @@ class SLSTM(_HeadwiseRNN):
         new = {}
         x_c = x
         if self.conv_size:
-            x_c, new["conv"] = conv_silu(x, self.conv_w, self.conv_b, state["conv"], segment_ids, reset)
+            x_c, new["conv"] = short_conv(x, self.conv_w, self.conv_b, state["conv"], segment_ids, reset)
         return jnp.concatenate([self.if_proj(x_c), self.zo_proj(x)], axis=2), new
 
     def read_out(self, h):

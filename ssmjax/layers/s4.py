@@ -61,10 +61,18 @@ import numpy as np
 from jax import Array
 from jaxtyping import Float, Inexact
 
+from ssmjax.checks import check_choice
 from ssmjax.layers.hippo import S4D_INITS, hippo_legs_dplr, s4d_init
-from ssmjax.layers.common import check_layer_input, no_state_when_bidirectional
+from ssmjax.layers.common import (
+    as_complex,
+    check_layer_input,
+    complex_pairs,
+    constant,
+    no_state_when_bidirectional,
+    state_float,
+    uniform_log_init,
+)
 from ssmjax.layers.registry import register
-from ssmjax.scan._checks import check_method, state_dtype
 from ssmjax.scan.lti import (
     DISCRETISATIONS,
     bidirectional_convolution,
@@ -76,37 +84,6 @@ from ssmjax.scan.lti import (
     dplr_ssm_step,
     vandermonde_kernel,
 )
-
-
-def as_complex(p: Array) -> Array:
-    """``[..., 2]`` real pairs -> complex ``[...]``."""
-    return jax.lax.complex(p[..., 0], p[..., 1])
-
-
-def complex_pairs(z) -> np.ndarray:
-    """complex ``[...]`` -> ``[..., 2]`` real pairs (float64 numpy, for initialisers)."""
-    z = np.asarray(z)
-    return np.stack([z.real, z.imag], axis=-1)
-
-
-def constant(value) -> nn.initializers.Initializer:
-    """An initialiser returning a fixed array (cast to the parameter dtype)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        del key
-        return jnp.broadcast_to(jnp.asarray(value, dtype), shape)
-
-    return init
-
-
-def log_uniform(low: float, high: float) -> nn.initializers.Initializer:
-    """``log x`` with ``x`` log-uniform in ``[low, high]`` (the S4 ``dt`` initialisation)."""
-
-    def init(key, shape, dtype=jnp.float32):
-        u = jax.random.uniform(key, shape, jnp.float32)
-        return (math.log(low) + u * (math.log(high) - math.log(low))).astype(dtype)
-
-    return init
 
 
 def conjugate_extend(z: Array) -> Array:
@@ -156,7 +133,7 @@ class ConvSSMBlock(nn.Module):
         check_layer_input(x, self.d_model)
         no_state_when_bidirectional(self.name or type(self).__name__, self.bidirectional, state, return_state)
         out_dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        u = x.astype(state_dtype(x.dtype))
+        u = x.astype(state_float(x.dtype))
         if self.bidirectional:
             forward, backward = self.ssm_kernels(x.shape[1], u.dtype)  # [H, T] each
             y = bidirectional_convolution(u, forward.T.astype(u.dtype), backward.T.astype(u.dtype))
@@ -171,7 +148,7 @@ class ConvSSMBlock(nn.Module):
             raise ValueError("state: a bidirectional layer is non-causal and has no step form")
         x_t = jnp.asarray(x_t)
         out_dtype = self.dtype or jnp.result_type(x_t.dtype, self.param_dtype)
-        u = x_t.astype(state_dtype(x_t.dtype))
+        u = x_t.astype(state_float(x_t.dtype))
         y, x_new = self.ssm_step(u, state["x"])
         return self.block_output(y.astype(u.dtype), u, out_dtype), dict(x=x_new)
 
@@ -200,7 +177,7 @@ class S4(ConvSSMBlock):
         self.P = self.param("P", constant(complex_pairs(P)), (h, r, n, 2), self.param_dtype)
         self.B = self.param("B", constant(complex_pairs(b)), (h, n, 2), self.param_dtype)
         self.C = self.param("C", nn.initializers.normal(math.sqrt(0.5)), (self.n_outputs, h, n, 2), self.param_dtype)
-        self.log_dt = self.param("log_dt", log_uniform(self.dt_min, self.dt_max), (h,), self.param_dtype)
+        self.log_dt = self.param("log_dt", uniform_log_init(self.dt_min, self.dt_max), (h,), self.param_dtype)
 
     def system(self, real_dtype) -> tuple[Array, Array, Array, Array, Array]:
         """The full conjugate-extended system ``(Lambda [H, N], P [H, R, N], B [H, N],
@@ -270,15 +247,15 @@ class S4D(DiagonalConvSSMBlock):
         return (self.d_model, self.d_state // 2)
 
     def setup_ssm(self):
-        check_method(self.a_init, S4D_INITS)
-        check_method(self.discretization, DISCRETISATIONS)
+        check_choice("a_init", self.a_init, S4D_INITS)
+        check_choice("discretization", self.discretization, DISCRETISATIONS)
         h, n = self.d_model, self.d_state // 2
         Lambda, b = s4d_init(self.a_init, self.d_state)
         self.log_A_real = self.param("log_A_real", constant(np.log(-Lambda.real)), (h, n), self.param_dtype)
         self.A_imag = self.param("A_imag", constant(Lambda.imag), (h, n), self.param_dtype)
         self.B = self.param("B", constant(complex_pairs(b)), (h, n, 2), self.param_dtype)
         self.C = self.param("C", nn.initializers.normal(math.sqrt(0.5)), (self.n_outputs, h, n, 2), self.param_dtype)
-        self.log_dt = self.param("log_dt", log_uniform(self.dt_min, self.dt_max), (h,), self.param_dtype)
+        self.log_dt = self.param("log_dt", uniform_log_init(self.dt_min, self.dt_max), (h,), self.param_dtype)
 
     def discretized(self, real_dtype):
         Lambda = jax.lax.complex(-jnp.exp(self.log_A_real.astype(real_dtype)), self.A_imag.astype(real_dtype))
@@ -308,7 +285,7 @@ class DSS(DiagonalConvSSMBlock):
         self.Lambda_log_neg_re = self.param("Lambda_log_neg_re", constant(np.log(-Lambda.real)), (n,), self.param_dtype)
         self.Lambda_im = self.param("Lambda_im", constant(Lambda.imag), (n,), self.param_dtype)
         self.W = self.param("W", nn.initializers.normal(1.0), (self.n_outputs, h, n, 2), self.param_dtype)
-        self.log_dt = self.param("log_dt", log_uniform(self.dt_min, self.dt_max), (h,), self.param_dtype)
+        self.log_dt = self.param("log_dt", uniform_log_init(self.dt_min, self.dt_max), (h,), self.param_dtype)
 
     def discretized(self, real_dtype):
         Lambda = jax.lax.complex(

@@ -40,11 +40,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ssmjax.checks import check_choice
 from ssmjax.layers.hippo import s5_hippo_n_init
-from ssmjax.layers.common import check_layer_input, no_state_when_bidirectional
+from ssmjax.layers.common import (
+    as_complex,
+    check_layer_input,
+    constant,
+    no_state_when_bidirectional,
+    state_float,
+    uniform_log_init,
+)
 from ssmjax.layers.registry import register
-from ssmjax.layers.s4 import as_complex, constant, log_uniform
-from ssmjax.scan._checks import check_method, state_dtype
 from ssmjax.scan.linear import linear_scan
 from ssmjax.scan.lti import DISCRETISATIONS, discretize_diagonal
 
@@ -88,8 +94,8 @@ class S5(nn.Module):
     param_dtype: Any = jnp.float32
 
     def setup(self):
-        check_method(self.discretization, DISCRETISATIONS)
-        check_method(self.activation, S5_ACTIVATIONS)
+        check_choice("discretization", self.discretization, DISCRETISATIONS)
+        check_choice("activation", self.activation, S5_ACTIVATIONS)
         h, half = self.d_model, self.d_state // 2
         Lambda, V, V_inv = s5_hippo_n_init(self.d_state, self.blocks)
         c = 2 if self.bidirectional else 1
@@ -101,7 +107,7 @@ class S5(nn.Module):
         self.B = self.param("B", eigenvector_projected(lecun, V_inv, "left"), (half, h, 2), self.param_dtype)
         self.C = self.param("C", eigenvector_projected(lecun_rows, V, "right"), (c, h, half, 2), self.param_dtype)
         self.D = self.param("D", nn.initializers.normal(1.0), (h,), self.param_dtype)
-        self.log_step = self.param("log_step", log_uniform(self.dt_min, self.dt_max), (half,), self.param_dtype)
+        self.log_step = self.param("log_step", uniform_log_init(self.dt_min, self.dt_max), (half,), self.param_dtype)
         dense = lambda name: nn.Dense(h, dtype=self.dtype, param_dtype=self.param_dtype, name=name)  # noqa: E731
         self.out1 = dense("out1") if self.activation == "full_glu" else None
         self.out2 = dense("out2") if self.activation != "gelu" else None
@@ -135,7 +141,7 @@ class S5(nn.Module):
         check_layer_input(x, self.d_model)
         no_state_when_bidirectional("s5", self.bidirectional, state, return_state)
         out_dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        u = x.astype(state_dtype(x.dtype))
+        u = x.astype(state_float(x.dtype))
         A_bar, B_bar, C = self.discretized(u.dtype)
         Bu = jnp.einsum("bth,ph->btp", u, B_bar)
         xs, x_last = linear_scan(A_bar, Bu, initial_state=None if state is None else state["x"])

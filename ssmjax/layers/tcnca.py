@@ -12,7 +12,7 @@ Temporal mixing ``x' = T(x)``:
   ``K = tcn_kernel_size`` and dilation ``f^i`` (``f = tcn_dilation_base``),
   ``u_{i+1} = u_i + silu(conv_{f^i}(u_i) + b_i)``, ``x' = u_D`` (receptive field
   ``1 + (K - 1)(f^D - 1)/(f - 1)``). Each dilated convolution is
-  :func:`ssmjax.scan.conv.causal_conv1d` on the sequence folded into ``f^i`` phases.
+  :func:`ssmjax.layers.common.dilated_causal_conv` (undilated convolutions over ``f^i`` phases).
 * ``"ema"``: MEGA's multi-dimensional damped EMA (``N = ema_dim`` per channel),
   ``h_t = alpha * (beta x_t) + (1 - alpha delta) * h_{t-1}``, ``y_t = eta . h_t / sqrt(N)``,
   ``x' = silu(y + omega x)``, with ``alpha, delta = sigmoid(.)``; the recurrence is
@@ -28,7 +28,7 @@ Gated chunked attention (MEGA, single head, ``Z = qk_dim``, ``V = expansion * d`
     h = silu(hx + (r * o) W_h + b_h)
     y = phi * h + (1 - phi) * x
 
-The attention is :func:`ssmjax.scan.softmax_attention.causal_softmax_attention` per chunk.
+The attention is :func:`ssmjax.scan.chunk_attention.chunked_attention_with_cache`.
 The array helpers are jitted (static dilation / chunk) so that eager decoding reuses them.
 MEGA's relative position bias is not used (the temporal mixer carries position). The step
 state holds the convolution histories (or the EMA state) and the keys/values of the
@@ -41,7 +41,7 @@ Parameters (``Z = qk_dim``, ``V = expansion * d``):
 
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -49,32 +49,14 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
+from ssmjax.layers.common import compiled, dilated_causal_conv
 from ssmjax.layers.registry import register
-from ssmjax.scan.conv import causal_conv1d
+from ssmjax.scan.chunk_attention import chunked_attention_with_cache
 from ssmjax.scan.linear import linear_scan
-from ssmjax.scan.softmax_attention import causal_softmax_attention
 
 
-@functools.partial(jax.jit, static_argnames="dilation")
-def dilated_causal_conv(
-    x: Float[Array, "b t c"], weight: Float[Array, "k c"], dilation: int, history: Float[Array, "b h c"]
-) -> tuple[Float[Array, "b t c"], Float[Array, "b h c"]]:
-    """``y_t = sum_j weight[j] x_{t - (k - 1 - j) dilation}`` with ``history`` the last
-    ``(k - 1) dilation`` inputs; returns ``(y, new_history)``.
-
-    The sequence (history included) is folded into rows of ``dilation`` consecutive
-    tokens, so each phase ``t mod dilation`` is an undilated width-``k`` convolution over
-    rows: one :func:`causal_conv1d` with ``dilation * c`` channels, ``k`` taps, no zero taps.
-    """
-    batch, time, channels = x.shape
-    k = weight.shape[0]
-    stream = jnp.concatenate([history.astype(x.dtype), x], 1)  # [b, (k-1) dilation + t, c]
-    rows = jnp.pad(stream, ((0, 0), (0, -time % dilation), (0, 0)))
-    rows = rows.reshape(batch, -1, dilation * channels)
-    tiled = jnp.tile(weight.astype(x.dtype), (1, dilation))  # [k, dilation * c]
-    y, _ = causal_conv1d(rows[:, k - 1 :], tiled, initial_state=rows[:, : k - 1])
-    y = y.reshape(batch, -1, channels)[:, :time]
-    return y, stream[:, stream.shape[1] - history.shape[1] :]
+#: :func:`ssmjax.scan.chunk_attention.chunked_attention_with_cache` compiled per shape.
+chunked_attention_op = compiled(chunked_attention_with_cache, "chunk")
 
 
 @jax.jit
@@ -84,51 +66,6 @@ def damped_ema(
     """``h_t = decay * h_{t-1} + inputs_t`` (MEGA's EMA after the input scaling); jitted so
     that eager step-by-step decoding reuses the compiled scan."""
     return linear_scan(decay, inputs, initial_state=initial_state)
-
-
-@functools.partial(jax.jit, static_argnames="chunk")
-def chunked_attention_with_cache(
-    q: Float[Array, "b t z"],
-    k: Float[Array, "b t z"],
-    v: Float[Array, "b t e"],
-    cache_k: Float[Array, "b c z"] | None,
-    cache_v: Float[Array, "b c e"] | None,
-    position: Array,
-    chunk: int,
-):
-    """Causal softmax attention inside chunks of ``chunk`` tokens aligned to absolute
-    positions, continuing a partial chunk: ``cache_k/v [b, chunk, .]`` hold the keys/values
-    of the current chunk's first ``position % chunk`` tokens (zeros after them).
-
-    The tokens are laid out on the chunk grid (``cache ++ new`` written at offset
-    ``position % chunk``), attended chunk by chunk, and read back. Returns ``(o, cache_k,
-    cache_v)`` with the new partial chunk (``None`` caches: a fresh sequence, no cache out).
-    """
-    batch, time, _ = q.shape
-    if cache_k is None:
-        offset, length = 0, -(-time // chunk) * chunk
-        grid = lambda new, old: jnp.pad(new, ((0, 0), (0, length - time), (0, 0)))  # noqa: E731
-    else:
-        offset = position % chunk
-        length = (-(-(chunk + time) // chunk) + 1) * chunk
-
-        def grid(new, old):
-            base = jnp.zeros((batch, length, new.shape[-1]), new.dtype) if old is None else jnp.concatenate(
-                [old.astype(new.dtype), jnp.zeros((batch, length - chunk, new.shape[-1]), new.dtype)], 1)
-            return jax.lax.dynamic_update_slice_in_dim(base, new, offset, axis=1)
-
-    q_g, k_g, v_g = grid(q, None), grid(k, cache_k), grid(v, cache_v)
-    n = length // chunk
-    per_chunk = lambda u: u.reshape(batch * n, chunk, 1, u.shape[-1])  # noqa: E731
-    o = causal_softmax_attention(per_chunk(q_g), per_chunk(k_g), per_chunk(v_g))
-    o = jax.lax.dynamic_slice_in_dim(o.reshape(batch, length, -1), offset, time, axis=1)
-    if cache_k is None:
-        return o, None, None
-    filled = (position + time) % chunk
-    start = offset + time - filled  # grid index of the new partial chunk's first token
-    keep = (jnp.arange(chunk) < filled)[None, :, None]
-    new_cache = lambda u: jnp.where(keep, jax.lax.dynamic_slice_in_dim(u, start, chunk, axis=1), 0)  # noqa: E731
-    return o, new_cache(k_g), new_cache(v_g)
 
 
 @register("tcnca")
@@ -144,8 +81,8 @@ class TCNCA(nn.Module):
     tcn_dilation_base: int = 2
     tcn_depth: int = 4
     ema_dim: int = 16
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    dtype: Any = None  # computation dtype; None: the input's (promoted with the params')
+    param_dtype: Any = jnp.float32
 
     @property
     def _z(self) -> int:
@@ -228,10 +165,10 @@ class TCNCA(nn.Module):
         q = z * self.qk_scale[0] + self.qk_offset[0]
         k = z * self.qk_scale[1] + self.qk_offset[1]
         if stateful:
-            o, cache_k, cache_v = chunked_attention_with_cache(
+            o, cache_k, cache_v = chunked_attention_op(
                 q, k, v, state["k"], state["v"], state["pos"], self.chunk_size)
         else:
-            o, _, _ = chunked_attention_with_cache(q, k, v, None, None, jnp.zeros((), jnp.int32), self.chunk_size)
+            o, _, _ = chunked_attention_op(q, k, v, None, None, jnp.zeros((), jnp.int32), self.chunk_size)
         h = nn.silu(hx + self.h_proj(r * o))
         y = phi * h + (1.0 - phi) * x
         if not return_state:

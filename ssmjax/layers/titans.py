@@ -30,19 +30,18 @@ Parameters (``K = conv_size``, ``e = memory_expansion``, ``H = num_heads``):
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
+from ssmjax.layers.common import l2_normalize
 from ssmjax.layers.registry import register
 from ssmjax.scan.conv import causal_conv1d
 from ssmjax.scan.memory import init_neural_memory_state, neural_memory
-
-
-def l2_normalize(x: Array, eps: float = 1e-6) -> Array:
-    return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + eps)
 
 
 @register("titans")
@@ -57,8 +56,8 @@ class Titans(nn.Module):
     omega_window: int = 1
     conv_size: int = 4
     max_lr: float = 0.1
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+    dtype: Any = None  # computation dtype; None: the input's (promoted with the params')
+    param_dtype: Any = jnp.float32
 
     def setup(self):
         if self.d_model % self.num_heads:
@@ -90,19 +89,19 @@ class Titans(nn.Module):
 
     def init_state(self, batch_size: int, dtype=jnp.float32) -> dict:
         widths = self._widths()
-        shapes = tuple(jax.ShapeDtypeStruct((self.num_heads, a, b), jnp.float32)
-                       for a, b in zip(widths, widths[1:]))
+        real = jnp.promote_types(jnp.float32, dtype)  # the memory accumulates in >= float32
+        shapes = tuple(jax.ShapeDtypeStruct((self.num_heads, a, b), real) for a, b in zip(widths, widths[1:]))
         conv = jnp.zeros((batch_size, self.conv_size - 1, self.d_model), dtype)
         return dict(conv_q=conv, conv_k=conv, conv_v=conv,
-                    memory=init_neural_memory_state(shapes, batch_size, self.omega_window, jnp.float32))
+                    memory=init_neural_memory_state(shapes, batch_size, self.omega_window, real))
 
     def __call__(self, x: Float[Array, "b t d"], *, state: dict | None = None, return_state: bool = False):
         batch, time, _ = x.shape
         heads = lambda z: z.reshape(batch, time, self.num_heads, -1)  # noqa: E731
         conv_state = (lambda n: None) if state is None else (lambda n: state[f"conv_{n}"])  # noqa: E731
-        q, conv_q = causal_conv1d(self.q_proj(x), self.conv_q.astype(self.dtype), initial_state=conv_state("q"))
-        k, conv_k = causal_conv1d(self.k_proj(x), self.conv_k.astype(self.dtype), initial_state=conv_state("k"))
-        v, conv_v = causal_conv1d(self.v_proj(x), self.conv_v.astype(self.dtype), initial_state=conv_state("v"))
+        q, conv_q = causal_conv1d(self.q_proj(x), self.conv_q, initial_state=conv_state("q"))
+        k, conv_k = causal_conv1d(self.k_proj(x), self.conv_k, initial_state=conv_state("k"))
+        v, conv_v = causal_conv1d(self.v_proj(x), self.conv_v, initial_state=conv_state("v"))
         q, k, v = heads(l2_normalize(nn.silu(q))), heads(l2_normalize(nn.silu(k))), heads(nn.silu(v))
         lr = self.max_lr * nn.sigmoid(self.lr_proj(x))
         momentum = nn.sigmoid(self.momentum_proj(x))

@@ -10,9 +10,8 @@ import ssmjax.layers.attention  # noqa: F401  (registers "attention")
 from tests.layers.contract import check_contract
 
 
-@pytest.mark.parametrize("window", [None, 4])
-def test_contract(window):
-    check_contract("attention", window=window, max_len=32)
+def test_contract_sliding_window():  # window=None: test_contract.py
+    check_contract("attention", window=4, max_len=32)
 
 
 def reference(params, x, num_heads, window=None, base=10000.0):

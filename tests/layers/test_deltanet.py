@@ -51,7 +51,7 @@ def delta_oracle(p, x, gated, nh=H, allow_neg_eigval=False):
 
 
 @pytest.mark.parametrize("name,fields", [
-    ("deltanet", {}), ("gated_deltanet", {}),
+    # ("deltanet", {}), ("gated_deltanet", {}): test_contract.py
     pytest.param("gated_deltanet", {"allow_neg_eigval": True, "head_dim": 4}, marks=pytest.mark.slow),
 ])
 def test_contract(name, fields):

@@ -68,8 +68,9 @@ def fsmn_oracle(p, x, memory_order=20, memory_layers=2, conv_size=17, bidirectio
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("fields", [pytest.param(dict(memory_order=4), marks=pytest.mark.slow), SMALL])
-def test_contract(fields):
+@pytest.mark.slow  # SMALL: test_contract.py
+def test_contract_memory_order_4():
+    fields = dict(memory_order=4)
     check_contract("fsmn", **fields)
 
 

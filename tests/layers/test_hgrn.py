@@ -35,7 +35,7 @@ def hgrn_oracle(p, x, lower_bound=0.0, use_complex=False, expand_ratio=1):
     return dense(y, p["out_proj"]["kernel"])
 
 
-@pytest.mark.parametrize("fields", VARIANTS[:3])
+@pytest.mark.parametrize("fields", VARIANTS[1:3])  # VARIANTS[0]: test_contract.py
 def test_contract(fields):
     check_contract("hgrn", **fields)
 

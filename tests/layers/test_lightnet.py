@@ -12,7 +12,7 @@ import pytest
 import ssmjax.layers
 import ssmjax.layers.lightnet  # noqa: F401  (registers "lightnet")
 import ssmjax.layers.linear_attention  # noqa: F401  (registers "gla", the multiplicative contrast)
-from ssmjax.layers.lightnet import additive_gates, grid_coordinates, md_lrpe
+from ssmjax.layers.lightnet import grid_coordinates, md_lrpe
 from tests.layers.contract import check_contract
 from tests.layers.reference import dense, heads, layer_in_f64, param_count, rms_norm, rope, sigmoid, silu
 
@@ -86,7 +86,7 @@ def grid_oracle(p, x, grid=GRID, tpe=True, lrpe=True):
 
 
 # ----------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("fields", [{}, {"lrpe": True, "tpe": True}])
+@pytest.mark.parametrize("fields", [{"lrpe": True, "tpe": True}])  # {}: test_contract.py
 def test_contract(fields):
     check_contract("lightnet", num_heads=H, **fields)
 
@@ -145,11 +145,7 @@ def test_single_scan_any_order():
     assert np.abs(gcall(gp, x) - gcall(gp, x[:, column_major])).max() > 1e-3
 
 
-def test_additive_gates_exponents_are_non_positive():
-    key_logits = 30.0 * jax.random.normal(jax.random.PRNGKey(0), (2, 50, H, 4))
-    keys, log_decay, z = additive_gates(key_logits, jnp.full((2, H, 4), -jnp.inf))
-    assert float(keys.max()) <= 1.0 and float(log_decay.max()) <= 1e-12
-    np.testing.assert_allclose(z, jax.scipy.special.logsumexp(key_logits, axis=1), rtol=1e-12)
+# additive_gates (the recurrence): tests/scan/test_lightnet.py.
 
 
 def test_md_lrpe_is_relative_on_a_grid():

@@ -12,7 +12,6 @@ from jax.test_util import check_grads
 
 import ssmjax.layers
 import ssmjax.layers.lru  # noqa: F401  (registers "lru", "rglru")
-from tests.layers.contract import check_contract
 
 D = 16
 
@@ -40,9 +39,7 @@ def rand(shape, seed=0, dtype=jnp.float64):
     return jax.random.normal(jax.random.PRNGKey(seed), shape, dtype)
 
 
-@pytest.mark.parametrize("name", ["lru", "rglru"])
-def test_contract(name):
-    check_contract(name)
+# The default-config contract (float32 and float64) is tests/layers/test_contract.py.
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

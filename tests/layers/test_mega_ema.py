@@ -8,7 +8,6 @@ import pytest
 
 import ssmjax.layers
 import ssmjax.layers.mega_ema  # noqa: F401  (registers "mega_ema")
-from tests.layers.contract import check_contract
 
 D = 16
 
@@ -23,8 +22,7 @@ def rand(shape, seed=0):
     return jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float64)
 
 
-def test_contract():
-    check_contract("mega_ema")
+# The default-config contract (float32 and float64) is tests/layers/test_contract.py.
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -1,18 +1,14 @@
-"""mLSTM (xLSTM): the layer contract, the parameter count, the block against a float64
-per-token loop of the paper's equations on the layer's own parameters, and the
-stabilised memory == the unstabilised one (where the latter does not overflow)."""
+"""mLSTM (xLSTM) layer: the parameter count, the block against a float64 per-token loop of
+the paper's equations on the layer's own parameters, and huge input gates in float32. The
+memory (ssmjax.scan.mlstm) is tested in tests/scan/test_mlstm.py."""
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import ssmjax.layers
 import ssmjax.layers.linear_attention  # noqa: F401  (registers "mlstm")
-from ssmjax.layers.linear_attention import MLSTMState, mlstm_cell
-from tests.layers.contract import check_contract
 from tests.layers.reference import causal_conv, dense, heads, layer_in_f64, layer_norm, param_count, silu, softplus
 
 D, H = 16, 2
@@ -56,8 +52,7 @@ def mlstm_oracle(p, x, nh=H, stabilised=True, blocksize=4):
     return dense(h * silu(z), p["down_proj"]["kernel"])
 
 
-def test_contract():
-    check_contract("mlstm", num_heads=H)
+# The default-config contract (float32 and float64) is tests/layers/test_contract.py.
 
 
 def test_builds_with_d_model_alone_and_parameter_counts():
@@ -113,31 +108,7 @@ def random_mlstm_inputs(seed, b=2, T=13, nh=2, dk=4, dv=3, i_scale=4.0):
     return q, k, v, i_pre, log_f
 
 
-@pytest.mark.parametrize("method,chunk_size", [("sequential", 64), ("chunked", 4), ("chunked", 64)])
-def test_mlstm_stabilised_equals_unstabilised(method, chunk_size):
-    """The stabilised cell (ours and the paper's) == the unstabilised equations, in float64
-    with input-gate pre-activations of +-12 (no overflow in float64)."""
-    q, k, v, i_pre, log_f = random_mlstm_inputs(0)
-    b, _, nh, dk = q.shape
-    state = MLSTMState(jnp.zeros((b, nh, dk, v.shape[-1] + 1)), jnp.zeros((b, nh)))
-    h, _ = jax.jit(partial(mlstm_cell, chunk_size=chunk_size, method=method))(q, k, v, log_f, i_pre, state)
-    unstabilised = mlstm_memory_oracle(q, k, v, i_pre, log_f, stabilised=False)
-    np.testing.assert_allclose(mlstm_memory_oracle(q, k, v, i_pre, log_f, stabilised=True), unstabilised, rtol=1e-9)
-    np.testing.assert_allclose(h, unstabilised, rtol=1e-9, atol=1e-12)
-
-
-def test_mlstm_split_state_with_stabiliser():
-    q, k, v, i_pre, log_f = random_mlstm_inputs(1)
-    b, _, nh, dk = q.shape
-    state = MLSTMState(jnp.zeros((b, nh, dk, v.shape[-1] + 1)), jnp.zeros((b, nh)))
-    cell = jax.jit(partial(mlstm_cell, chunk_size=4))
-    h, last = cell(q, k, v, log_f, i_pre, state)
-    h1, mid = cell(*(a[:, :6] for a in (q, k, v, log_f, i_pre)), state)
-    h2, last2 = cell(*(a[:, 6:] for a in (q, k, v, log_f, i_pre)), mid)
-    np.testing.assert_allclose(np.concatenate([h1, h2], 1), h, rtol=1e-10)
-    # the stabiliser is the running max of the paper, so the carried states agree exactly
-    np.testing.assert_allclose(last2.m, last.m, rtol=1e-12)
-    np.testing.assert_allclose(last2.C, last.C, rtol=1e-10, atol=1e-14)
+# The memory itself (stabilised == unstabilised, split state, oracle): tests/scan/test_mlstm.py.
 
 
 def test_mlstm_layer_survives_huge_input_gates_in_float32():

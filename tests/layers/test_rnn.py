@@ -44,9 +44,9 @@ def check_initialisation(name, params):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_contract(name):
-    """Built with d_model alone (the contract's build passes no other field): causal,
-    sequential, no attention, no gating; call == steps, split calls, finite gradients."""
-    layer, params, _ = check_contract(name)
+    """Built with d_model alone: causal, sequential, no attention, no gating (its contract,
+    call == steps, split calls, finite gradients, is test_contract.py)."""
+    layer, params, _ = build(name)
     assert layer.method == "sequential" and layer.attention_window == 0 and layer.output_gating == "none"
     check_initialisation(name, params)
 

@@ -13,7 +13,6 @@ from scipy.special import erf
 import ssmjax.layers
 import ssmjax.layers.s4  # noqa: F401  (registers "s4", "s4d", "dss")
 from ssmjax.layers import hippo
-from tests.layers.contract import check_contract
 
 D, N = 16, 8
 
@@ -54,9 +53,7 @@ def s4_block(p, y_ssm, u):
 
 
 # ---------------------------------------------------------------------------- contract
-@pytest.mark.parametrize("name", ["s4", "s4d", "dss"])
-def test_contract(name):
-    check_contract(name, d_state=N)
+# The default-config contract (float32 and float64) is tests/layers/test_contract.py.
 
 
 @pytest.mark.parametrize("name", ["s4", "s4d", "dss"])
@@ -261,3 +258,11 @@ def test_float32_layer_error_and_jit_vmap():
     xs = jnp.stack([x[:, :16], 2 * x[:, :16]])
     ys = jax.vmap(lambda v: layer.apply(params, v))(xs)
     np.testing.assert_allclose(ys[1], layer.apply(params, 2 * x[:, :16]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["s4d", "h3"])
+@pytest.mark.parametrize("field", ["a_init", "discretization"])
+def test_a_bad_choice_names_its_argument(name, field):
+    x = jnp.zeros((1, 3, D), jnp.float32)
+    with pytest.raises(ValueError, match=f"^{field}: expected one of"):
+        ssmjax.layers.get(name, d_model=D, **{field: "nonsense"}).init(jax.random.PRNGKey(0), x)

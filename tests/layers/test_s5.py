@@ -32,8 +32,7 @@ def cplx(p):
     return p[..., 0] + 1j * p[..., 1]
 
 
-def test_contract():
-    check_contract("s5", d_state=P)
+# The default-config contract (float32 and float64) is tests/layers/test_contract.py.
 
 
 def test_contract_bilinear_blocks_full_glu():
@@ -158,5 +157,7 @@ def test_jit_vmap_grad_and_bad_input():
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     with pytest.raises(ValueError, match="x"):
         layer.apply(params, x[..., :3])
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError, match="^activation: expected one of"):
         ssmjax.layers.get("s5", d_model=D, activation="relu").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="^discretization: expected one of"):
+        ssmjax.layers.get("s5", d_model=D, discretization="euler").init(jax.random.PRNGKey(0), x)

@@ -8,7 +8,7 @@ import pytest
 
 import ssmjax.layers
 import ssmjax.layers.tcnca  # noqa: F401  (registers "tcnca")
-from ssmjax.layers.tcnca import dilated_causal_conv
+from ssmjax.layers.common import dilated_causal_conv
 from tests.layers.contract import check_contract
 
 

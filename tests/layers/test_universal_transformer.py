@@ -12,7 +12,6 @@ import pytest
 import ssmjax.layers
 import ssmjax.layers.universal_transformer  # noqa: F401  (registers "universal_transformer")
 from ssmjax.layers.universal_transformer import act_weights
-from tests.layers.contract import check_contract
 from tests.layers.reference import dense, param_count, sigmoid, to_f64
 
 D, H = 16, 2
@@ -154,8 +153,7 @@ def test_layer_equals_oracle(fields):
         assert 1 <= int(iterations.min()) < int(iterations.max()) <= 4
 
 
-def test_contract():
-    check_contract("universal_transformer", num_heads=H, max_len=16, max_steps=3)
+# The default-config contract (float32 and float64) is tests/layers/test_contract.py.
 
 
 @pytest.mark.parametrize("fields", [pytest.param({"halting": "fixed"}, marks=pytest.mark.slow),
