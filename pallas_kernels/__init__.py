@@ -20,5 +20,15 @@ switch (CPU tests run every kernel with ``interpret=True``) and a ``platform`` o
   weights resident and loops over the whole sequence; the backward is a reverse-time
   loop recomputing each step.
 
+Shared pieces: :mod:`pallas_kernels._common` (backend selection, int32 block specs,
+the unrolled time loop, dtype checks) and :mod:`pallas_kernels._chunked_common` (layout,
+tiling and helpers of the two chunked attention kernels); no kernel module imports
+another's privates.
+
+Ahead-of-time compilation for real accelerators from any host:
+:mod:`pallas_kernels.targets` (named GPU/TPU targets, the per-target default block sizes,
+compile-and-measure) and :mod:`pallas_kernels.target_cases` (the configurations
+``tests/kernels/test_targets.py`` and ``python -m experiments.kernel_report`` compile).
+
 ``custom_vjp`` wiring lives in ``ssmjax.scan`` (``method="pallas"``), not here.
 """

@@ -76,29 +76,29 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import carry_dtype_of, i32
-from pallas_kernels.chunked_gla import (
+from pallas_kernels._chunked_common import (
     DOT_PRECISIONS,
     Dots,
     Layout,
     check_attention_inputs,
-    check_triton_platform,
     chunk_local_cumsum,
     chunk_local_cumsum_transpose,
     chunk_rows,
     masked_exp,
     min_dot_size,
+    output_scale,
     positions,
     reverse_chunk_loop,
     triton_params,
 )
-from pallas_kernels.chunked_gla import BlockSizes as _GLABlockSizes
+from pallas_kernels._chunked_common import BlockSizes as _ChunkedBlockSizes
+from pallas_kernels._common import carry_dtype_of, check_triton_platform, i32
 
 __all__ = ["DOT_PRECISIONS", "BlockSizes", "chunked_delta_backward", "chunked_delta_forward"]
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockSizes(_GLABlockSizes):
+class BlockSizes(_ChunkedBlockSizes):
     """Tiling of the delta-rule kernels: as :class:`pallas_kernels.chunked_gla.BlockSizes`,
     with ``chunk=None`` meaning 32 (the forward substitution costs ``3 C^2`` elementwise
     operations per token)."""
@@ -282,10 +282,6 @@ def _prepare(q, k, v, beta, g, block_sizes: BlockSizes, interpret, platform):
     return lay, operands
 
 
-def _scale(scale, dk) -> float:
-    return float(dk**-0.5 if scale is None else scale)
-
-
 @functools.partial(
     jax.jit, static_argnames=("scale", "block_sizes", "save_states", "interpret", "platform")
 )
@@ -341,7 +337,7 @@ def chunked_delta_forward(
             n_chunks=lay.n_chunks,
             chunk=lay.chunk,
             gated=gated,
-            scale=_scale(scale, lay.dk),
+            scale=output_scale(scale, lay.dk),
             save_states=save_states,
             precision=block_sizes.dot_precision,
         ),
@@ -407,7 +403,7 @@ def chunked_delta_backward(
             n_chunks=lay.n_chunks,
             chunk=lay.chunk,
             gated=gated,
-            scale=_scale(scale, lay.dk),
+            scale=output_scale(scale, lay.dk),
             precision=block_sizes.dot_precision,
         ),
         grid=lay.grid,

@@ -36,8 +36,12 @@ Kernel layout (the Triton-style pattern: no scratch memory, no cross-program syn
 Backends: ``interpret=True`` runs the kernel with the Pallas interpreter on any backend
 (the CPU test suite does this). Without it, ``pl.pallas_call`` lowers through Triton on
 NVIDIA/AMD GPUs (the default GPU lowering of ``pallas_call``) and through Mosaic on TPU.
-On TPU the whole ``[time, block_d]`` block of every operand is staged in VMEM, which
-bounds ``time * block_d``; long sequences there need a time grid axis (not done).
+On TPU (``platform="tpu"``) the time axis is a third, sequential grid axis instead: each
+program sees a ``[block_t_tpu, block_d]`` tile of every operand (so the VMEM Mosaic
+stages, double buffered, is ``O(block_t_tpu * block_d)`` whatever ``T``) and carries ``h``
+from one tile to the next in a ``[1, block_d]`` VMEM scratch buffer, initialised from
+``h0`` at the first tile; ``T`` is padded to a multiple of the tile with ``a = 1, b = 0``
+(steps that keep the state, so ``h_last`` and the reverse run are unchanged).
 """
 
 from __future__ import annotations
@@ -48,13 +52,18 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import (
+    block_spec,
     carry_dtype_of,
+    check_tpu_dtypes,
     compiler_params,
     i32,
     is_power_of_two,
     lane_multiple,
+    sublane_rows,
+    time_loop,
     next_power_of_two,
 )
 
@@ -68,35 +77,25 @@ class BlockSizes:
         with one float32 lane per thread; it is lowered to ``next_power_of_two(d)`` when
         ``d`` is smaller (and raised to 128 lanes on TPU).
       block_t: time steps per unrolled chunk of the time loop (power of two).
+      block_t_tpu: TPU only: time steps per grid step (power of two, >= 8 sublanes); VMEM
+        holds about ``2 * 3 * block_t_tpu * block_d`` elements. Lowered to the padded
+        sequence length when that is smaller, raised to the slab of ``max(block_t, 8 or
+        16 rows)`` steps the kernel loads at once.
     """
 
     block_d: int = 128
     block_t: int = 8
+    block_t_tpu: int = 512
 
     def __post_init__(self):
-        for name in ("block_d", "block_t"):
+        for name in ("block_d", "block_t", "block_t_tpu"):
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(
                     f"block_sizes.{name}: expected a positive power of two, "
                     f"got {getattr(self, name)!r}"
                 )
-
-
-def _time_loop(time: int, block_t: int, step, carry):
-    """``carry = step(t, carry)`` for ``t = 0 .. time-1``: full chunks of ``block_t``
-    unrolled steps inside a ``fori_loop``, then the remainder, also unrolled."""
-
-    def chunk(c, carry):
-        for i in range(block_t):
-            carry = step(c * block_t + i, carry)
-        return carry
-
-    n_full = time // block_t
-    if n_full:
-        carry = jax.lax.fori_loop(i32(0), i32(n_full), chunk, carry)
-    for t in range(n_full * block_t, time):
-        carry = step(t, carry)
-    return carry
+        if self.block_t_tpu < 8:
+            raise ValueError(f"block_sizes.block_t_tpu: expected >= 8 (one TPU sublane tile), got {self.block_t_tpu}")
 
 
 def _linear_scan_kernel(a_ref, b_ref, h0_ref, h_ref, last_ref, *, time, block_t, reverse):
@@ -109,7 +108,37 @@ def _linear_scan_kernel(a_ref, b_ref, h0_ref, h_ref, last_ref, *, time, block_t,
         h_ref[row, :] = h.astype(h_ref.dtype)
         return h
 
-    last_ref[...] = _time_loop(time, block_t, step, h0_ref[...].astype(carry_dtype))
+    last_ref[...] = time_loop(time, block_t, step, h0_ref[...].astype(carry_dtype))
+
+
+def _tiled_kernel(a_ref, b_ref, h0_ref, h_ref, last_ref, carry_ref, *, rows, reverse):
+    """One grid step of the TPU kernel: a ``[tile, block_d]`` time tile, walked in aligned
+    slabs of ``rows`` steps (a multiple of the sublane tiling, so every load and store is
+    a whole ``[rows, block_d]`` slab: Mosaic cannot prove single-row accesses of packed
+    dtypes aligned); the carry enters and leaves through ``carry_ref`` (VMEM scratch, kept
+    across the sequential time axis)."""
+    carry_dtype = carry_ref.dtype
+    n_slabs = h_ref.shape[0] // rows
+    row_ids = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+
+    @pl.when(pl.program_id(2) == 0)
+    def _():
+        carry_ref[...] = h0_ref[...].astype(carry_dtype)
+
+    def slab(c, h):
+        start = (n_slabs - 1 - c) if reverse else c
+        block = pl.ds(pl.multiple_of(start * rows, rows), rows)
+        a = a_ref[block, :].astype(carry_dtype)
+        b = b_ref[block, :].astype(carry_dtype)
+        out = jnp.zeros(a.shape, carry_dtype)
+        for i in reversed(range(rows)) if reverse else range(rows):
+            h = a[i : i + 1] * h + b[i : i + 1]
+            out = jnp.where(row_ids == i, h, out)
+        h_ref[block, :] = out.astype(h_ref.dtype)
+        return h
+
+    carry_ref[...] = jax.lax.fori_loop(i32(0), i32(n_slabs), slab, carry_ref[...])
+    last_ref[...] = carry_ref[...]
 
 
 def _pad_last(x: jax.Array, size: int, value: float = 0.0) -> jax.Array:
@@ -156,6 +185,7 @@ def linear_scan(
     for name, x in (("a", a), ("b", b), ("h0", h0)):
         if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name}: expected a real floating dtype, got {x.dtype}")
+    check_tpu_dtypes("linear_scan", platform, interpret, (jnp.float32, jnp.bfloat16), a=a, b=b, h0=h0)
     carry_dtype = carry_dtype_of(a.dtype, b.dtype, *(() if h0 is None else (h0.dtype,)))
     out_dtype = jnp.result_type(a.dtype, b.dtype)
     if h0 is None:
@@ -167,19 +197,30 @@ def linear_scan(
     h0 = _pad_last(h0, d_pad)[:, None, :]
 
     shared_a = a.shape[0] == 1 and batch > 1
+    call = _tiled_call if (platform or jax.default_backend()) == "tpu" else _untiled_call
+    h, last = call(
+        a, b, h0, shared_a=shared_a, out_dtype=out_dtype, carry_dtype=carry_dtype, block_d=block_d,
+        block_sizes=block_sizes, reverse=reverse, interpret=interpret, platform=platform,
+    )
+    return h[:, :time, :d], last[:, 0, :d]
+
+
+def _untiled_call(a, b, h0, *, shared_a, out_dtype, carry_dtype, block_d, block_sizes, reverse, interpret, platform):
+    """Grid ``(batch, d_pad / block_d)``; each program walks the whole sequence."""
+    batch, time, d_pad = b.shape
     seq_block = (None, time, block_d)
-    state_block = pl.BlockSpec((None, 1, block_d), lambda i, j: (i, 0, j))
-    h, last = pl.pallas_call(
+    state_block = block_spec((None, 1, block_d), lambda i, j: (i, 0, j))
+    return pl.pallas_call(
         functools.partial(
             _linear_scan_kernel, time=time, block_t=block_sizes.block_t, reverse=reverse
         ),
         grid=(batch, d_pad // block_d),
         in_specs=[
-            pl.BlockSpec(seq_block, (lambda i, j: (0, 0, j)) if shared_a else (lambda i, j: (i, 0, j))),
-            pl.BlockSpec(seq_block, lambda i, j: (i, 0, j)),
+            block_spec(seq_block, (lambda i, j: (0, 0, j)) if shared_a else (lambda i, j: (i, 0, j))),
+            block_spec(seq_block, lambda i, j: (i, 0, j)),
             state_block,
         ],
-        out_specs=[pl.BlockSpec(seq_block, lambda i, j: (i, 0, j)), state_block],
+        out_specs=[block_spec(seq_block, lambda i, j: (i, 0, j)), state_block],
         out_shape=[
             jax.ShapeDtypeStruct((batch, time, d_pad), out_dtype),
             jax.ShapeDtypeStruct((batch, 1, d_pad), carry_dtype),
@@ -188,4 +229,47 @@ def linear_scan(
         compiler_params=compiler_params(platform, interpret),
         name="linear_scan_reverse" if reverse else "linear_scan",
     )(a, b, h0)
-    return h[..., :d], last[:, 0, :d]
+
+
+def _tiled_call(a, b, h0, *, shared_a, out_dtype, carry_dtype, block_d, block_sizes, reverse, interpret, platform):
+    """Grid ``(batch, d_pad / block_d, time_pad / tile)`` (TPU): the time axis is sequential
+    and the carry lives in VMEM scratch between tiles (see the module docstring)."""
+    batch, time, d_pad = b.shape
+    rows = max(block_sizes.block_t, sublane_rows(a.dtype, b.dtype, out_dtype))
+    tile = max(min(block_sizes.block_t_tpu, -(-time // rows) * rows), rows)
+    n_tiles = -(-time // tile)
+    a, b = _pad_time(a, n_tiles * tile, 1.0), _pad_time(b, n_tiles * tile)
+
+    def tile_of(k):  # the reverse run visits the time tiles last to first
+        return n_tiles - 1 - k if reverse else k
+
+    seq_block = (None, tile, block_d)
+    state_block = block_spec((None, 1, block_d), lambda i, j, k: (i, 0, j))
+    params = None
+    if not interpret:
+        params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    return pl.pallas_call(
+        functools.partial(_tiled_kernel, rows=rows, reverse=reverse),
+        grid=(batch, d_pad // block_d, n_tiles),
+        in_specs=[
+            block_spec(seq_block, lambda i, j, k: (0 if shared_a else i, tile_of(k), j)),
+            block_spec(seq_block, lambda i, j, k: (i, tile_of(k), j)),
+            state_block,
+        ],
+        out_specs=[block_spec(seq_block, lambda i, j, k: (i, tile_of(k), j)), state_block],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, n_tiles * tile, d_pad), out_dtype),
+            jax.ShapeDtypeStruct((batch, 1, d_pad), carry_dtype),
+        ],
+        scratch_shapes=[pltpu.VMEM((1, block_d), carry_dtype)],
+        interpret=interpret,
+        compiler_params=params,
+        name="linear_scan_reverse" if reverse else "linear_scan",
+    )(a, b, h0)
+
+
+def _pad_time(x: jax.Array, size: int, value: float = 0.0) -> jax.Array:
+    pad = size - x.shape[1]
+    if pad == 0:
+        return x
+    return jnp.pad(x, [(0, 0), (0, pad), (0, 0)], constant_values=value)

@@ -65,7 +65,7 @@ matmuls use ``precision=HIGHEST`` (no TF32). Not for TPU: Mosaic wants the last 
 dimensions whole or (8, 128)-aligned, and blocking ``gx [b, t, gates, heads, dh]`` by head
 squeezes the second-to-last one (a head-major input layout would be needed).
 
-The time loop is :func:`pallas_kernels.linear_scan._time_loop` (chunks of ``block_t``
+The time loop is :func:`pallas_kernels._common.time_loop` (chunks of ``block_t``
 unrolled steps in a ``fori_loop``, then the remainder).
 """
 
@@ -80,12 +80,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
+    block_spec,
     carry_dtype_of,
+    check_triton_platform,
     compiler_params,
     is_power_of_two,
     next_power_of_two,
+    time_loop,
 )
-from pallas_kernels.linear_scan import _time_loop
 
 #: Cells with a kernel, their gate counts and state parts.
 GATES = {"elman": 1, "gru": 3, "lstm": 4, "slstm": 4, "slstm_exp": 4}
@@ -101,11 +103,15 @@ class BlockSizes:
       block_b: batch rows per program (power of two); the rows of the per-step matmul.
         Lowered to ``next_power_of_two(batch)`` in interpret mode, at least 16 when
         compiled (Triton's smallest ``dot``).
-      block_t: time steps per unrolled chunk of the time loop (power of two).
+      block_t: time steps per unrolled chunk of the time loop (power of two). 1 by
+        default: compiled for an A100 / H100 (LSTM, head dim 64), unrolling 4 steps keeps
+        4 steps of gate tiles live at once, 164 KiB of shared memory in the forward (A100
+        limit 163 KiB) and 304 KiB in the backward (H100 limit 227 KiB); one step per
+        iteration takes 68 and 136 KiB (``tests/kernels/test_targets.py``).
     """
 
     block_b: int = 16
-    block_t: int = 4
+    block_t: int = 1
 
     def __post_init__(self):
         for name in ("block_b", "block_t"):
@@ -203,7 +209,7 @@ def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states):
         return tuple(state)
 
     state = tuple(s0_ref[:, k, :].astype(dtype) for k in range(parts))
-    state = _time_loop(time, block_t, step, state)
+    state = time_loop(time, block_t, step, state)
     for k in range(parts):
         last_ref[:, k, :] = state[k]
 
@@ -243,7 +249,7 @@ def _backward_kernel(*refs, cell, time, block_t, has_keep):
     d_state = tuple(dlast_ref[:, j, :].astype(dtype) for j in range(parts))
     dR = [jnp.zeros_like(R) for R in weights.R]
     db = [jnp.zeros_like(b) for b in weights.b]
-    carry = _time_loop(time - 1, block_t, body, (d_state, dR, db))
+    carry = time_loop(time - 1, block_t, body, (d_state, dR, db))
     prev0 = [s0_ref[:, j, :].astype(dtype) for j in range(parts)]
     d_state, dR, db = step_backward(0, prev0, carry)
     for j in range(parts):
@@ -280,17 +286,17 @@ class _Layout(NamedTuple):
     def specs(self):
         """BlockSpecs of gx, R, bias, keep, and a state-like ``[batch, S, heads, dh]``."""
         bb, T, G, S, dh = self.block_b, self.time, self.gates, self.parts, self.dh_pad
-        gx = pl.BlockSpec((bb, T, G, None, dh), lambda i, j: (i, 0, 0, j, 0))
-        R = pl.BlockSpec((G, None, dh, dh), lambda i, j: (0, j, 0, 0))
-        bias = pl.BlockSpec((G, None, dh), lambda i, j: (0, j, 0))
-        keep = pl.BlockSpec((bb, T, 1), lambda i, j: (i, 0, 0))
-        state = pl.BlockSpec((bb, S, None, dh), lambda i, j: (i, 0, j, 0))
+        gx = block_spec((bb, T, G, None, dh), lambda i, j: (i, 0, 0, j, 0))
+        R = block_spec((G, None, dh, dh), lambda i, j: (0, j, 0, 0))
+        bias = block_spec((G, None, dh), lambda i, j: (0, j, 0))
+        keep = block_spec((bb, T, 1), lambda i, j: (i, 0, 0))
+        state = block_spec((bb, S, None, dh), lambda i, j: (i, 0, j, 0))
         return gx, R, bias, keep, state
 
     def seq_spec(self, *inner: int):
         """``[batch, time, *inner, heads, dh]`` blocked by (batch block, head)."""
         shape = (self.block_b, self.time, *inner, None, self.dh_pad)
-        return pl.BlockSpec(shape, lambda i, j: (i, 0) + (0,) * len(inner) + (j, 0))
+        return block_spec(shape, lambda i, j: (i, 0) + (0,) * len(inner) + (j, 0))
 
 
 def _check_inputs(cell, gx, R, bias, state0, keep):
@@ -360,6 +366,7 @@ def rnn_forward(
       state0)``.
     """
     _check_inputs(cell, gx, R, bias, state0, keep)
+    check_triton_platform(platform, interpret, "rnn")
     carry = carry_dtype_of(gx.dtype, R.dtype, bias.dtype, state0.dtype)
     out_dtype = jnp.result_type(gx.dtype, R.dtype, bias.dtype)
     lay = _layout(cell, gx, block_sizes, interpret)
@@ -416,6 +423,7 @@ def rnn_backward(
       ``(dgx, dR, dbias, dstate0)`` shaped and typed like ``gx, R, bias, state0``.
     """
     _check_inputs(cell, gx, R, bias, state0, keep)
+    check_triton_platform(platform, interpret, "rnn")
     lay = _layout(cell, gx, block_sizes, interpret)
     carry = states.dtype
     expected = (lay.batch_pad, lay.time, lay.parts, lay.heads, lay.dh_pad)
@@ -425,8 +433,8 @@ def rnn_backward(
         raise ValueError(f"dh: expected shape [batch, time, heads, dh] = {gx.shape[:2] + gx.shape[3:]}, got {dh.shape}")
     gx_spec, R_spec, b_spec, keep_spec, state_spec = lay.specs()
     n_blocks = lay.grid[0]
-    dR_spec = pl.BlockSpec((None, lay.gates, None, lay.dh_pad, lay.dh_pad), lambda i, j: (i, 0, j, 0, 0))
-    db_spec = pl.BlockSpec((None, lay.gates, None, lay.dh_pad), lambda i, j: (i, 0, j, 0))
+    dR_spec = block_spec((None, lay.gates, None, lay.dh_pad, lay.dh_pad), lambda i, j: (i, 0, j, 0, 0))
+    db_spec = block_spec((None, lay.gates, None, lay.dh_pad), lambda i, j: (i, 0, j, 0))
     dgx, dR, db, ds0 = pl.pallas_call(
         functools.partial(
             _backward_kernel, cell=cell, time=lay.time, block_t=block_sizes.block_t,

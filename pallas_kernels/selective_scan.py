@@ -74,7 +74,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
+    TPU_SCOPED_VMEM_BYTES,
+    block_spec,
     carry_dtype_of,
+    check_tpu_dtypes,
+    compiles_for_tpu,
     compiler_params,
     i32,
     is_power_of_two,
@@ -316,21 +320,44 @@ def _backward_kernel(*refs, time, chunk, has_keep):
 def _specs(lay: _Layout):
     """BlockSpecs of the inputs shared by both kernels: u, delta, A, B, C, keep."""
     blocks_per_group = lay.group_pad // lay.block_d
-    seq = pl.BlockSpec((None, lay.time, lay.block_d), lambda i, j: (i, 0, j))
+    seq = block_spec((None, lay.time, lay.block_d), lambda i, j: (i, 0, j))
     # B, C as [batch, g, time, n]: the block's last two dims are whole (Mosaic TPU rule);
     # j >= 0, so truncating division is floor division (no sign op in the index map).
-    bc = pl.BlockSpec((None, None, lay.time, lay.n_pad), lambda i, j: (i, jax.lax.div(j, jnp.asarray(blocks_per_group, j.dtype)), 0, 0))
-    A = pl.BlockSpec((lay.n_pad, lay.block_d), lambda i, j: (0, j))
-    keep = pl.BlockSpec((None, lay.time, 1), lambda i, j: (i, 0, 0))
-    state = pl.BlockSpec((None, lay.n_pad, lay.block_d), lambda i, j: (i, 0, j))
+    bc = block_spec((None, None, lay.time, lay.n_pad), lambda i, j: (i, jax.lax.div(j, jnp.asarray(blocks_per_group, j.dtype)), 0, 0))
+    A = block_spec((lay.n_pad, lay.block_d), lambda i, j: (0, j))
+    keep = block_spec((None, lay.time, 1), lambda i, j: (i, 0, 0))
+    state = block_spec((None, lay.n_pad, lay.block_d), lambda i, j: (i, 0, j))
     return seq, A, bc, keep, state
 
 
-def _prepare(u, delta, A, B, C, keep, block_sizes, min_block_d):
+def _tpu_vmem_bytes(lay: _Layout) -> int:
+    """VMEM the compiled TPU kernels stage (the backward's, the larger): every block
+    double-buffered, float32: five ``[time, block_d]`` sequences (u, delta, dy, du,
+    ddelta), four ``[time, n]`` (B, C, dB, dC), the chunk states and three ``[n, block_d]``."""
+    T, n, bd = lay.time, lay.n_pad, lay.block_d
+    return 2 * 4 * (5 * T * bd + 4 * T * n + (lay.n_chunks + 3) * n * bd)
+
+
+def _check_tpu(u, delta, B, C, lay: _Layout, platform, interpret) -> None:
+    """Before any compilation: the TPU version reads single rows (Mosaic proves them
+    aligned for 32-bit dtypes only) and stages whole sequences in VMEM."""
+    check_tpu_dtypes("selective_scan", platform, interpret, (jnp.float32,), u=u, delta=delta, B=B, C=C)
+    if compiles_for_tpu(platform, interpret) and _tpu_vmem_bytes(lay) > TPU_SCOPED_VMEM_BYTES:
+        raise ValueError(
+            f"u: the compiled TPU selective_scan kernel stages whole [time, block_d] blocks in "
+            f"VMEM: {_tpu_vmem_bytes(lay)} bytes at time={lay.time}, n={lay.n_pad}, "
+            f"block_d={lay.block_d}, over the {TPU_SCOPED_VMEM_BYTES} bytes of scoped VMEM; "
+            "use a shorter time (or the chunked XLA method)"
+        )
+
+
+def _prepare(u, delta, A, B, C, keep, block_sizes, platform, interpret):
     """Pad to the kernel layout; returns the layout and the padded kernel operands."""
+    raw_B, raw_C = B, C
     if B.ndim == 3:
         B, C = B[:, :, None, :], C[:, :, None, :]
-    lay = _layout(u, A, B, block_sizes, min_block_d)
+    lay = _layout(u, A, B, block_sizes, lane_multiple(platform, interpret))
+    _check_tpu(u, delta, raw_B, raw_C, lay, platform, interpret)
     operands = [
         lay.pad_channels(u),
         lay.pad_channels(delta),
@@ -372,7 +399,7 @@ def selective_scan_forward(
     _check_inputs(u, delta, A, B, C, x0, keep)
     carry_dtype = carry_dtype_of(u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype, *(() if x0 is None else (x0.dtype,)))
     y_dtype = jnp.result_type(u.dtype, delta.dtype, B.dtype, C.dtype)
-    lay, operands = _prepare(u, delta, A, B, C, keep, block_sizes, lane_multiple(platform, interpret))
+    lay, operands = _prepare(u, delta, A, B, C, keep, block_sizes, platform, interpret)
     if x0 is None:
         x0 = jnp.zeros((lay.batch, lay.n_pad, lay.d_pad), carry_dtype)
     else:
@@ -385,7 +412,7 @@ def selective_scan_forward(
     ]
     if save_chunk_states:
         out_specs.append(
-            pl.BlockSpec((None, lay.n_chunks, lay.n_pad, lay.block_d), lambda i, j: (i, 0, 0, j))
+            block_spec((None, lay.n_chunks, lay.n_pad, lay.block_d), lambda i, j: (i, 0, 0, j))
         )
         out_shape.append(
             jax.ShapeDtypeStruct((lay.batch, lay.n_chunks, lay.n_pad, lay.d_pad), carry_dtype)
@@ -440,20 +467,20 @@ def selective_scan_backward(
     """
     _check_inputs(u, delta, A, B, C, None, keep)
     carry_dtype = chunk_states.dtype
-    lay, operands = _prepare(u, delta, A, B, C, keep, block_sizes, lane_multiple(platform, interpret))
+    lay, operands = _prepare(u, delta, A, B, C, keep, block_sizes, platform, interpret)
     expected = (lay.batch, lay.n_chunks, lay.n_pad, lay.d_pad)
     if chunk_states.shape != expected:
         raise ValueError(f"chunk_states: expected shape {expected} (same block_sizes as the forward), got {chunk_states.shape}")
     if dy.shape != u.shape:
         raise ValueError(f"dy: expected shape u.shape = {u.shape}, got {dy.shape}")
     seq, A_spec, bc, keep_spec, state = _specs(lay)
-    partial_bc = pl.BlockSpec((None, None, lay.time, lay.n_pad), lambda i, j: (i, j, 0, 0))
+    partial_bc = block_spec((None, None, lay.time, lay.n_pad), lambda i, j: (i, j, 0, 0))
     du, ddelta, dA, dB, dC, dx0 = pl.pallas_call(
         functools.partial(_backward_kernel, time=lay.time, chunk=lay.chunk, has_keep=keep is not None),
         grid=(lay.batch, lay.blocks),
         in_specs=[seq, seq, A_spec, bc, bc]
         + ([keep_spec] if keep is not None else [])
-        + [pl.BlockSpec((None, lay.n_chunks, lay.n_pad, lay.block_d), lambda i, j: (i, 0, 0, j)), seq, state],
+        + [block_spec((None, lay.n_chunks, lay.n_pad, lay.block_d), lambda i, j: (i, 0, 0, j)), seq, state],
         out_specs=[seq, seq, state, partial_bc, partial_bc, state],
         out_shape=[
             jax.ShapeDtypeStruct((lay.batch, lay.time, lay.d_pad), u.dtype),
