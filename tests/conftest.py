@@ -6,11 +6,16 @@
   and ``pallas_kernels`` at call time (tests only, never the hot path). Public scan
   functions take ``ArrayLike`` and raise their own ``ValueError`` on bad shapes; the
   internal cores they call carry the dimension-named annotations that are checked here.
+* ``method="auto"`` stages the CPU branch only (``SSMJAX_STAGE_PLATFORMS=cpu``, read when
+  ``ssmjax`` is imported): tracing every accelerator's kernel branch on this CPU host
+  would slow every test; tests that check an accelerator's branch opt in with
+  ``ssmjax.scan.staged_platforms(...)``.
 """
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("SSMJAX_STAGE_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 from jaxtyping import install_import_hook  # noqa: E402

@@ -46,8 +46,10 @@ Evaluations (``method=``):
   representation. Inputs keep their dtype (computed in float32). ``chunk_size`` (a power
   of two) is the kernel's chunk; no packed sequences (``ValueError``). Compiled on GPUs
   (Triton lowering), interpreted on CPU (slow: for tests), no TPU kernel.
-* ``"auto"``: ``"pallas"`` on GPUs without packed sequences (kernel chunk 32), otherwise
-  ``"chunked"``. On XLA:CPU at ``(b, t, h, d) = (2, 2048, 4, 64)`` float32
+* ``"auto"``: ``"pallas"`` on a platform where :data:`ssmjax.scan._dispatch.TABLE` lists
+  the kernel as proven for the dtype and head dim (never for packed sequences; the
+  platform is the one the program is lowered for, the kernel runs with its per-target
+  default ``block_sizes``), otherwise ``"chunked"``. On XLA:CPU at ``(b, t, h, d) = (2, 2048, 4, 64)`` float32
   its forward + backward is several times faster than differentiating the token scan and
   needs ~8x less temporary memory (the scan's autodiff stores every ``[dk, dv]`` state);
   the forward alone is ~2x slower than ``"sequential"`` there, so pick ``"sequential"``
@@ -81,22 +83,19 @@ from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
 from pallas_kernels import chunked_delta as kernels
+from pallas_kernels.chunked_delta import BlockSizes as DeltaBlockSizes
+from ssmjax.scan import _chunked, _dispatch
 from ssmjax.scan._checks import (
     carry_cut_mask,
     check_chunk_size,
-    check_method,
-    check_ndim,
-    check_pallas_chunked_attention,
     check_real_floating,
     check_shape,
     expand_mask,
     pad_time,
-    pallas_interpret,
     state_dtype,
-    static_scale,
 )
 
-DELTA_METHODS = ("auto", "sequential", "chunked", "pallas")
+DELTA_METHODS = _dispatch.TABLE["delta_rule"].methods
 
 
 # ----------------------------------------------------------------------------- sequential
@@ -132,52 +131,15 @@ def _delta_rule_sequential(
 
 
 # ----------------------------------------------------------------------------- chunked
-def _chunks(x: Array, n_chunks: int, chunk: int) -> Array:
-    """``[batch, n*C, heads, ...]`` -> ``[batch, heads, n, C, ...]``."""
-    x = x.reshape((x.shape[0], n_chunks, chunk) + x.shape[2:])
-    return jnp.moveaxis(x, 3, 1)
-
-
-def _unchunk(x: Array) -> Array:
-    """``[batch, heads, n, C, ...]`` -> ``[batch, n*C, heads, ...]``."""
-    x = jnp.moveaxis(x, 1, 3)
-    return x.reshape((x.shape[0], x.shape[1] * x.shape[2]) + x.shape[3:])
-
-
-def _segment_sum(g: Float[Array, "*lead C"]) -> Float[Array, "*lead C C"]:
-    """``out[..., i, j] = g_{j+1} + ... + g_i`` for ``j <= i`` (``0`` above the diagonal).
-
-    Summing only the terms between ``j`` and ``i`` keeps the small differences of
-    cumulative log-decays exact even when the cumulative sums themselves are huge. Written
-    as ``(M diag(g)) N`` with 0/1 masks ``M_il = [l <= i]``, ``N_lj = [l > j]``: a matmul is
-    ~4x faster on XLA:CPU than a cumulative sum over ``[C, C]``; ``HIGHEST`` precision keeps
-    it exact float32 on accelerators.
-    """
-    c = g.shape[-1]
-    up_to_row = jnp.tril(jnp.ones((c, c), g.dtype))
-    after_column = jnp.tril(jnp.ones((c, c), g.dtype), -1)
-    highest = jax.lax.Precision.HIGHEST
-    return jnp.matmul(up_to_row * g[..., None, :], after_column, precision=highest)
-
-
-def _masked_exp(x: Array, keep: Array) -> Array:
-    """``exp(x)`` where ``keep``, else ``0``; masked entries never reach ``exp`` (no inf/NaN)."""
-    zero = jnp.zeros((), x.dtype)
-    return jnp.where(keep, jnp.exp(jnp.where(keep, x, zero)), zero)
-
-
 def _intra_chunk_decays(
-    g: Float[Array, "*lead C"], cut: Bool[Array, "*lead C"]
+    g: Float[Array, "*lead C"], masks: _chunked.ChunkMasks
 ) -> tuple[Float[Array, "*lead C C"], Float[Array, "*lead C"]]:
     """``D [.., C, C]``: decay from ``j`` to ``i`` (``j <= i``, same document, else ``0``);
     ``decay_in [.., C]``: decay from the chunk's incoming state to ``i`` (``0`` after a cut).
     """
-    c = g.shape[-1]
-    document = jnp.cumsum(cut.astype(jnp.int32), axis=-1)  # how many cuts up to and incl. i
-    causal = jnp.tril(jnp.ones((c, c), bool))
-    same_document = document[..., :, None] == document[..., None, :]
-    D = _masked_exp(_segment_sum(g), causal & same_document)
-    decay_in = _masked_exp(jnp.cumsum(g, axis=-1), document == 0)
+    D = _chunked.masked_exp(_chunked.segment_sum(g), masks.pairs)
+    reads_state = None if masks.reads_state is None else masks.reads_state[..., 0]
+    decay_in = _chunked.masked_exp(jnp.cumsum(g, axis=-1), reads_state)
     return D, decay_in
 
 
@@ -246,19 +208,17 @@ def _delta_rule_chunked(
     scale: Float[Array, ""],
     chunk_size: int,
 ) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
-    """WY-representation chunked delta rule (see the module docstring for the algebra)."""
-    batch, time, heads, _ = q.shape
+    """WY-representation chunked delta rule (see the module docstring for the algebra),
+    in the chunk-major ``[n, batch, heads, C, .]`` layout of :mod:`ssmjax.scan._chunked`."""
+    time = q.shape[1]
     c = min(chunk_size, time)
-    if cut is None:
-        cut = jnp.zeros((batch, time), bool)
-    cut = jnp.broadcast_to(cut[:, :, None], (batch, time, heads))
     # Padding: beta = 0 writes nothing and g = 0 keeps the state, so the final state is
     # the one after the last real token.
-    q, k, v, beta, log_decay, cut = (pad_time(x, c) for x in (q, k, v, beta, log_decay, cut))
-    n_chunks = q.shape[1] // c
-    q, k, v, beta, g, cut = (_chunks(x, n_chunks, c) for x in (q, k, v, beta, log_decay, cut))
-
-    D, decay_in = _intra_chunk_decays(g, cut)  # [b, h, n, C, C], [b, h, n, C]
+    q, k, v, beta, g = (_chunked.to_chunks(pad_time(x, c), c) for x in (q, k, v, beta, log_decay))
+    masks = _chunked.chunk_masks(
+        None if cut is None else _chunked.to_chunks(pad_time(cut, c)[:, :, None], c), c
+    )
+    D, decay_in = _intra_chunk_decays(g, masks)  # [n, b, h, C, C], [n, b, h, C]
     W, U = _wy_representation(k, v, beta, D, decay_in)
     k_to_end = D[..., -1, :, None] * k  # keys decayed to the chunk's last position
     decay_through = decay_in[..., -1]  # whole-chunk decay of the incoming state
@@ -268,18 +228,15 @@ def _delta_rule_chunked(
         delta = U_n - W_n @ S
         return a_n[..., None, None] * S + jnp.swapaxes(k_n, -1, -2) @ delta, S
 
-    per_chunk = jax.tree.map(lambda x: jnp.moveaxis(x, 2, 0), (W, U, k_to_end, decay_through))
-    final_state, S_in = jax.lax.scan(across_chunks, initial_state, per_chunk)
-    S_in = jnp.moveaxis(S_in, 0, 2)  # [b, h, n, dk, dv]
-
+    final_state, S_in = jax.lax.scan(across_chunks, initial_state, (W, U, k_to_end, decay_through))
     delta = U - W @ S_in
     scores = jnp.einsum("...ik,...jk->...ij", q, k) * D
     o = scale * ((decay_in[..., None] * q) @ S_in + scores @ delta)
-    return _unchunk(o)[:, :time], final_state
+    return _chunked.from_chunks(o)[:, :time], final_state
 
 
 # ----------------------------------------------------------------------------- pallas
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
 def delta_rule_pallas(
     q: Float[Array, "batch time heads dk"],
     k: Float[Array, "batch time heads dk"],
@@ -288,43 +245,39 @@ def delta_rule_pallas(
     log_decay: Float[Array, "batch time heads"] | None,
     initial_state: Float[Array, "batch heads dk dv"],
     scale: float,
-    block_sizes: kernels.BlockSizes,
+    block_sizes: DeltaBlockSizes,
+    platform: str,
 ) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
     """The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
-    chunk-entry states the forward saved (inputs in their own dtypes, ``scale`` static)."""
+    chunk-entry states the forward saved (inputs in their own dtypes, ``scale`` static,
+    ``platform`` the lowering target)."""
     o, final_state, _ = kernels.chunked_delta_forward(
-        q, k, v, beta, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
-        save_states=False, interpret=pallas_interpret(),
+        q, k, v, beta, log_decay, initial_state, save_states=False,
+        **_chunked.kernel_options(scale, block_sizes, platform),
     )
     return o, final_state
 
 
-def _delta_rule_pallas_fwd(q, k, v, beta, log_decay, initial_state, scale, block_sizes):
+def _delta_rule_pallas_fwd(q, k, v, beta, log_decay, initial_state, scale, block_sizes, platform):
     o, final_state, states = kernels.chunked_delta_forward(
-        q, k, v, beta, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
-        interpret=pallas_interpret(),
+        q, k, v, beta, log_decay, initial_state,
+        **_chunked.kernel_options(scale, block_sizes, platform),
     )
     return (o, final_state), (q, k, v, beta, log_decay, initial_state, states)
 
 
-def _delta_rule_pallas_bwd(scale, block_sizes, residuals, cotangents):
+def _delta_rule_pallas_bwd(scale, block_sizes, platform, residuals, cotangents):
     *primals, states = residuals
     q, k, v, beta, log_decay, _ = primals
     do, d_final = cotangents
     grads = kernels.chunked_delta_backward(
-        q, k, v, beta, log_decay, states, do, d_final, scale=scale,
-        block_sizes=block_sizes, interpret=pallas_interpret(),
+        q, k, v, beta, log_decay, states, do, d_final,
+        **_chunked.kernel_options(scale, block_sizes, platform),
     )
     return tuple(None if x is None else dx.astype(x.dtype) for dx, x in zip(grads, primals))
 
 
 delta_rule_pallas.defvjp(_delta_rule_pallas_fwd, _delta_rule_pallas_bwd)
-
-
-def _resolve(method: str, cut: Array | None) -> str:
-    if method != "auto":
-        return method
-    return "pallas" if cut is None and jax.default_backend() == "gpu" else "chunked"
 
 
 # ----------------------------------------------------------------------------- public API
@@ -341,6 +294,7 @@ def delta_rule(
     reset: ArrayLike | None = None,
     chunk_size: int = 64,
     method: str = "auto",
+    block_sizes: DeltaBlockSizes | None = None,
 ) -> tuple[Array, Array]:
     """Delta rule / gated delta rule over ``[batch, time, heads, dim]`` sequences.
 
@@ -366,26 +320,24 @@ def delta_rule(
       reset: ``[batch, time]`` bool; ``True`` starts a new document (``reset[:, 0]`` also
         drops ``initial_state``). Pass at most one of ``segment_ids`` / ``reset``.
       chunk_size: tokens per chunk for ``"chunked"``; any ``time`` works (padded). For
-        ``"pallas"`` the kernel's chunk, a power of two (``"auto"`` picking the kernel
-        uses the kernel's default instead).
+        ``"pallas"`` without ``block_sizes``, the kernel's chunk, a power of two.
       method: ``"auto"``, ``"sequential"``, ``"chunked"`` or ``"pallas"`` (see the module
         docstring).
+      block_sizes: the kernels' tiling (:class:`DeltaBlockSizes`) wherever the Pallas
+        kernel runs (``"pallas"``, or ``"auto"`` picking it); ``None``: the per-target
+        default.
 
     Returns:
       ``(o, final_state)``: ``o [batch, time, heads, dv]`` in the promoted dtype of
       ``q, k, v, beta``; ``final_state [batch, heads, dk, dv]`` in at least float32.
     """
-    check_method(method, DELTA_METHODS)
+    _dispatch.check_method("delta_rule", method)
+    _dispatch.check_block_sizes("delta_rule", block_sizes, DeltaBlockSizes)
     check_chunk_size(chunk_size)
     q, k, v, beta = (jnp.asarray(x) for x in (q, k, v, beta))
-    for name, x in (("q", q), ("k", k), ("v", v), ("beta", beta)):
-        check_real_floating(name, x)
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    batch, time, heads, dk = q.shape
-    check_shape("k", k, q.shape, "[batch, time, heads, dk]")
-    check_ndim("v", v, 4, "[batch, time, heads, dv]")
-    dv = v.shape[-1]
-    check_shape("v", v, (batch, time, heads, dv), "[batch, time, heads, dv]")
+    initial_state = None if initial_state is None else jnp.asarray(initial_state)
+    batch, time, heads, dk, dv = _chunked.check_attention_inputs(q, k, v, initial_state)
+    check_real_floating("beta", beta)
     check_shape("beta", beta, (batch, time, heads), "[batch, time, heads]")
     dtypes = [q.dtype, k.dtype, v.dtype, beta.dtype]
     out_dtype = jnp.result_type(*dtypes)
@@ -395,60 +347,57 @@ def delta_rule(
         check_shape("log_decay", log_decay, (batch, time, heads), "[batch, time, heads]")
         dtypes.append(log_decay.dtype)
     if initial_state is not None:
-        initial_state = jnp.asarray(initial_state)
-        check_real_floating("initial_state", initial_state)
-        check_shape(
-            "initial_state", initial_state, (batch, heads, dk, dv), "[batch, heads, dk, dv]"
-        )
         dtypes.append(initial_state.dtype)
+    _chunked.check_scalar_scale(scale)
     dtype = state_dtype(*dtypes)
-    if segment_ids is not None:
-        segment_ids = jnp.asarray(segment_ids)
-    if reset is not None:
-        reset = jnp.asarray(reset)
+    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
+    reset = None if reset is None else jnp.asarray(reset)
     cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
-    resolved = _resolve(method, cut)
-    if resolved == "pallas":
-        chunk = chunk_size if method == "pallas" else None
-        check_pallas_chunked_attention("delta_rule", cut, chunk)
-        if jnp.ndim(scale) != 0:
-            raise ValueError(f"scale: expected a scalar, got shape {tuple(jnp.shape(scale))}")
-        if time > 0:
-            o, final_state = _delta_rule_pallas_call(
-                q, k, v, beta, log_decay, initial_state, scale, dtype, chunk
-            )
-            return o.astype(out_dtype), final_state
+    block_sizes = _dispatch.kernel_block_sizes(DeltaBlockSizes, block_sizes, method, chunk_size)
+    case = _dispatch.case(
+        out_dtype, packed=cut is not None, time=time, head_dim=dk,
+        decay="none" if log_decay is None else "head",
+        chunk=None if block_sizes is None else block_sizes.chunk,
+    )
+    if method == "pallas":
+        _dispatch.check_pallas("delta_rule", case, "q, k, v, beta")
+    if time == 0:
+        s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
+        return jnp.zeros((batch, 0, heads, dv), out_dtype), s0
 
+    def pallas(platform, q, k, v, beta, log_decay, initial_state, cut):
+        return _delta_rule_pallas_call(
+            q, k, v, beta, log_decay, initial_state, scale, dtype, block_sizes, platform
+        )
+
+    def xla(resolved, q, k, v, beta, log_decay, initial_state, cut):
+        return _delta_rule_xla(
+            resolved, q, k, v, beta, log_decay, initial_state, cut, scale, dtype, chunk_size
+        )
+
+    return _chunked.run(
+        "delta_rule", method, case, pallas, xla, out_dtype, dtype,
+        q, k, v, beta, log_decay, initial_state, cut,
+    )
+
+
+def _delta_rule_xla(method, q, k, v, beta, log_decay, initial_state, cut, scale, dtype, chunk_size):
+    """The XLA evaluations (sequential, chunked) in the state dtype."""
+    batch, time, heads, dk = q.shape
+    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
     q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
     g = jnp.zeros((batch, time, heads), dtype) if log_decay is None else log_decay.astype(dtype)
-    s0 = (
-        jnp.zeros((batch, heads, dk, dv), dtype)
-        if initial_state is None
-        else initial_state.astype(dtype)
-    )
     scale = jnp.asarray(dk**-0.5 if scale is None else scale, dtype)
-    if scale.ndim != 0:
-        raise ValueError(f"scale: expected a scalar, got shape {tuple(scale.shape)}")
-    if time == 0:
-        return jnp.zeros((batch, 0, heads, dv), out_dtype), s0
     if method == "sequential":
-        o, final_state = _delta_rule_sequential(q, k, v, beta, g, cut, s0, scale)
-    else:
-        o, final_state = _delta_rule_chunked(q, k, v, beta, g, cut, s0, scale, chunk_size)
-    return o.astype(out_dtype), final_state
+        return _delta_rule_sequential(q, k, v, beta, g, cut, s0, scale)
+    return _delta_rule_chunked(q, k, v, beta, g, cut, s0, scale, chunk_size)
 
 
-def _delta_rule_pallas_call(q, k, v, beta, log_decay, initial_state, scale, dtype, chunk_size):
+def _delta_rule_pallas_call(
+    q, k, v, beta, log_decay, initial_state, scale, dtype, block_sizes, platform
+):
     """``method="pallas"`` after the argument checks: inputs keep their dtypes."""
-    batch, _, heads, dk = q.shape
-    dv = v.shape[-1]
-    s0 = (
-        jnp.zeros((batch, heads, dk, dv), dtype)
-        if initial_state is None
-        else initial_state.astype(dtype)
-    )
-    static = static_scale(scale, dk**-0.5)
-    if static is None:  # a traced scale: fold it into the queries (differentiably)
-        q, static = q.astype(dtype) * jnp.asarray(scale, dtype), 1.0
-    block_sizes = kernels.BlockSizes(chunk=chunk_size)
-    return delta_rule_pallas(q, k, v, beta, log_decay, s0, static, block_sizes)
+    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
+    q, static = _chunked.static_scale_of(q, scale, dtype)
+    tiling = _dispatch.block_sizes_for("delta_rule", block_sizes, platform)
+    return delta_rule_pallas(q, k, v, beta, log_decay, s0, static, tiling, platform)

@@ -46,8 +46,10 @@ Evaluations (``method=``):
   their dtype (bf16 is read as bf16, computed in float32). ``chunk_size`` (a power of two)
   is the kernel's chunk; no packed sequences (``segment_ids`` / ``reset``: ``ValueError``).
   Compiled on GPUs (Triton lowering), interpreted on CPU (slow: for tests), no TPU kernel.
-* ``"auto"``: ``"pallas"`` on GPUs without packed sequences (with the kernel's own chunk
-  size: 64, or 16 with a per-channel decay); otherwise ``"chunked"``, the fastest XLA
+* ``"auto"``: ``"pallas"`` on a platform where :data:`ssmjax.scan._dispatch.TABLE` lists
+  the kernel as proven for the dtype, decay kind and head dim (never for packed
+  sequences; the platform is the one the program is lowered for, and the kernel runs
+  with its per-target default ``block_sizes``); otherwise ``"chunked"``, the fastest XLA
   form on CPU for forward+backward at every
   measured shape (``T = 1 .. 2048``; at ``T <= chunk_size`` it is the parallel form).
   Jitted float32 forward+backward at ``(b, t, h, d) = (2, 2048, 4, 64)`` on 2 shared CPU
@@ -91,7 +93,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -100,22 +101,18 @@ from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
 from pallas_kernels import chunked_gla as kernels
+from pallas_kernels.chunked_gla import BlockSizes as GLABlockSizes
+from ssmjax.scan import _chunked, _dispatch
 from ssmjax.scan._checks import (
     carry_cut_mask,
     check_broadcastable,
     check_chunk_size,
-    check_method,
-    check_ndim,
-    check_pallas_chunked_attention,
     check_real_floating,
-    check_shape,
     pad_time,
-    pallas_interpret,
     state_dtype,
-    static_scale,
 )
 
-GLA_METHODS = ("auto", "sequential", "parallel", "chunked", "pallas")
+GLA_METHODS = _dispatch.TABLE["gated_linear_attention"].methods
 
 #: Longest sub-chunk over which the per-channel decay tensor ``[s, s, dk]`` is formed
 #: (8 was the fastest of 4 / 8 / 16 for per-channel decay at chunk sizes 32 and 64 on CPU).
@@ -152,42 +149,6 @@ def gla_sequential(
 
 
 # ----------------------------------------------------------------------------- chunk helpers
-def _to_chunks(x: Array, chunk: int) -> Array:
-    """``[batch, n*C, heads, ...]`` -> ``[n, batch, heads, C, ...]`` (chunk-major)."""
-    b, t, h = x.shape[:3]
-    x = x.reshape((b, t // chunk, chunk, h) + x.shape[3:])
-    return jnp.moveaxis(x, (1, 3), (0, 2))
-
-
-def _from_chunks(x: Array) -> Array:
-    """``[n, batch, heads, C, ...]`` -> ``[batch, n*C, heads, ...]``."""
-    n, b, h, c = x.shape[:4]
-    x = jnp.moveaxis(x, (0, 2), (1, 3))
-    return x.reshape((b, n * c, h) + x.shape[4:])
-
-
-def _masked_exp(x: Array, keep: Array | None) -> Array:
-    """``exp(x)`` where ``keep`` (everywhere if ``None``), else ``0``; masked entries
-    never reach ``exp``, so they cannot overflow or give NaN gradients."""
-    return jnp.exp(x) if keep is None else jnp.exp(jnp.where(keep, x, -jnp.inf))
-
-
-def segment_sum(g: Float[Array, "*lead C"]) -> Float[Array, "*lead C C"]:
-    """``out[..., i, j] = g_{j+1} + ... + g_i`` for ``j <= i`` (``0`` above the diagonal).
-
-    The log of the decay from position ``j`` to position ``i``, summed from the terms
-    between them, so it stays accurate when the cumulative sums themselves are large.
-    """
-    c = g.shape[-1]
-    strictly_lower = jnp.tril(jnp.ones((c, c), bool), -1)
-    return jnp.cumsum(jnp.where(strictly_lower, g[..., :, None], 0.0), axis=-2)
-
-
-def suffix_sum(g: Float[Array, "*lead C d"]) -> Float[Array, "*lead C d"]:
-    """``out[..., j, :] = g_{j+1} + ... + g_{C-1}`` (exclusive suffix sum over axis -2)."""
-    return jax.lax.cumsum(g, axis=g.ndim - 2, reverse=True) - g
-
-
 def _sums_across_sub_chunks(
     g: Float[Array, "*lead m s d"],
 ) -> tuple[Float[Array, "*lead m s d"], Float[Array, "*lead m s d"], Float[Array, "*lead m m d"]]:
@@ -201,7 +162,7 @@ def _sums_across_sub_chunks(
     """
     m = g.shape[-3]
     L = jnp.cumsum(g, axis=-2)
-    R = suffix_sum(g)
+    R = _chunked.suffix_sum(g)
     K = jnp.arange(m)
     strictly_between = (K[None, :, None] < K[None, None, :]) & (K[None, None, :] < K[:, None, None])
     P = jnp.einsum("IJK,...Kd->...IJd", strictly_between.astype(g.dtype), L[..., -1, :])
@@ -220,7 +181,7 @@ def _pairwise_log_decay(g: Float[Array, "*lead C"], sub: int) -> Float[Array, "*
     g = g.reshape(lead + (m, sub))
     L, R, P = (x[..., 0] for x in _sums_across_sub_chunks(g[..., None]))
     across = L[..., :, :, None, None] + R[..., None, None, :, :] + P[..., :, None, :, None]
-    inside = segment_sum(g)[..., :, :, None, :]  # [.., I, i, 1, j]
+    inside = _chunked.segment_sum(g)[..., :, :, None, :]  # [.., I, i, 1, j]
     same_sub_chunk = jnp.eye(m, dtype=bool)[:, None, :, None]
     return jnp.where(same_sub_chunk, inside, across).reshape(lead + (c, c))
 
@@ -233,7 +194,7 @@ def _intra_chunk_scores_per_head(
     sub: int,
 ) -> Float[Array, "*lead C C"]:
     """``A_ij = (q_i . k_j) exp(g_{j+1} + ... + g_i)`` on ``pairs``, else ``0``."""
-    decay = _masked_exp(_pairwise_log_decay(g, sub), pairs)
+    decay = _chunked.masked_exp(_pairwise_log_decay(g, sub), pairs)
     return jnp.einsum("...id,...jd->...ij", q, k) * decay
 
 
@@ -258,51 +219,23 @@ def _intra_chunk_scores_per_channel(
     q, k, g = (x.reshape(lead + (m, sub, dk)) for x in (q, k, g))
     L, R, P = _sums_across_sub_chunks(g)
     earlier_sub_chunk = jnp.tril(jnp.ones((m, m), bool), -1)[:, :, None, None]  # J < I
-    k_to_start = k[..., None, :, :, :] * _masked_exp(
+    k_to_start = k[..., None, :, :, :] * _chunked.masked_exp(
         R[..., None, :, :, :] + P[..., :, :, None, :], earlier_sub_chunk
     )  # [.., I, J, sub, dk]: k_j decayed to the start of sub-chunk I
     across = jnp.einsum("...Iid,...IJjd->...IiJj", q * jnp.exp(L), k_to_start)
     causal = jnp.tril(jnp.ones((sub, sub), bool))[..., None]
-    decay_inside = _masked_exp(L[..., :, None, :] - L[..., None, :, :], causal)
+    decay_inside = _chunked.masked_exp(L[..., :, None, :] - L[..., None, :, :], causal)
     inside = jnp.einsum("...Iijd,...Ijd->...Iij", q[..., :, None, :] * decay_inside, k)
     same_sub_chunk = jnp.eye(m, dtype=bool)[:, None, :, None]
     A = jnp.where(same_sub_chunk, inside[..., :, :, None, :], across).reshape(lead + (c, c))
     return jnp.where(pairs, A, 0.0)
 
 
-class _ChunkMasks(NamedTuple):
-    """Which pairs and boundary terms survive the document cuts inside each chunk.
-
-    ``pairs [.., C, C]``: ``j <= i`` and no cut in ``j+1..i``; ``reads_state [.., C, 1]``:
-    no cut in ``0..i`` (position ``i`` sees the chunk's incoming state); ``feeds_state
-    [.., C, 1]``: no cut in ``j+1..C-1`` (position ``j`` reaches the outgoing state);
-    ``passes_state [.., 1]``: no cut in the chunk. ``None`` means "everywhere".
-    """
-
-    pairs: Array
-    reads_state: Array | None
-    feeds_state: Array | None
-    passes_state: Array | None
-
-
-def _chunk_masks(cut: Bool[Array, "n batch 1 C"] | None, chunk: int) -> _ChunkMasks:
-    causal = jnp.tril(jnp.ones((chunk, chunk), bool))
-    if cut is None:
-        return _ChunkMasks(causal, None, None, None)
-    document = jnp.cumsum(cut.astype(jnp.int32), axis=-1)  # cuts up to and incl. i
-    return _ChunkMasks(
-        pairs=causal & (document[..., :, None] == document[..., None, :]),
-        reads_state=(document == 0)[..., None],
-        feeds_state=(document == document[..., -1:])[..., None],
-        passes_state=document[..., -1:] == 0,
-    )
-
-
 def _chunk_local_terms(
     q: Float[Array, "n batch heads C dk"],
     k: Float[Array, "n batch heads C dk"],
     g: Float[Array, "n batch heads C #dk"],
-    masks: _ChunkMasks,
+    masks: _chunked.ChunkMasks,
 ) -> tuple[
     Float[Array, "n batch heads C C"],
     Float[Array, "n batch heads C dk"],
@@ -323,9 +256,9 @@ def _chunk_local_terms(
     else:
         A = _intra_chunk_scores_per_channel(q, k, g, masks.pairs, sub)
     G = jnp.cumsum(g, axis=-2)
-    q_from_start = q * _masked_exp(G, masks.reads_state)
-    k_to_end = k * _masked_exp(suffix_sum(g), masks.feeds_state)
-    through = _masked_exp(G[..., -1, :], masks.passes_state)
+    q_from_start = q * _chunked.masked_exp(G, masks.reads_state)
+    k_to_end = k * _chunked.masked_exp(_chunked.suffix_sum(g), masks.feeds_state)
+    through = _chunked.masked_exp(G[..., -1, :], masks.passes_state)
     return A, q_from_start, k_to_end, through
 
 
@@ -407,15 +340,17 @@ def gla_chunked(
     c = min(chunk_size, time)
     # Padding with k = 0 writes nothing and g = 0 keeps the state: the final state is
     # the one after the last real token.
-    q, k, v, g = (_to_chunks(pad_time(x, c), c) for x in (q, k, v, log_decay))
-    masks = _chunk_masks(None if cut is None else _to_chunks(pad_time(cut, c)[:, :, None], c), c)
+    q, k, v, g = (_chunked.to_chunks(pad_time(x, c), c) for x in (q, k, v, log_decay))
+    masks = _chunked.chunk_masks(
+        None if cut is None else _chunked.to_chunks(pad_time(cut, c)[:, :, None], c), c
+    )
     A, q_from_start, k_to_end, through = _chunk_local_terms(q, k, g, masks)
     y, final_state = _pass_states(A, q_from_start, k_to_end, through, v, initial_state)
-    return scale * _from_chunks(y)[:, :time], final_state
+    return scale * _chunked.from_chunks(y)[:, :time], final_state
 
 
 # ----------------------------------------------------------------------------- pallas
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def gla_pallas(
     q: Float[Array, "batch time heads dk"],
     k: Float[Array, "batch time heads dk"],
@@ -423,44 +358,37 @@ def gla_pallas(
     log_decay: Float[Array, "batch time heads"] | Float[Array, "batch time heads dk"] | None,
     initial_state: Float[Array, "batch heads dk dv"],
     scale: float,
-    block_sizes: kernels.BlockSizes,
+    block_sizes: GLABlockSizes,
+    platform: str,
 ) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
     """The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
     chunk-entry states the forward saved (``log_decay``: ``None``, per head or per channel;
-    inputs in their own dtypes, ``scale`` a static float)."""
+    inputs in their own dtypes, ``scale`` a static float, ``platform`` the lowering target)."""
     o, final_state, _ = kernels.chunked_gla_forward(
-        q, k, v, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
-        save_states=False, interpret=pallas_interpret(),
+        q, k, v, log_decay, initial_state, save_states=False,
+        **_chunked.kernel_options(scale, block_sizes, platform),
     )
     return o, final_state
 
 
-def _gla_pallas_fwd(q, k, v, log_decay, initial_state, scale, block_sizes):
+def _gla_pallas_fwd(q, k, v, log_decay, initial_state, scale, block_sizes, platform):
     o, final_state, states = kernels.chunked_gla_forward(
-        q, k, v, log_decay, initial_state, scale=scale, block_sizes=block_sizes,
-        interpret=pallas_interpret(),
+        q, k, v, log_decay, initial_state, **_chunked.kernel_options(scale, block_sizes, platform)
     )
     return (o, final_state), (q, k, v, log_decay, initial_state, states)
 
 
-def _gla_pallas_bwd(scale, block_sizes, residuals, cotangents):
+def _gla_pallas_bwd(scale, block_sizes, platform, residuals, cotangents):
     q, k, v, log_decay, initial_state, states = residuals
     do, d_final = cotangents
     grads = kernels.chunked_gla_backward(
-        q, k, v, log_decay, states, do, d_final, scale=scale, block_sizes=block_sizes,
-        interpret=pallas_interpret(),
+        q, k, v, log_decay, states, do, d_final, **_chunked.kernel_options(scale, block_sizes, platform)
     )
     primals = (q, k, v, log_decay, initial_state)
     return tuple(None if x is None else dx.astype(x.dtype) for dx, x in zip(grads, primals))
 
 
 gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
-
-
-def _resolve(method: str, cut: Array | None) -> str:
-    if method != "auto":
-        return method
-    return "pallas" if cut is None and jax.default_backend() == "gpu" else "chunked"
 
 
 # ----------------------------------------------------------------------------- public API
@@ -488,6 +416,7 @@ def gated_linear_attention(
     reset: ArrayLike | None = None,
     chunk_size: int = 64,
     method: str = "auto",
+    block_sizes: GLABlockSizes | None = None,
 ) -> tuple[Array, Array]:
     """Gated linear attention over ``[batch, time, heads, dim]`` sequences.
 
@@ -510,52 +439,65 @@ def gated_linear_attention(
       reset: ``[batch, time]`` bool; ``True`` starts a new document (``reset[:, 0]`` also
         drops ``initial_state``). Pass at most one of ``segment_ids`` / ``reset``.
       chunk_size: tokens per chunk for ``"chunked"``; any ``time`` works (padded). For
-        ``"pallas"`` the kernel's chunk, a power of two (``"auto"`` picking the kernel
-        uses the kernel's default instead).
+        ``"pallas"`` without ``block_sizes``, the kernel's chunk, a power of two.
       method: ``"auto"``, ``"sequential"``, ``"parallel"``, ``"chunked"`` or ``"pallas"``
         (see the module docstring).
+      block_sizes: the kernels' tiling (:class:`GLABlockSizes`) wherever the Pallas kernel
+        runs (``"pallas"``, or ``"auto"`` picking it); ``None``: the per-target default.
 
     Returns:
       ``(o, final_state)``: ``o [batch, time, heads, dv]`` in the promoted dtype of
       ``q, k, v``; ``final_state [batch, heads, dk, dv]`` in at least float32.
     """
-    check_method(method, GLA_METHODS)
+    _dispatch.check_method("gated_linear_attention", method)
+    _dispatch.check_block_sizes("gated_linear_attention", block_sizes, GLABlockSizes)
     check_chunk_size(chunk_size)
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_real_floating(name, x)
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    batch, time, heads, dk = q.shape
-    check_shape("k", k, q.shape, "[batch, time, heads, dk]")
-    check_ndim("v", v, 4, "[batch, time, heads, dv]")
-    dv = v.shape[-1]
-    check_shape("v", v, (batch, time, heads, dv), "[batch, time, heads, dv]")
+    initial_state = None if initial_state is None else jnp.asarray(initial_state)
+    batch, time, heads, dk, dv = _chunked.check_attention_inputs(q, k, v, initial_state)
     dtypes = [q.dtype, k.dtype, v.dtype]
     out_dtype = jnp.result_type(*dtypes)
+    decay = "none"
     if log_decay is not None:
         log_decay = jnp.asarray(log_decay)
         check_real_floating("log_decay", log_decay)
         _check_log_decay(log_decay, batch, time, heads, dk)
         dtypes.append(log_decay.dtype)
+        decay = "head" if log_decay.ndim == 3 else "channel"
     if initial_state is not None:
-        initial_state = jnp.asarray(initial_state)
-        check_real_floating("initial_state", initial_state)
-        check_shape("initial_state", initial_state, (batch, heads, dk, dv), "[batch, heads, dk, dv]")
         dtypes.append(initial_state.dtype)
+    _chunked.check_scalar_scale(scale)
     dtype = state_dtype(*dtypes)
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
     reset = None if reset is None else jnp.asarray(reset)
     cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
-    resolved = _resolve(method, cut)
-    if resolved == "pallas":
-        chunk = chunk_size if method == "pallas" else None
-        check_pallas_chunked_attention("gated_linear_attention", cut, chunk)
-        if jnp.ndim(scale) != 0:
-            raise ValueError(f"scale: expected a scalar, got shape {tuple(jnp.shape(scale))}")
-        if time > 0:
-            o, final_state = _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, chunk)
-            return o.astype(out_dtype), final_state
+    block_sizes = _dispatch.kernel_block_sizes(GLABlockSizes, block_sizes, method, chunk_size)
+    case = _dispatch.case(
+        out_dtype, packed=cut is not None, time=time, head_dim=dk, decay=decay,
+        chunk=None if block_sizes is None else block_sizes.chunk,
+    )
+    if method == "pallas":
+        _dispatch.check_pallas("gated_linear_attention", case, "q, k, v")
+    if time == 0:
+        s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
+        return jnp.zeros((batch, 0, heads, dv), out_dtype), s0
 
+    def pallas(platform, q, k, v, log_decay, initial_state, cut):
+        return _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, block_sizes, platform)
+
+    def xla(resolved, q, k, v, log_decay, initial_state, cut):
+        return _gla_xla(resolved, q, k, v, log_decay, initial_state, cut, scale, dtype, chunk_size)
+
+    return _chunked.run(
+        "gated_linear_attention", method, case, pallas, xla, out_dtype, dtype,
+        q, k, v, log_decay, initial_state, cut,
+    )
+
+
+def _gla_xla(method, q, k, v, log_decay, initial_state, cut, scale, dtype, chunk_size):
+    """The XLA evaluations (sequential, parallel, chunked) in the state dtype."""
+    batch, time, heads, dk = q.shape
+    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     if log_decay is None:
         g = jnp.zeros((batch, time, heads, 1), dtype)
@@ -563,37 +505,20 @@ def gated_linear_attention(
         g = jnp.broadcast_to(log_decay, (batch, time, heads)).astype(dtype)[..., None]
     else:
         g = jnp.broadcast_to(log_decay, (batch, time, heads, dk)).astype(dtype)
-    s0 = (
-        jnp.zeros((batch, heads, dk, dv), dtype)
-        if initial_state is None
-        else initial_state.astype(dtype)
-    )
     scale = jnp.asarray(dk**-0.5 if scale is None else scale, dtype)
-    if scale.ndim != 0:
-        raise ValueError(f"scale: expected a scalar, got shape {tuple(scale.shape)}")
-    if time == 0:
-        return jnp.zeros((batch, 0, heads, dv), out_dtype), s0
     if method == "sequential":
-        o, final_state = gla_sequential(q, k, v, g, cut, s0, scale)
-    else:
-        chunk = time if method == "parallel" else chunk_size
-        o, final_state = gla_chunked(q, k, v, g, cut, s0, scale, chunk)
-    return o.astype(out_dtype), final_state
+        return gla_sequential(q, k, v, g, cut, s0, scale)
+    chunk = time if method == "parallel" else chunk_size
+    return gla_chunked(q, k, v, g, cut, s0, scale, chunk)
 
 
-def _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, chunk_size):
+def _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, block_sizes, platform):
     """``method="pallas"`` after the argument checks: inputs keep their dtypes."""
-    batch, time, heads, dk = q.shape
-    dv = v.shape[-1]
+    batch, time, heads = q.shape[:3]
     if log_decay is not None:
         shape = (batch, time, heads) if log_decay.ndim == 3 else q.shape
         log_decay = jnp.broadcast_to(log_decay, shape)
-    s0 = (
-        jnp.zeros((batch, heads, dk, dv), dtype)
-        if initial_state is None
-        else initial_state.astype(dtype)
-    )
-    static = static_scale(scale, dk**-0.5)
-    if static is None:  # a traced scale: fold it into the queries (differentiably)
-        q, static = q.astype(dtype) * jnp.asarray(scale, dtype), 1.0
-    return gla_pallas(q, k, v, log_decay, s0, static, kernels.BlockSizes(chunk=chunk_size))
+    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
+    q, static = _chunked.static_scale_of(q, scale, dtype)
+    tiling = _dispatch.block_sizes_for("gated_linear_attention", block_sizes, platform)
+    return gla_pallas(q, k, v, log_decay, s0, static, tiling, platform)

@@ -21,8 +21,10 @@ Evaluations (``method=``):
   interpreter (``interpret=True``, chosen automatically: correct but slow, for tests).
 * ``"auto"``: ``"sequential"`` on CPU, where XLA compiles the loop tightly and it beat
   both parallel forms at every shape in ``experiments/speed.py`` (e.g. fwd+bwd at
-  b=2, t=16k, d=256: 80 ms vs 125 ms chunked); on GPU/TPU ``"pallas"`` for real
-  ``linear_scan`` and ``"chunked"`` otherwise (complex inputs, ``matrix_scan``).
+  b=2, t=16k, d=256: 80 ms vs 125 ms chunked); elsewhere ``"pallas"`` where
+  :data:`ssmjax.scan._dispatch.TABLE` lists the kernel as proven for the platform, dtype
+  and length, ``"chunked"`` otherwise (complex inputs, ``matrix_scan``). The platform is
+  the one the program is lowered for (``jax.lax.platform_dependent``).
 
 Gradients never differentiate through the scan algorithm: a custom VJP runs the same
 scan backwards with transposed transitions,
@@ -45,21 +47,20 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Inexact
 
+from pallas_kernels.linear_scan import BlockSizes as LinearScanBlockSizes
 from pallas_kernels.linear_scan import linear_scan as pallas_linear_scan
 
+from ssmjax.scan import _dispatch
 from ssmjax.scan._checks import (
-    METHODS,
     carry_cut_mask,
     check_broadcastable,
     check_chunk_size,
     check_floating,
-    check_method,
     check_ndim,
     check_shape,
     expand_mask,
     flip_time,
     pad_time,
-    pallas_interpret,
     state_dtype,
 )
 
@@ -155,48 +156,62 @@ def _chunked(kind: _Transition, a: Array, b: Array, h0: Array, chunk_size: int) 
     return h[:, :time]
 
 
-def _pallas_diagonal(a: Array, b: Array, h0: Array) -> Array:
+class _Options(NamedTuple):
+    """Static settings of one evaluation: the XLA chunk and, for ``"pallas"``, the kernel
+    tiling (``None``: the kernel's default) and the platform it is lowered for (``"cpu"``:
+    the Pallas interpreter)."""
+
+    chunk_size: int | None = None
+    block_sizes: LinearScanBlockSizes | None = None
+    platform: str = _dispatch.DEFAULT
+
+
+def _pallas_diagonal(a: Array, b: Array, h0: Array, options: _Options) -> Array:
     """The Pallas kernel over ``[batch, time, features]``, trailing axes flattened."""
     batch, time = b.shape[:2]
     h, _ = pallas_linear_scan(
         a.reshape(batch, time, -1),
         b.reshape(batch, time, -1),
         h0.reshape(batch, -1),
-        interpret=pallas_interpret(),
+        block_sizes=_dispatch.block_sizes_for(
+            "linear_scan", options.block_sizes, options.platform
+        ),
+        interpret=options.platform == "cpu",
+        platform=options.platform,
     )
     return h.reshape(b.shape)
 
 
-def _forward(kind, method, chunk_size, a, b, h0):
+def _forward(kind, method, options, a, b, h0):
     if method == "pallas":
-        return _pallas_diagonal(a, b, h0)
+        return _pallas_diagonal(a, b, h0, options)
     if method == "sequential":
         return _sequential(kind, a, b, h0)
     if method == "associative":
         return _associative(kind, a, b, h0)
-    return _chunked(kind, a, b, h0, chunk_size or default_chunk_size(b.shape[1]))
+    return _chunked(kind, a, b, h0, options.chunk_size or default_chunk_size(b.shape[1]))
 
 
 # ----------------------------------------------------------------------------- custom VJP
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _recurrence(kind, method, chunk_size, a, b, h0):
-    h = _forward(kind, method, chunk_size, a, b, h0)
+def _recurrence(kind, method, options, a, b, h0):
+    h = _forward(kind, method, options, a, b, h0)
     return h, h[:, -1]
 
 
-def _recurrence_fwd(kind, method, chunk_size, a, b, h0):
-    h = _forward(kind, method, chunk_size, a, b, h0)
+def _recurrence_fwd(kind, method, options, a, b, h0):
+    h = _forward(kind, method, options, a, b, h0)
     return (h, h[:, -1]), (a, h, h0)
 
 
-def _recurrence_bwd(kind, method, chunk_size, residuals, cotangents):
+def _recurrence_bwd(kind, method, options, residuals, cotangents):
     a, h, h0 = residuals
     dh, dh_last = cotangents
     dh = jnp.asarray(dh).at[:, -1].add(dh_last)
     # g_t = dh_t + A_{t+1}^T g_{t+1}: a linear scan of the same kind, run backwards.
     a_next_t = kind.transpose(jnp.concatenate([a[:, 1:], jnp.zeros_like(a[:, :1])], axis=1))
     g = flip_time(
-        _forward(kind, method, chunk_size, flip_time(a_next_t), flip_time(dh), jnp.zeros_like(h0))
+        _forward(kind, method, options, flip_time(a_next_t), flip_time(dh), jnp.zeros_like(h0))
     )
     h_prev = jnp.concatenate([h0[:, None], h[:, :-1]], axis=1)
     da = kind.outer(g, h_prev)
@@ -209,23 +224,47 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 def _run(
     kind: _Transition,
+    method: str,
+    options: _Options,
+    reverse: bool,
     a: Inexact[Array, "batch time *transition"],
     b: Inexact[Array, "batch time *state"],
     h0: Inexact[Array, "batch *state"],
     cut: Array | None,
-    reverse: bool,
-    method: str,
-    chunk_size: int | None,
 ) -> tuple[Inexact[Array, "batch time *state"], Inexact[Array, "batch *state"]]:
     if cut is not None:
         a = jnp.where(expand_mask(cut, a.ndim), jnp.zeros((), a.dtype), a)
     if reverse:
         a, b = flip_time((a, b))
-    h, h_last = _recurrence(kind, method, chunk_size, a, b, h0)
+    h, h_last = _recurrence(kind, method, options, a, b, h0)
     return (flip_time(h) if reverse else h), h_last
 
 
+def _dispatch_run(
+    op: str,
+    kind: _Transition,
+    method: str,
+    a: Array,
+    b: Array,
+    h0: Array,
+    cut: Array | None,
+    reverse: bool,
+    chunk_size: int | None,
+    block_sizes: LinearScanBlockSizes | None,
+    out_dtype,
+) -> tuple[Array, Array]:
+    """Run ``method`` (``"auto"`` resolved per lowering platform by the dispatch table)."""
+    case = _dispatch.case(out_dtype, packed=cut is not None, time=b.shape[1])
+
+    def branch(resolved: str, platform: str):
+        options = _Options(chunk_size, block_sizes, platform)
+        return functools.partial(_run, kind, resolved, options, reverse)
+
+    return _dispatch.dispatch(_dispatch.plan(op, method, case), branch, a, b, h0, cut)
+
+
 def _prepare(
+    op: str,
     name_a: str,
     a: ArrayLike,
     b: ArrayLike,
@@ -236,7 +275,7 @@ def _prepare(
     chunk_size: int | None,
 ):
     a, b = jnp.asarray(a), jnp.asarray(b)
-    check_method(method, METHODS)
+    _dispatch.check_method(op, method)
     if chunk_size is not None:
         check_chunk_size(chunk_size)
     check_floating("b", b)
@@ -267,6 +306,7 @@ def linear_scan(
     reset: ArrayLike | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
+    block_sizes: LinearScanBlockSizes | None = None,
 ) -> tuple[Array, Array]:
     """Diagonal linear recurrence ``h_t = a_t * h_{t-1} + b_t`` (elementwise).
 
@@ -283,25 +323,27 @@ def linear_scan(
         ``"pallas"`` (real inputs only; interpreted on CPU, see the module docstring).
       chunk_size: chunk length for ``"chunked"``; ``None`` picks ``~sqrt(T)``. Any ``T``
         works (the last chunk is padded with identity transitions).
+      block_sizes: the kernel's tiling (:class:`LinearScanBlockSizes`) wherever the
+        Pallas kernel runs; ``None``: the per-target default.
 
     Returns:
       ``(h, final_state)``: ``h`` ``[batch, time, ...]`` in the promoted input dtype and
       the state after the last step ``[batch, ...]``, accumulated in at least float32.
     """
     a, b, h0, out_dtype = _prepare(
-        "a", a, b, initial_state, lambda s: s, "b.shape [batch, time, ...]", method, chunk_size
+        "linear_scan", "a", a, b, initial_state, lambda s: s, "b.shape [batch, time, ...]",
+        method, chunk_size,
     )
+    _dispatch.check_block_sizes("linear_scan", block_sizes, LinearScanBlockSizes)
+    cut = carry_cut_mask(segment_ids, reset, b.shape[0], b.shape[1], reverse)
     if method == "pallas":
-        if jnp.iscomplexobj(b):
-            raise ValueError(
-                f"method: 'pallas' has no complex kernel, got a complex dtype {b.dtype}; "
-                "use another method"
-            )
-        pallas_interpret()  # a ValueError on a backend without Pallas
+        case = _dispatch.case(out_dtype, packed=cut is not None, time=b.shape[1])
+        _dispatch.check_pallas("linear_scan", case, "a, b")
     if b.shape[1] == 0:  # an empty sequence leaves the state as it was
         return b.astype(out_dtype), h0
-    cut = carry_cut_mask(segment_ids, reset, b.shape[0], b.shape[1], reverse)
-    h, h_last = _run(DIAGONAL, a, b, h0, cut, reverse, _resolve(method, DIAGONAL, b), chunk_size)
+    h, h_last = _dispatch_run(
+        "linear_scan", DIAGONAL, method, a, b, h0, cut, reverse, chunk_size, block_sizes, out_dtype
+    )
     return h.astype(out_dtype), h_last
 
 
@@ -326,6 +368,7 @@ def matrix_scan(
     chunk's cumulative transition.
     """
     a, b, h0, out_dtype = _prepare(
+        "matrix_scan",
         "A",
         A,
         b,
@@ -335,23 +378,10 @@ def matrix_scan(
         method,
         chunk_size,
     )
-    if method == "pallas":
-        raise ValueError(
-            "method: 'pallas' has no kernel for matrix_scan (dense transitions); "
-            "use 'auto', 'sequential', 'associative' or 'chunked'"
-        )
     if b.shape[1] == 0:  # an empty sequence leaves the state as it was
         return b.astype(out_dtype), h0
     cut = carry_cut_mask(segment_ids, reset, b.shape[0], b.shape[1], reverse)
-    h, h_last = _run(DENSE, a, b, h0, cut, reverse, _resolve(method, DENSE, b), chunk_size)
+    h, h_last = _dispatch_run(
+        "matrix_scan", DENSE, method, a, b, h0, cut, reverse, chunk_size, None, out_dtype
+    )
     return h.astype(out_dtype), h_last
-
-
-def _resolve(method: str, kind: _Transition, b: Array) -> str:
-    if method != "auto":
-        return method
-    if jax.default_backend() == "cpu":
-        return "sequential"
-    if kind is DIAGONAL and not jnp.iscomplexobj(b) and jax.default_backend() in ("gpu", "tpu"):
-        return "pallas"
-    return "chunked"

@@ -81,10 +81,10 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Float
 
+from ssmjax.scan import _dispatch
 from ssmjax.scan._checks import (
     carry_cut_mask,
     check_chunk_size,
-    check_method,
     check_ndim,
     check_real_floating,
     check_shape,
@@ -94,8 +94,8 @@ from ssmjax.scan._checks import (
 )
 from ssmjax.scan.linear import matrix_scan
 
-PLSTM_METHODS = ("auto", "sequential", "chunked")
-PLSTM_2D_METHODS = ("auto", "sequential", "tiled")
+PLSTM_METHODS = _dispatch.TABLE["plstm_1d"].methods
+PLSTM_2D_METHODS = _dispatch.TABLE["plstm_2d"].methods
 
 
 def _time_major(x: Array, axes: int = 1) -> Array:
@@ -257,7 +257,7 @@ def plstm_1d(
       ``(y [batch, time, heads, dv], final_state [batch, heads, J, dk, dv])``; ``y`` in the
       promoted input dtype, the state in at least float32.
     """
-    check_method(method, PLSTM_METHODS)
+    _dispatch.check_method("plstm_1d", method)
     check_chunk_size(chunk_size)
     arrays = dict(q=q, k=k, v=v, source=source, transition=transition, mark=mark, direct=direct)
     arrays = {name: jnp.asarray(x) for name, x in arrays.items()}
@@ -300,10 +300,14 @@ def plstm_1d(
     inputs = [arrays[n] for n in names]
     if reverse:
         inputs = flip_time(inputs)
-    if method == "sequential":
-        y, last = plstm_1d_sequential(*inputs, c0)
-    else:
-        y, last = plstm_1d_chunked(*inputs, c0, chunk_size)
+
+    def branch(resolved: str, platform: str):
+        if resolved == "sequential":
+            return plstm_1d_sequential
+        return lambda *args: plstm_1d_chunked(*args, chunk_size)
+
+    choice = _dispatch.plan("plstm_1d", method, _dispatch.case(out_dtype, time=time))
+    y, last = _dispatch.dispatch(choice, branch, *inputs, c0)
     if reverse:
         y = flip_time(y)
     return y.astype(out_dtype), last
@@ -559,7 +563,7 @@ def plstm_2d(
       passing them as the ``left`` / ``top`` initial state of a neighbouring grid continues
       the recurrence exactly.
     """
-    check_method(method, PLSTM_2D_METHODS)
+    _dispatch.check_method("plstm_2d", method)
     tile = (tile_size, tile_size) if isinstance(tile_size, int) else tuple(tile_size)
     if len(tile) != 2 or not all(isinstance(s, int) and s >= 1 for s in tile):
         raise ValueError(f"tile_size: expected a positive int or a pair of them, got {tile_size!r}")
@@ -600,8 +604,12 @@ def plstm_2d(
     inputs = [arrays[n].astype(dtype) for n in ("q", "k", "v", "source", "transition", "mark", "direct")]
     if height == 0 or width == 0:
         return jnp.zeros(grid + (dv,), out_dtype), (left, top)
-    if method == "sequential":
-        y, right, bottom = plstm_2d_sequential(*inputs, left, top)
-    else:
-        y, right, bottom = plstm_2d_tiled(*inputs, left, top, tile)
+
+    def branch(resolved: str, platform: str):
+        if resolved == "sequential":
+            return plstm_2d_sequential
+        return lambda *args: plstm_2d_tiled(*args, tile)
+
+    choice = _dispatch.plan("plstm_2d", method, _dispatch.case(out_dtype))
+    y, right, bottom = _dispatch.dispatch(choice, branch, *inputs, left, top)
     return y.astype(out_dtype), (right, bottom)

@@ -80,7 +80,9 @@ Evaluations (``method=``):
 * ``"pallas"`` (all cells but ``rhn``, real inputs): the sequential loop in one kernel
   launch, :mod:`pallas_kernels.rnn` (each program keeps its head's recurrent blocks
   resident and loops over time with the state in registers), behind a ``custom_vjp``
-  whose backward is the kernel's reverse-time loop. Interpreted on CPU (slow; tests).
+  whose backward is the kernel's reverse-time loop. Interpreted on CPU (slow; tests),
+  compiled by Triton on GPUs; the platform is the one the program is lowered for
+  (:mod:`ssmjax.scan._dispatch`). ``block_sizes``: :class:`RNNBlockSizes`.
 
 Packed sequences: ``segment_ids`` / ``reset`` zero the state carried into the first token
 of every document (for sLSTM also ``n`` and ``m``).
@@ -99,19 +101,19 @@ from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
 from pallas_kernels import rnn as kernels
+from pallas_kernels.rnn import BlockSizes as RNNBlockSizes
+from ssmjax.scan import _dispatch
 from ssmjax.scan._checks import (
     carry_cut_mask,
-    check_method,
     check_ndim,
     check_real_floating,
     check_shape,
     flip_time,
     state_dtype,
 )
-from ssmjax.scan.linear import pallas_interpret
 from ssmjax.scan.newton import newton_recurrence
 
-METHODS = ("sequential", "newton", "pallas")
+METHODS = _dispatch.TABLE["nonlinear_rnn"].methods
 JACOBIANS = ("block", "diagonal", "dense")
 
 
@@ -356,27 +358,38 @@ def _max_stabilised_final(
     return h_T, c_T * scale, n_T * scale, m_T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _pallas(gx, R, bias, state0, keep, cell: str):
+def _kernel_options(block_sizes: RNNBlockSizes | None, platform: str) -> dict:
+    """Keyword arguments of the kernels for ``platform`` (``"cpu"``: the interpreter)."""
+    return dict(
+        block_sizes=_dispatch.block_sizes_for("nonlinear_rnn", block_sizes, platform),
+        interpret=platform == "cpu",
+        platform=platform,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _pallas(gx, R, bias, state0, keep, cell: str, block_sizes, platform: str):
     h, final, _ = kernels.rnn_forward(
-        gx, R, bias, state0, keep, cell=cell, save_states=False, interpret=pallas_interpret()
+        gx, R, bias, state0, keep, cell=cell, save_states=False,
+        **_kernel_options(block_sizes, platform),
     )
     return h, final
 
 
-def _pallas_fwd(gx, R, bias, state0, keep, cell):
+def _pallas_fwd(gx, R, bias, state0, keep, cell, block_sizes, platform):
     h, final, states = kernels.rnn_forward(
-        gx, R, bias, state0, keep, cell=cell, interpret=pallas_interpret()
+        gx, R, bias, state0, keep, cell=cell, **_kernel_options(block_sizes, platform)
     )
     return (h, final), (gx, R, bias, state0, keep, states)
 
 
-def _pallas_bwd(cell, residuals, cotangents):
+def _pallas_bwd(cell, block_sizes, platform, residuals, cotangents):
     """The kernel's reverse-time loop over the states stored by the forward."""
     gx, R, bias, state0, keep, states = residuals
     dh, dfinal = cotangents
     grads = kernels.rnn_backward(
-        gx, R, bias, state0, keep, states, dh, dfinal, cell=cell, interpret=pallas_interpret()
+        gx, R, bias, state0, keep, states, dh, dfinal, cell=cell,
+        **_kernel_options(block_sizes, platform),
     )
     return (*grads, None)
 
@@ -386,14 +399,24 @@ _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 def _run_pallas(
     cell: HeadwiseCell,
+    block_sizes: RNNBlockSizes | None,
     gx: Float[Array, "batch time gates heads dh"],
     R: Float[Array, "rgates heads dh dh"],
     bias: Float[Array, "rgates heads dh"],
     state: tuple,
     cut: Bool[Array, "batch time"] | None,
 ) -> tuple[Float[Array, "batch time heads dh"], tuple]:
+    """The kernel wherever the program is lowered (see :func:`ssmjax.scan._dispatch.dispatch`)."""
     keep = None if cut is None else ~cut
-    h, final = _pallas(gx, R, bias, jnp.stack(state, axis=1), keep, cell.name)
+
+    def branch(method: str, platform: str):
+        def run(gx, R, bias, state0, keep):
+            return _pallas(gx, R, bias, state0, keep, cell.name, block_sizes, platform)
+
+        return run
+
+    choice = _dispatch.plan("nonlinear_rnn", "pallas", _dispatch.case(gx.dtype))
+    h, final = _dispatch.dispatch(choice, branch, gx, R, bias, jnp.stack(state, axis=1), keep)
     return h, tuple(final[:, k] for k in range(final.shape[1]))
 
 
@@ -448,6 +471,7 @@ def nonlinear_rnn(
     reset: ArrayLike | None = None,
     reverse: bool = False,
     return_info: bool = False,
+    block_sizes: RNNBlockSizes | None = None,
 ):
     """Run a head-wise non-linear RNN over a sequence (see the module docstring).
 
@@ -470,13 +494,16 @@ def nonlinear_rnn(
         ``initial_state``). At most one of the two.
       reverse: run from ``t = T - 1`` down to ``0``.
       return_info: also return an :class:`RNNInfo` (Newton iterations and residual).
+      block_sizes: ``"pallas"`` only: the kernels' tiling (:class:`RNNBlockSizes`);
+        ``None``: the per-target default.
 
     Returns:
       ``(outputs [batch, time, heads, dh], final_state)`` (``, info`` if ``return_info``):
       ``outputs`` are ``h_t`` in the promoted dtype of ``gx, R, bias``; ``final_state`` is
       the state after the last step (``t = 0`` if ``reverse``) in the accumulation dtype.
     """
-    check_method(method, METHODS)
+    _dispatch.check_method("nonlinear_rnn", method)
+    _dispatch.check_block_sizes("nonlinear_rnn", block_sizes, RNNBlockSizes)
     if jacobian not in JACOBIANS:
         raise ValueError(f"jacobian: expected one of {JACOBIANS}, got {jacobian!r}")
     cell = get_cell(cell)
@@ -500,7 +527,7 @@ def nonlinear_rnn(
     if method == "pallas":
         if cell.name not in kernels.CELLS or CELLS.get(cell.name) is not cell:
             raise ValueError(f"method: 'pallas' has kernels for the cells {kernels.CELLS}, got {cell.name!r}")
-        pallas_interpret()  # a ValueError on a backend without Pallas
+        _dispatch.check_pallas("nonlinear_rnn", _dispatch.case(out_dtype), "gx, R, bias")
     cut = carry_cut_mask(
         None if segment_ids is None else jnp.asarray(segment_ids),
         None if reset is None else jnp.asarray(reset),
@@ -517,7 +544,7 @@ def nonlinear_rnn(
         h, state, info = _newton(cell, gx, R.astype(dtype), bias.astype(dtype), state, cut, jacobian,
                                  max_iters, tol)
     else:
-        h, state = _run_pallas(cell, gx, R, bias, state, cut)
+        h, state = _run_pallas(cell, block_sizes, gx, R, bias, state, cut)
     h = (flip_time(h) if reverse else h).astype(out_dtype)
     return (h, state, info) if return_info else (h, state)
 

@@ -30,7 +30,10 @@ Evaluations:
   Grouped ``B``/``C`` are read in place (no expansion to channels); packed sequences
   pass the keep mask into the kernels. Compiled on GPU (Triton) and TPU (Mosaic); on CPU
   it runs under the Pallas interpreter (correct but slow, for tests).
-* ``"auto"``: ``"pallas"`` on GPU/TPU for real inputs, else ``"chunked"``.
+* ``"auto"``: ``"pallas"`` on a platform where :data:`ssmjax.scan._dispatch.TABLE` lists
+  the kernel as proven for the inputs' dtype (real inputs only), else ``"chunked"``. The
+  platform is the one the program is lowered for (``jax.lax.platform_dependent``), and
+  the kernel then runs with its per-target default tiling unless ``block_sizes`` is given.
 """
 
 from __future__ import annotations
@@ -43,20 +46,19 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Float, Inexact
 
+from pallas_kernels import selective_scan as kernels
+from pallas_kernels.selective_scan import BlockSizes as SelectiveScanBlockSizes
+from ssmjax.scan import _dispatch
 from ssmjax.scan._checks import (
-    METHODS,
     carry_cut_mask,
     check_chunk_size,
     check_floating,
-    check_method,
     check_ndim,
     check_shape,
     flip_time,
-    pallas_interpret,
     state_dtype,
 )
 from ssmjax.scan.linear import default_chunk_size, linear_scan
-from pallas_kernels import selective_scan as kernels
 
 
 def _to_channels(B: Array, channels: int) -> Array:
@@ -213,30 +215,33 @@ def _associative(A, state, xs):
     return final, _read_out(to_batch_major(states), C)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _pallas(u, delta, A, B, C, keep, state, chunk: int):
+def _kernel_options(block_sizes: SelectiveScanBlockSizes, platform: str) -> dict:
+    """Keyword arguments of the kernels for ``platform`` (``"cpu"``: the interpreter)."""
+    return dict(block_sizes=block_sizes, interpret=platform == "cpu", platform=platform)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _pallas(u, delta, A, B, C, keep, state, block_sizes, platform: str):
     y, final, _ = kernels.selective_scan_forward(
-        u, delta, A, B, C, state, keep, block_sizes=kernels.BlockSizes(chunk=chunk),
-        save_chunk_states=False, interpret=pallas_interpret(),
+        u, delta, A, B, C, state, keep, save_chunk_states=False,
+        **_kernel_options(block_sizes, platform),
     )
     return y, final
 
 
-def _pallas_fwd(u, delta, A, B, C, keep, state, chunk):
+def _pallas_fwd(u, delta, A, B, C, keep, state, block_sizes, platform):
     y, final, starts = kernels.selective_scan_forward(
-        u, delta, A, B, C, state, keep, block_sizes=kernels.BlockSizes(chunk=chunk),
-        interpret=pallas_interpret(),
+        u, delta, A, B, C, state, keep, **_kernel_options(block_sizes, platform)
     )
     return (y, final), (u, delta, A, B, C, keep, starts)
 
 
-def _pallas_bwd(chunk, residuals, cotangents):
+def _pallas_bwd(block_sizes, platform, residuals, cotangents):
     """The backward kernel: recompute every chunk from its stored start state."""
     u, delta, A, B, C, keep, starts = residuals
     dy, d_final = cotangents
     du, ddelta, dA, dB, dC, d_state = kernels.selective_scan_backward(
-        u, delta, A, B, C, keep, starts, dy, d_final,
-        block_sizes=kernels.BlockSizes(chunk=chunk), interpret=pallas_interpret(),
+        u, delta, A, B, C, keep, starts, dy, d_final, **_kernel_options(block_sizes, platform)
     )
     return du, ddelta, dA, dB, dC, None, d_state
 
@@ -245,6 +250,10 @@ _pallas.defvjp(_pallas_fwd, _pallas_bwd)
 
 
 def _selective_core(
+    method: str,
+    chunk_size: int | None,
+    block_sizes: SelectiveScanBlockSizes | None,
+    platform: str,
     u: Float[Array, "batch time d"],
     delta: Float[Array, "batch time d"],
     A: Inexact[Array, "n d"],
@@ -252,11 +261,9 @@ def _selective_core(
     C: Inexact[Array, "batch time g n"],
     keep: Bool[Array, "batch time"],
     state: Inexact[Array, "batch n d"],
-    method: str,
-    chunk_size: int | None,
 ) -> tuple[Float[Array, "batch time d"], Inexact[Array, "batch n d"]]:
     if method == "pallas":
-        return _pallas(u, delta, A, B, C, keep, state, chunk_size or kernels.BlockSizes().chunk)
+        return _pallas(u, delta, A, B, C, keep, state, block_sizes, platform)
     xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (u, delta, B, C, keep))
     if method == "sequential":
         final, y = _scan_steps(A, state, xs)
@@ -284,6 +291,7 @@ def selective_scan(
     reset: ArrayLike | None = None,
     method: str = "auto",
     chunk_size: int | None = None,
+    block_sizes: SelectiveScanBlockSizes | None = None,
 ) -> tuple[Array, Array]:
     """Mamba's selective scan (see the module docstring for the recurrence).
 
@@ -300,20 +308,26 @@ def selective_scan(
       method: ``"auto"``, ``"sequential"``, ``"associative"``, ``"chunked"`` or
         ``"pallas"`` (real inputs only; interpreted on CPU).
       chunk_size: tokens per rematerialised chunk for ``"chunked"`` (``None``: ``~sqrt(T)``)
-        and ``"pallas"`` (a power of two; ``None``: 16).
+        and ``"pallas"`` (a power of two; ``None``: 16) when ``block_sizes`` is not given.
+      block_sizes: the kernels' tiling (:class:`SelectiveScanBlockSizes`) wherever the
+        Pallas kernel runs (``"pallas"``, or ``"auto"`` picking it); ``None``: the
+        per-target default (with ``chunk=chunk_size`` for an explicit ``"pallas"``).
 
     Returns:
       ``(out, final_state)``: ``out`` ``[batch, time, d]`` in the dtype of ``u``,
       ``final_state`` ``[batch, d, n]`` in float32 (complex64 for complex ``A``) or wider.
     """
     u, delta, A, B, C = map(jnp.asarray, (u, delta, A, B, C))
-    check_method(method, METHODS)
+    _dispatch.check_method("selective_scan", method)
+    _dispatch.check_block_sizes("selective_scan", block_sizes, SelectiveScanBlockSizes)
     if chunk_size is not None:
         check_chunk_size(chunk_size)
     for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
         check_floating(name, x)
-    if method == "pallas":
-        _check_pallas(chunk_size, A, B, C)
+    block_sizes = _dispatch.kernel_block_sizes(
+        SelectiveScanBlockSizes, block_sizes, method, chunk_size
+    )
+    dtype_in = jnp.result_type(u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype)
     check_ndim("u", u, 3, "[batch, time, d]")
     batch, time, d = u.shape
     check_shape("delta", delta, u.shape, "u.shape [batch, time, d]")
@@ -346,24 +360,26 @@ def selective_scan(
         check_shape("initial_state", state, (batch, d, n), "[batch, d, n]")
         state = state.astype(dtype)
     cut = carry_cut_mask(segment_ids, reset, batch, time, reverse)
+    case = _dispatch.case(dtype_in, packed=cut is not None, time=time)
+    if method == "pallas":
+        _dispatch.check_pallas("selective_scan", case, "A, B, C")
     keep = jnp.ones((batch, time), bool) if cut is None else ~cut
 
     B, C = (x.reshape((batch, time, groups, n)).astype(dtype) for x in (B, C))
     u_real = u.astype(real)
     if reverse:
         u_real, delta, B, C, keep = flip_time((u_real, delta, B, C, keep))
-    resolved = _resolve(method, A, B, C)
-    y, final = _selective_core(
-        u_real,
-        delta,
-        A.astype(dtype).T,
-        B,
-        C,
-        keep,
-        jnp.swapaxes(state, -1, -2),
-        resolved,
-        # chunk_size is tuned for "chunked"; "auto" runs the kernel with its own chunk.
-        None if method == "auto" and resolved == "pallas" else chunk_size,
+
+    def branch(resolved: str, platform: str):
+        # chunk_size is tuned for "chunked"; the kernel runs with block_sizes.
+        kernel = resolved == "pallas"
+        tiling = _dispatch.block_sizes_for("selective_scan", block_sizes, platform) if kernel else None
+        return functools.partial(_selective_core, resolved, chunk_size, tiling, platform)
+
+    y, final = _dispatch.dispatch(
+        _dispatch.plan("selective_scan", method, case),
+        branch,
+        u_real, delta, A.astype(dtype).T, B, C, keep, jnp.swapaxes(state, -1, -2),
     )
     if reverse:
         y = flip_time(y)
@@ -376,21 +392,3 @@ def selective_scan(
         check_shape("z", z, u.shape, "u.shape [batch, time, d]")
         y = y * jax.nn.silu(z.astype(real))
     return y.astype(u.dtype), jnp.swapaxes(final, -1, -2)
-
-
-def _check_pallas(chunk_size, *arrays) -> None:
-    if chunk_size is not None and chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size: method 'pallas' needs a power of two, got {chunk_size}")
-    if any(jnp.iscomplexobj(x) for x in arrays):
-        raise ValueError(
-            "A, B, C: method 'pallas' has no complex kernel (complex A/B/C given); "
-            "use another method"
-        )
-    pallas_interpret()  # a ValueError on a backend without Pallas
-
-
-def _resolve(method: str, *arrays) -> str:
-    if method != "auto":
-        return method
-    real = not any(jnp.iscomplexobj(x) for x in arrays)
-    return "pallas" if real and jax.default_backend() in ("gpu", "tpu") else "chunked"

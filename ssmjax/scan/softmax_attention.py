@@ -41,16 +41,16 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
+from ssmjax.scan import _dispatch
 from ssmjax.scan._checks import (
     carry_cut_mask,
-    check_method,
     check_ndim,
     check_real_floating,
     check_shape,
     state_dtype,
 )
 
-PREFIX_METHODS = ("auto", "sequential", "associative")
+PREFIX_METHODS = _dispatch.TABLE["prefix_softmax_attention"].methods
 
 
 class SoftmaxState(NamedTuple):
@@ -173,15 +173,15 @@ def prefix_softmax_attention(
       segment_ids: ``[batch, time]`` ints; the summary restarts where the id changes.
       reset: ``[batch, time]`` bool; ``True`` starts a new document (``reset[:, 0]`` also
         drops ``initial_state``). Pass at most one of ``segment_ids`` / ``reset``.
-      method: ``"auto"`` (``"sequential"`` on CPU, ``"associative"`` elsewhere),
-        ``"sequential"`` or ``"associative"``.
+      method: ``"auto"`` (``"sequential"`` when lowered for CPU, ``"associative"``
+        elsewhere; see :mod:`ssmjax.scan._dispatch`), ``"sequential"`` or ``"associative"``.
 
     Returns:
       ``(o, final_state)``: ``o [batch, time, heads, dv]`` in the promoted dtype of
       ``scores, values``; the :class:`SoftmaxState` after the last token, in at least
       float32.
     """
-    check_method(method, PREFIX_METHODS)
+    _dispatch.check_method("prefix_softmax_attention", method)
     scores, values = jnp.asarray(scores), jnp.asarray(values)
     for name, x in (("scores", scores), ("values", values)):
         check_real_floating(name, x)
@@ -221,10 +221,13 @@ def prefix_softmax_attention(
     if time == 0:
         return jnp.zeros((batch, 0, heads, dv), out_dtype), initial_state
     scores, values = scores.astype(dtype), values.astype(dtype)
-    if method == "auto":
-        method = "sequential" if jax.default_backend() == "cpu" else "associative"
-    run = prefix_softmax_sequential if method == "sequential" else prefix_softmax_associative
-    o, final = run(scores, values, cut, *initial_state)
+
+    def branch(resolved: str, platform: str):
+        return prefix_softmax_sequential if resolved == "sequential" else prefix_softmax_associative
+
+    case = _dispatch.case(out_dtype, time=time)
+    choice = _dispatch.plan("prefix_softmax_attention", method, case)
+    o, final = _dispatch.dispatch(choice, branch, scores, values, cut, *initial_state)
     return o.astype(out_dtype), final
 
 

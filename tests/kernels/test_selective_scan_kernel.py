@@ -20,7 +20,7 @@ from pallas_kernels.selective_scan import (
     selective_scan_backward,
     selective_scan_forward,
 )
-from ssmjax.scan import selective as ssm_selective
+from ssmjax.scan import _dispatch
 from ssmjax.scan.selective import selective_scan
 
 Bt, T, D, N = 2, 21, 20, 5
@@ -223,11 +223,11 @@ def test_ssmjax_pallas_errors_and_auto(monkeypatch):
         selective_scan(u, delta, A.astype(jnp.complex64), B, C, method="pallas")
     with pytest.raises(ValueError, match="chunk_size: method 'pallas' needs a power of two"):
         selective_scan(u, delta, A, B, C, method="pallas", chunk_size=6)
-    assert ssm_selective._resolve("auto", A, B, C) == "chunked"  # CPU
-    for backend in ("gpu", "tpu"):
-        monkeypatch.setattr(jax, "default_backend", lambda: backend)
-        assert ssm_selective._resolve("auto", A, B, C) == "pallas"
-        assert ssm_selective._resolve("auto", A.astype(jnp.complex64), B, C) == "chunked"
+    # 'auto' takes the proven GPU kernel for real inputs only (the rest of its
+    # per-platform choices: tests/scan/test_dispatch.py).
+    for dtype, want in (("float32", "pallas"), ("complex64", "chunked")):
+        case = _dispatch.case(dtype, time=5)
+        assert _dispatch.plan("selective_scan", "auto", case)["cuda"] == want
     monkeypatch.setattr(jax, "default_backend", lambda: "metal")
     with pytest.raises(ValueError, match="no kernel for the 'metal' backend"):
         selective_scan(u, delta, A, B, C, method="pallas")

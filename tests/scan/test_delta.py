@@ -135,6 +135,17 @@ def test_scale_default_and_explicit():
     assert_close(o_three, loop_oracle(*as_numpy(q, k, v, beta, g, s0), scale=3.0)[0])
 
 
+@pytest.mark.filterwarnings("error")
+def test_pallas_default_scale_raises_no_warning():
+    """``scale=None`` with the kernel: no ``jnp.ndim(None)`` DeprecationWarning (any
+    warning fails here), and the default ``dk ** -0.5`` as in the XLA form."""
+    q, k, v, beta, g, s0 = make_inputs(1, b=1, t=5, dk=4)
+    got = _delta_rule(q, k, v, beta, log_decay=g, initial_state=s0, method="pallas", chunk_size=4)
+    want = run("chunked", q, k, v, beta, g, s0)
+    assert_close(got[0], want[0])
+    assert_close(got[1], want[1])
+
+
 def test_zero_log_decay_is_deltanet():
     q, k, v, beta, g, s0 = make_inputs(2)
     for method in METHODS:
