@@ -62,6 +62,20 @@ def check_shape(name: str, x: Array, shape: Sequence[int], layout: str) -> None:
         )
 
 
+def check_multihead_qkv(q: Array, k: Array, v: Array) -> tuple[int, int, int, int, int]:
+    """``q, k [batch, time, heads, dk]`` and ``v [batch, time, heads, dv]``, real floating;
+    returns ``(batch, time, heads, dk, dv)``."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_real_floating(name, x)
+    check_ndim("q", q, 4, "[batch, time, heads, dk]")
+    batch, time, heads, dk = q.shape
+    check_shape("k", k, q.shape, "[batch, time, heads, dk]")
+    check_ndim("v", v, 4, "[batch, time, heads, dv]")
+    dv = v.shape[-1]
+    check_shape("v", v, (batch, time, heads, dv), "[batch, time, heads, dv]")
+    return batch, time, heads, dk, dv
+
+
 def check_broadcastable(name: str, x: Array, shape: Sequence[int], layout: str) -> None:
     """``x`` must broadcast to exactly ``shape`` (never grow it)."""
     try:

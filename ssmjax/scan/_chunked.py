@@ -20,7 +20,8 @@ from jax import Array
 from jaxtyping import Bool, Float
 
 from ssmjax.scan import _dispatch
-from ssmjax.scan._checks import check_ndim, check_real_floating, check_shape, static_scale
+from ssmjax.checks import check_multihead_qkv
+from ssmjax.scan._checks import check_real_floating, check_shape, static_scale
 
 
 # ----------------------------------------------------------------------------- checks
@@ -35,14 +36,7 @@ class Dims(NamedTuple):
 def check_attention_inputs(q: Array, k: Array, v: Array, initial_state: Array | None) -> Dims:
     """``q, k [batch, time, heads, dk]``, ``v [batch, time, heads, dv]`` and
     ``initial_state [batch, heads, dk, dv]`` (or ``None``), all real floating."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_real_floating(name, x)
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    batch, time, heads, dk = q.shape
-    check_shape("k", k, q.shape, "[batch, time, heads, dk]")
-    check_ndim("v", v, 4, "[batch, time, heads, dv]")
-    dv = v.shape[-1]
-    check_shape("v", v, (batch, time, heads, dv), "[batch, time, heads, dv]")
+    batch, time, heads, dk, dv = check_multihead_qkv(q, k, v)
     if initial_state is not None:
         check_real_floating("initial_state", initial_state)
         check_shape("initial_state", initial_state, (batch, heads, dk, dv), "[batch, heads, dk, dv]")

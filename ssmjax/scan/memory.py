@@ -65,6 +65,7 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Float
 
+from ssmjax.checks import check_multihead_qkv
 from ssmjax.scan._checks import (
     check_chunk_size,
     check_ndim,
@@ -324,14 +325,9 @@ def neural_memory(
       input dtype; the state after the last token, in at least float32.
     """
     q, k, v, lr, momentum, decay = (jnp.asarray(x) for x in (q, k, v, lr, momentum, decay))
-    for name, x in (("q", q), ("k", k), ("v", v), ("lr", lr), ("momentum", momentum), ("decay", decay)):
+    batch, time, heads, dk, dv = check_multihead_qkv(q, k, v)
+    for name, x in (("lr", lr), ("momentum", momentum), ("decay", decay)):
         check_real_floating(name, x)
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    batch, time, heads, dk = q.shape
-    check_shape("k", k, q.shape, "[batch, time, heads, dk]")
-    check_ndim("v", v, 4, "[batch, time, heads, dv]")
-    dv = v.shape[-1]
-    check_shape("v", v, (batch, time, heads, dv), "[batch, time, heads, dv]")
     for name, x in (("lr", lr), ("momentum", momentum), ("decay", decay)):
         check_shape(name, x, (batch, time, heads), "[batch, time, heads]")
     chunk = check_chunk_size(chunk_size)

@@ -30,7 +30,7 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Float
 
-from ssmjax.checks import check_ndim, check_real_floating, check_shape
+from ssmjax.checks import check_multihead_qkv, check_real_floating, check_shape
 from ssmjax.scan.gla import gated_linear_attention
 
 
@@ -59,13 +59,9 @@ def mlstm_stabiliser(
 
 
 def _check(q, k, v, log_f, log_i, state) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v), ("log_f", log_f), ("log_i", log_i)):
+    batch, time, heads, dk, _ = check_multihead_qkv(q, k, v)
+    for name, x in (("log_f", log_f), ("log_i", log_i)):
         check_real_floating(name, x)
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    batch, time, heads, dk = q.shape
-    check_shape("k", k, q.shape, "[batch, time, heads, dk]")
-    check_ndim("v", v, 4, "[batch, time, heads, dv]")
-    check_shape("v", v, (batch, time, heads, v.shape[-1]), "[batch, time, heads, dv]")
     check_shape("log_f", log_f, (batch, time, heads), "[batch, time, heads]")
     check_shape("log_i", log_i, (batch, time, heads), "[batch, time, heads]")
     if state is not None:

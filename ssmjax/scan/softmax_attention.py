@@ -41,6 +41,7 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
+from ssmjax.checks import check_multihead_qkv
 from ssmjax.scan import _dispatch
 from ssmjax.scan._checks import (
     carry_cut_mask,
@@ -292,13 +293,7 @@ def causal_softmax_attention(
       "state" of softmax attention is the whole key/value cache).
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_real_floating(name, x)
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    batch, time, heads, dk = q.shape
-    check_shape("k", k, q.shape, "[batch, time, heads, dk]")
-    check_ndim("v", v, 4, "[batch, time, heads, dv]")
-    check_shape("v", v, (batch, time, heads, v.shape[-1]), "[batch, time, heads, dv]")
+    batch, time, heads, dk, _ = check_multihead_qkv(q, k, v)
     if window is not None and (not isinstance(window, int) or window < 1):
         raise ValueError(f"window: expected a positive int or None, got {window!r}")
     if segment_ids is not None:

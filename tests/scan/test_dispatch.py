@@ -17,7 +17,6 @@ from ssmjax.scan import (
     linear_scan,
     matrix_scan,
     nonlinear_rnn,
-    plstm_1d,
     prefix_softmax_attention,
     selective_scan,
     staged_platforms,
