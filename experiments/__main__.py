@@ -1,7 +1,8 @@
 """Train and evaluate a model on one synthetic experiment.
 
     python -m experiments <experiment> --model <name or pattern> [--size cpu|paper]
-                          [--set key=value ...] [--out runs/] [--resume] [--name NAME]
+                          [--set key=value ...] [--sweep key=v1,v2,...] [--out runs/]
+                          [--resume] [--name NAME]
 
 Writes ``<out>/<experiment>/<run>/``: config.json, metrics.jsonl, checkpoints/,
 result.json, learning_curves.png. ``python -m experiments.report`` turns all runs into
@@ -9,6 +10,10 @@ result.json, learning_curves.png. ``python -m experiments.report`` turns all run
 exit with 128 + the signal number; checkpoints are also written every
 ``checkpoint_every`` steps and ``checkpoint_every_minutes``; ``--resume`` continues
 exactly where the run stopped and prints the step and checkpoint it restored.
+
+``--sweep lr=1e-3,3e-3,1e-2`` makes one run per value (run names end in ``lr1e-3`` ...)
+and prints every value's final eval accuracy (the task's headline validation number) and
+the best, as Zoology (Arora et al., 2023) picks its learning rate.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import textwrap
 
 import ssmjax.layers
 from experiments.configs import EXPERIMENTS
-from experiments.runner import run_experiment
+from experiments.runner import format_sweep, run_experiment, run_sweep
 from experiments.tasks import DESCRIPTIONS
 from ssmjax.train import NonFiniteLossError
 
@@ -36,12 +41,14 @@ def _epilog(models: list[str]) -> str:
     lines += ["", f"--set fields of every experiment: {', '.join(COMMON_FIELDS)}, warmup_steps, weight_decay,",
               "  grad_clip, eval_every, checkpoint_every, checkpoint_every_minutes, log_every, mlp,",
               "  mixer_fields (a dict per mixer name),",
-              "  and the experiment's own fields (e.g. mqar: vocab_size, train_shapes; algorithmic: task).",
+              "  and the experiment's own fields (e.g. mqar: vocab_size, train_shapes; algorithmic: task;",
+              "  boolean_icl: function, num_bits, num_examples, encoding=bits|example).",
               "", "examples:",
               "  python -m experiments selective_copying --model attention --set steps=200",
               "  python -m experiments mqar --model 'gla*3,attention' --set n_layers=4",
               "  python -m experiments algorithmic --model attention --set task=reverse",
-              "  python -m experiments mqar --model attention --resume"]
+              "  python -m experiments mqar --model attention --resume",
+              "  python -m experiments boolean_icl --model attention --sweep lr=1e-3,3e-3,1e-2"]
     return "\n".join(lines)
 
 
@@ -53,6 +60,9 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--size", default="cpu", choices=("cpu", "paper"), help="config size (default: cpu)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field (repeatable)")
+    parser.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                        help="one run per value (e.g. lr=1e-3,3e-3,1e-2; run names end in KEY+value); prints "
+                        "every value's final eval accuracy and the best")
     parser.add_argument("--out", default="runs", help="output root (default: runs/)")
     parser.add_argument("--name", default=None, help="suffix of the run directory, to keep variants apart")
     group = parser.add_mutually_exclusive_group()
@@ -66,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     models = ssmjax.layers.names()
     parser = build_parser(models)
     args = parser.parse_args(argv)
+    if args.sweep is not None:
+        return _main_sweep(parser, args)
     try:
         result = run_experiment(args.experiment, args.model, size=args.size, overrides=args.overrides, out=args.out,
                                 resume=args.resume, overwrite=args.overwrite, name=args.name, verbose=not args.quiet)
@@ -76,11 +88,28 @@ def main(argv: list[str] | None = None) -> int:
               "--overwrite to start again.", file=sys.stderr)
         return 1
     if result["status"] == "interrupted":
-        return 128 + signal.Signals[result.get("signal", "SIGINT")].value
+        return _interrupted(result)
     summary = "  ".join(f"{k} {v:.3f}" for k, v in result["eval"].get("summary", {}).items()) if result["eval"] else ""
     print(f"{result['status']}: step {result['step']}/{result['steps']}, train loss {result['train_loss']:.4f}"
           + (f"; eval {summary}" if summary else ""))
     return 0
+
+
+def _interrupted(result: dict) -> int:
+    return 128 + signal.Signals[result.get("signal", "SIGINT")].value
+
+
+def _main_sweep(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--sweep``: every value's run, then each value's score and the best."""
+    try:
+        sweep = run_sweep(args.experiment, args.model, args.sweep, size=args.size, overrides=args.overrides,
+                          out=args.out, resume=args.resume, overwrite=args.overwrite, name=args.name,
+                          verbose=not args.quiet)
+    except (ValueError, FileExistsError) as error:
+        parser.error(str(error))
+    print(format_sweep(sweep))
+    interrupted = [r for r in sweep["results"] if r.get("status") == "interrupted"]
+    return _interrupted(interrupted[0]) if interrupted else (0 if sweep["best"] is not None else 1)
 
 
 if __name__ == "__main__":

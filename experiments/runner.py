@@ -21,7 +21,7 @@ from experiments.configs import (
 )
 from experiments.tasks import build_task
 from ssmjax.models import SequenceModel, parse_mixers
-from ssmjax.train import train
+from ssmjax.train import NonFiniteLossError, train
 
 
 def build_model(config: ExperimentConfig, vocab_size: int) -> SequenceModel:
@@ -45,15 +45,19 @@ def run_name(config: ExperimentConfig, size: str, name: str | None = None) -> st
     return "-".join(p for p in parts if p)
 
 
+def build_config(experiment: str, model: str, *, size: str = "cpu", overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """The ``size`` config of ``experiment`` for ``model`` with ``--set`` ``overrides`` applied."""
+    config = replace(make_config(experiment, size), model=model)
+    return replace(config, **parse_overrides(config, list(overrides)))
+
+
 def prepare_run(experiment: str, model: str, *, size: str = "cpu", overrides: Sequence[str] = (),
                 out: str | Path = "runs", resume: bool = False, overwrite: bool = False,
                 name: str | None = None) -> tuple[ExperimentConfig, Path, list[str]]:
     """``(config, run_dir, notes)``. On ``resume`` the saved ``config.json`` is the base and
     ``overrides`` are applied on top (a change other than ``steps`` is reported in ``notes``
     because the run then no longer continues exactly)."""
-    config = make_config(experiment, size)
-    config = replace(config, model=model)
-    config = replace(config, **parse_overrides(config, list(overrides)))
+    config = build_config(experiment, model, size=size, overrides=overrides)
     run_dir = Path(out) / experiment / run_name(config, size, name)
     notes = []
     saved_path = run_dir / "config.json"
@@ -91,3 +95,96 @@ def run_experiment(experiment: str, model: str, *, size: str = "cpu", overrides:
         print(f"{experiment} / {config.model} -> {run_dir}", flush=True)
     return train(network, task, config, run_dir, resume=resume, stop_at=stop_at, metadata=metadata,
                  title=f"{experiment}[{config.model}]", verbose=verbose).results
+
+
+#: What a sweep ranks its runs by: the task's headline validation accuracy (``result["eval"]
+#: ["accuracy"]``, on the fixed evaluation stream, at the run's final evaluation), as Zoology
+#: (Arora et al., 2023) reports the best validation accuracy over its learning-rate sweep.
+SWEEP_METRIC = "accuracy"
+
+
+def split_values(text: str) -> list[str]:
+    """``"1e-3,3e-3"`` -> ``["1e-3", "3e-3"]``; commas inside brackets stay (``"(1, 2),(3,)"``
+    -> ``["(1, 2)", "(3,)"]``)."""
+    values, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            values.append(text[start:i].strip())
+            start = i + 1
+    values.append(text[start:].strip())
+    return values
+
+
+def parse_sweep(experiment: str, model: str, spec: str, *, size: str = "cpu",
+                overrides: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """``"lr=1e-3,3e-3"`` -> ``("lr", ["1e-3", "3e-3"])``, after checking that every value
+    makes a valid config, model and task together with ``overrides`` (so a bad key or value
+    fails before any training)."""
+    key, sep, text = spec.partition("=")
+    key = key.strip()
+    values = split_values(text) if sep else []
+    if not key or not values or not all(values):
+        raise ValueError(f"--sweep: expected KEY=v1,v2,... (e.g. lr=1e-3,3e-3), got {spec!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"--sweep: repeated values in {spec!r}")
+    if any(item.partition("=")[0].strip() == key for item in overrides):
+        raise ValueError(f"--sweep: {key!r} is also given with --set; give it in one place")
+    for value in values:
+        try:
+            config = build_config(experiment, model, size=size, overrides=[*overrides, f"{key}={value}"])
+            build_model(config, build_task(experiment, config).vocab_size)
+        except ValueError as error:
+            raise ValueError(f"--sweep {key}={value}: {str(error).removeprefix('--set: ')}") from None
+    return key, values
+
+
+def sweep_label(key: str, value: str) -> str:
+    """The run-name suffix of one sweep value: ``("lr", "1e-3")`` -> ``"lr1e-3"``."""
+    return key + re.sub(r"[^A-Za-z0-9_.+\-]+", "_", value).strip("_")
+
+
+def run_sweep(experiment: str, model: str, sweep: str, *, size: str = "cpu", overrides: Sequence[str] = (),
+              out: str | Path = "runs", resume: bool = False, overwrite: bool = False, name: str | None = None,
+              verbose: bool = True) -> dict[str, Any]:
+    """One :func:`run_experiment` per value of ``sweep`` (``"KEY=v1,v2,..."``), each in its own
+    run directory (``<run name>-<KEY><value>``); the best run is the one with the highest
+    :data:`SWEEP_METRIC` (ties: the first value; runs that diverged or did not finish never
+    win). Returns ``dict(key, values, results, scores, best)`` with ``best`` an index into
+    ``values`` (``None`` if no run finished), and stops early if a run is interrupted."""
+    key, values = parse_sweep(experiment, model, sweep, size=size, overrides=overrides)
+    results, scores = [], []
+    for value in values:
+        label = sweep_label(key, value)
+        try:
+            result = run_experiment(experiment, model, size=size, overrides=[*overrides, f"{key}={value}"], out=out,
+                                    resume=resume, overwrite=overwrite, name="-".join(filter(None, [name, label])),
+                                    verbose=verbose)
+        except NonFiniteLossError as error:  # a diverged value is a result of the sweep, not its end
+            print(f"{key}={value}: {error}", flush=True)
+            result = error.result
+        results.append(result)
+        finished = result.get("status") == "done" and result.get("eval")
+        scores.append(float(result["eval"][SWEEP_METRIC]) if finished else float("nan"))
+        if result.get("status") == "interrupted":
+            break
+    ranked = [i for i, score in enumerate(scores) if score == score]
+    best = max(ranked, key=lambda i: (scores[i], -i)) if ranked else None
+    return dict(key=key, values=values, results=results, scores=scores, best=best)
+
+
+def format_sweep(sweep: dict[str, Any]) -> str:
+    """Every value's score (``-``: diverged or not finished), the best marked, for the end of a sweep."""
+    key, best = sweep["key"], sweep["best"]
+    lines = [f"sweep {key} (metric: final eval {SWEEP_METRIC}; higher is better):"]
+    for i, value in enumerate(sweep["values"]):
+        if i >= len(sweep["results"]):
+            lines.append(f"  {key}={value:<12} {'-':>8}  not run")
+            continue
+        result, score = sweep["results"][i], sweep["scores"][i]
+        shown = "-" if score != score else f"{score:.4f}"
+        lines.append(f"  {key}={value:<12} {shown:>8}  {result.get('status', '?'):<12} {result.get('run', '')}"
+                     + ("  <- best" if i == best else ""))
+    lines.append(f"best: {key}={sweep['values'][best]}" if best is not None else "best: none (no run finished)")
+    return "\n".join(lines)

@@ -2,7 +2,7 @@
 on 2 CPU cores.
 
     python -m experiments.suite [--task selective_copying] [--model NAME ...]
-                                [--set key=value ...] [--out runs/suite]
+                                [--set key=value ...] [--sweep key=v1,v2,...] [--out runs/suite]
 
 Default: selective copying (Gu & Dao, 2023, "Mamba", Table 1) at a reduced size, for
 attention, a selective SSM (Mamba) and a time-invariant SSM (S4D). The paper's finding:
@@ -17,7 +17,7 @@ import time
 
 from experiments import report
 from experiments.configs import EXPERIMENTS
-from experiments.runner import run_experiment
+from experiments.runner import format_sweep, parse_sweep, run_experiment, run_sweep
 from ssmjax.train import NonFiniteLossError
 
 #: attention, a selective SSM and a time-invariant SSM: the contrast of Mamba's Table 1.
@@ -32,30 +32,50 @@ SUITE_SETTINGS = {
              "steps=1500", "eval_every=500", "checkpoint_every=1500", "log_every=50"],
     "induction_heads": ["seq_len=32", "eval_multiples=(1, 2, 4, 8, 16)", "steps=600", "eval_every=200",
                         "checkpoint_every=600", "log_every=50"],
-    "boolean_icl": ["num_bits=6", "num_examples=16", "steps=600", "eval_every=200", "checkpoint_every=600",
-                    "log_every=50"],
+    # one token per input x (encoding=example), 4 bits, 16 examples: attention follows the
+    # Bayes-optimal learner's curve over prompt positions (experiments/notes/boolean_icl.md)
+    "boolean_icl": ["encoding=example", "num_bits=4", "num_examples=16", "steps=1500", "lr=3e-3", "eval_every=500",
+                    "checkpoint_every=1500", "log_every=100"],
     "algorithmic": ["train_max_len=10", "eval_lengths=(5, 10, 20, 40)", "steps=600", "eval_every=200",
                     "checkpoint_every=600", "log_every=50"],
 }
 
 
 def run_suite(task: str = "selective_copying", models: list[str] | None = None, overrides: list[str] | None = None,
-              out: str = "runs/suite", verbose: bool = True) -> tuple[list[dict], str]:
-    """Train each model on ``task`` (fresh runs under ``out``); returns ``(results, table)``."""
+              out: str = "runs/suite", verbose: bool = True, sweep: str | None = None) -> tuple[list[dict], str]:
+    """Train each model on ``task`` (fresh runs under ``out``); returns ``(results, table)``.
+    With ``sweep`` (``"KEY=v1,v2,..."``) each model runs once per value (all values of all
+    models are checked before any training) and the best value per model is printed."""
     models = list(models or DEFAULT_MODELS)
-    settings = SUITE_SETTINGS[task] + list(overrides or [])
-    results = []
+    swept_key = sweep.partition("=")[0].strip() if sweep is not None else None
+    settings = [s for s in SUITE_SETTINGS[task] if s.partition("=")[0] != swept_key] + list(overrides or [])
+    if sweep is not None:
+        for model in models:
+            parse_sweep(task, model, sweep, overrides=settings)
+    results, summaries = [], []
     for model in models:
         start = time.perf_counter()
-        try:
-            result = run_experiment(task, model, overrides=settings, out=out, overwrite=True, verbose=verbose)
-        except NonFiniteLossError as error:  # reported in the table; the other models still run
-            print(f"{model}: {error}", flush=True)
-            result = error.result
-        results.append(result)
-        print(f"{model}: {result['status']} in {time.perf_counter() - start:.0f} s, eval accuracy "
-              f"{result['eval'].get('accuracy', float('nan')):.3f}", flush=True)
+        if sweep is not None:
+            swept = run_sweep(task, model, sweep, overrides=settings, out=out, overwrite=True, verbose=verbose)
+            summaries.append(f"{model}: {format_sweep(swept)}")
+            runs = swept["results"]
+        else:
+            runs = [_run_one(task, model, settings, out, verbose)]
+        results += runs
+        for result in runs:
+            print(f"{result.get('run', model)}: {result.get('status')} in {time.perf_counter() - start:.0f} s, eval "
+                  f"accuracy {(result.get('eval') or {}).get('accuracy', float('nan')):.3f}", flush=True)
+    for summary in summaries:
+        print(summary)
     return results, report.table(results)
+
+
+def _run_one(task: str, model: str, settings: list[str], out: str, verbose: bool) -> dict:
+    try:
+        return run_experiment(task, model, overrides=settings, out=out, overwrite=True, verbose=verbose)
+    except NonFiniteLossError as error:  # reported in the table; the other models still run
+        print(f"{model}: {error}", flush=True)
+        return error.result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,11 +86,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="a registry name or pattern (repeatable; default: attention, a selective SSM and a "
                         "time-invariant SSM)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                        help="each model once per value (e.g. lr=1e-3,3e-3,1e-2; replaces the suite's own KEY "
+                        "setting); prints each value's final eval accuracy and the best per model")
     parser.add_argument("--out", default="runs/suite")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    _, table = run_suite(args.task, args.models, args.overrides, args.out, verbose=not args.quiet)
+    try:
+        _, table = run_suite(args.task, args.models, args.overrides, args.out, verbose=not args.quiet, sweep=args.sweep)
+    except ValueError as error:
+        parser.error(str(error))
     print(f"\n{report.TITLES[args.task]} (reduced size; {time.perf_counter() - start:.0f} s in total)\n")
     print(table)
     print(f"\nPaper: {report.PAPER_FINDINGS[args.task]}")

@@ -139,23 +139,59 @@ class InductionHeadsTask:
         )
 
 
+BOOLEAN_ENCODINGS = ("bits", "example")
+
+
+def boolean_examples_as_tokens(batch: Batch, num_bits: int) -> Batch:
+    """Re-encode a :func:`ssmjax.data.synthetic.boolean_icl` batch with one token per input:
+    ``x_1 y_1 x_2 y_2 ...`` where ``x_i`` is the token ``BOOLEAN_VOCAB_SIZE + sum_j x_ij 2^j``
+    and ``y_i`` the label token; the target at ``x_i`` is its label (the same prediction the
+    bit layout asks for at the last bit of ``x_i``).
+
+    inputs ``[b, k (n + 1)]`` -> ``[b, 2k]`` (vocabulary ``BOOLEAN_VOCAB_SIZE + 2^n``).
+    """
+    x, y = synthetic.boolean_prompt_examples(batch.inputs, num_bits)  # [b, k, n], [b, k]
+    ids = synthetic.BOOLEAN_VOCAB_SIZE + x @ (2 ** np.arange(num_bits))
+    labels = synthetic.BOOLEAN_LABEL_OFFSET + y.astype(np.int64)
+    return Batch(_interleave(ids, labels).astype(np.int32), _interleave(labels, np.zeros_like(labels)).astype(np.int32),
+                 _interleave(np.ones_like(y, bool), np.zeros_like(y, bool)))
+
+
+def _interleave(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """``[b, k]``, ``[b, k]`` -> ``[b, 2k]``: ``first_1 second_1 first_2 second_2 ...``."""
+    return np.stack([first, second], -1).reshape(len(first), -1)
+
+
 class BooleanICLTask:
     def __init__(self, config: BooleanICLConfig):
+        if config.encoding not in BOOLEAN_ENCODINGS:
+            raise ValueError(f"encoding: expected one of {BOOLEAN_ENCODINGS}, got {config.encoding!r}")
+        if config.encoding == "example" and config.num_bits > 16:
+            raise ValueError(f"num_bits: encoding='example' needs 2^num_bits tokens, so num_bits <= 16; "
+                             f"got {config.num_bits}")
         self.config = config
-        self.vocab_size = synthetic.BOOLEAN_VOCAB_SIZE
-        self.eval_set = [self._batch(config.eval_batch_size, i, EVAL_STREAM) for i in range(config.eval_batches)]
-        inputs = np.concatenate([b.inputs for b in self.eval_set])
+        packed = config.encoding == "example"
+        self.vocab_size = synthetic.BOOLEAN_VOCAB_SIZE + (2 ** config.num_bits if packed else 0)
+        bit_batches = [self._bit_batch(config.eval_batch_size, i, EVAL_STREAM) for i in range(config.eval_batches)]
+        self.eval_set = [self._encode(b) for b in bit_batches]
+        inputs = np.concatenate([b.inputs for b in bit_batches])
         optimal = synthetic.boolean_optimal_predictions(
             inputs, function=config.function, num_bits=config.num_bits, sparsity=config.sparsity,
             planted_fraction=config.planted_fraction)
         _, labels = synthetic.boolean_prompt_examples(inputs, config.num_bits)
         self.optimal = None if optimal is None else (optimal == labels).mean(0)  # per position
 
-    def _batch(self, batch_size, step, stream):
+    def _bit_batch(self, batch_size, step, stream):
         c = self.config
         return synthetic.boolean_icl(c.seed, step, batch_size=batch_size, function=c.function, num_bits=c.num_bits,
                                      num_examples=c.num_examples, sparsity=c.sparsity,
                                      planted_fraction=c.planted_fraction, stream=stream)
+
+    def _encode(self, batch: Batch) -> Batch:
+        return boolean_examples_as_tokens(batch, self.config.num_bits) if self.config.encoding == "example" else batch
+
+    def _batch(self, batch_size, step, stream):
+        return self._encode(self._bit_batch(batch_size, step, stream))
 
     def train_batch(self, step: int) -> Batch:
         return self._batch(self.config.batch_size, step, 0)
