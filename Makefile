@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: suite results demo test test-slow speed
+.PHONY: suite results demo test test-quick test-slow test-targets speed peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,12 +13,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-suite: $(STAMP)
-	$(PY) -m experiments.suite
+# The GPU/TPU compiler toolchains (the `targets` extra, ~1.2 GB) pinned to the installed
+# jax's version: only the test targets need them, not the experiments.
+TARGETS_STAMP := $(VENV)/.targets-installed
+$(TARGETS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[targets]' $(foreach p,jax[tpu] jax-cuda12-plugin jax-cuda12-pjrt,"$(p)==$$($(PY) -c 'import jax; print(jax.__version__)')")
+	touch $(TARGETS_STAMP)
 
-# experiments/RESULTS.md: the reduced-size suite on three tasks for the models of issue 7
+suite: $(STAMP)
+	$(PY) -m experiments.suite $(SUITE_ARGS)
+
+# experiments/RESULTS.md: the reduced-size suite on three tasks for the synthetic-suite models
 # (about an hour on 2 quiet cores), then the report. The 3:1 hybrid has 4 layers, the others 2.
-RESULT_TASKS := selective_copying mqar induction_heads
+RESULT_TASKS := selective_copying mqar induction_heads boolean_icl
 RESULT_MODELS := attention s4d s5 lru mamba mamba2 gla gated_deltanet mlstm
 results: $(STAMP)
 	for task in $(RESULT_TASKS); do \
@@ -30,11 +37,29 @@ results: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m experiments.demo
 
-test: $(STAMP)
+test: $(TARGETS_STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m quick -n 2
+
+# Every kernel fwd+bwd compiled for every GPU/TPU target (make test runs the default subset).
+test-targets: $(TARGETS_STAMP)
+	$(PY) -m pytest -q -m targets -n 2 tests/kernels/test_targets.py tests/kernels/test_auto_targets.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -n 2
 
 speed: $(STAMP)
 	$(PY) -m experiments.speed
+
+# The PyTorch CPU peers (the `peers` extra) in their own venv, timed beside ours in one sitting.
+PEERS_VENV := .peers-venv
+$(PEERS_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/pip install -q -e '.[peers]'
+	touch $@
+
+peers: $(PEERS_VENV)/.installed
+	$(PEERS_VENV)/bin/python -m experiments.speed --ops selective_scan,gla --lengths 1024 --peers

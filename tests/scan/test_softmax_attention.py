@@ -157,7 +157,8 @@ def test_prefix_float32_bfloat16_and_large_scores(method):
 @given(
     st.lists(
         st.tuples(
-            st.one_of(st.floats(-30, 30), st.just(-np.inf)),  # -inf: the empty summary
+            # -inf: the empty summary; no subnormals (XLA on CPU flushes them to zero)
+            st.one_of(st.floats(-30, 30, allow_subnormal=False), st.just(-np.inf)),
             st.floats(-5, 5),
             st.floats(0.1, 5),
         ),

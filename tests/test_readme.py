@@ -1,0 +1,84 @@
+"""The README cannot rot: every shell command in its ``bash`` blocks runs here in a quick
+variant (the same entry point with a tiny step count, or ``make -n`` for the targets that
+would run this suite again or install the PyTorch peers), and every ``python`` block is
+one of the scripts in ``examples/`` verbatim, which ``tests/train/test_examples.py`` runs.
+A README command without a quick variant below fails the test, so a new command must
+come with one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PY = sys.executable
+FAST = "--set steps=2 --set eval_every=2 --set checkpoint_every=2 --set log_every=1"
+
+#: README command -> the quick variant this test runs ({py}: this interpreter, {out}: a
+#: temporary run folder). Make targets that run the test suite itself are dry-run.
+QUICK_VARIANTS = {
+    "make suite": "make suite PY={py} SUITE_ARGS='--out {out} " + FAST + "'",
+    "make test": "make -n test",
+    "make test-quick": "make -n test-quick",
+    "make test-slow": "make -n test-slow",
+    "make test-targets": "make -n test-targets",
+    "make demo": "{py} -m experiments.demo --t 64 --reps 1",
+    "make speed": "make -n speed",
+    "make results": "make -n results",
+    "make peers": "make -n peers",
+    ".venv/bin/python -m experiments --help": "{py} -m experiments --help",
+    '.venv/bin/python -m experiments mqar --model "gated_deltanet*3,attention" --set steps=500':
+        '{py} -m experiments mqar --model "gated_deltanet*3,attention" --out {out} ' + FAST,
+    ".venv/bin/python -m experiments mqar --model gla --sweep lr=1e-3,3e-3,1e-2":
+        "{py} -m experiments mqar --model gla --quiet --out {out} " + FAST + " --sweep lr=1e-3,3e-3",
+    ".venv/bin/python -m experiments.report --runs runs":  # needs a run to report on
+        "{py} -m experiments mqar --model s4d --quiet --out {out} " + FAST + " && {py} -m experiments.report --runs {out}",
+    ".venv/bin/python -m experiments.speed --quick": "{py} -m experiments.speed --quick --ops linear_scan "
+                                                     "--lengths 64 --reps 1 --no-comparison --out {out}/speed.json",
+    ".venv/bin/python -m experiments.speed --peers": "{py} -m experiments.bench.peers --help",
+    ".venv/bin/python -m experiments.speed --backend gpu": "{py} -m experiments.speed_gpu --help",
+    ".venv/bin/python -m experiments.layer_speed": "{py} -m experiments.layer_speed --layers s4d --t 16 --b 1 "
+                                                   "--d 8 --reps 1 --hybrid ''",
+    ".venv/bin/python -m experiments.kernel_report": "{py} -m experiments.kernel_report --help",
+}
+
+
+def _blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def readme_commands() -> list[str]:
+    """Every command line of the README's bash blocks, without trailing comments."""
+    lines = (line.split("  #")[0].strip() for block in _blocks("bash") for line in block.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def _run(command: str, cwd: Path) -> None:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{command}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+
+
+def test_every_readme_command_has_a_quick_variant():
+    missing = [c for c in readme_commands() if c not in QUICK_VARIANTS]
+    assert not missing, f"README commands without a quick variant in tests/test_readme.py: {missing}"
+
+
+@pytest.mark.parametrize("command", readme_commands())
+def test_readme_command_runs(command, tmp_path):
+    _run(QUICK_VARIANTS[command].format(py=PY, out=tmp_path / "runs"), ROOT)
+
+
+def test_readme_python_blocks_are_the_tested_examples():
+    examples = {path.read_text(): path.name for path in (ROOT / "examples").glob("*.py")}
+    blocks = _blocks("python")
+    assert blocks, "the README shows the examples"
+    for block in blocks:
+        assert block in examples, f"a README python block is not an examples/ script verbatim:\n{block[:300]}"
