@@ -1,5 +1,5 @@
 """Every public op with a kernel, ``method="auto"``, values and gradients, compiled ahead
-of time for every target (issue 13, safe dispatch): no default path can fail to compile
+of time for every target: no default path can fail to compile
 on a supported accelerator.
 
 Each program is lowered with the target's platform staged
