@@ -17,13 +17,18 @@ reported with the compiler's message. Prints a Markdown table and writes it to `
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
-import jax
+# The targets are compiled from a CPU host: an installed CUDA plugin without a GPU must not
+# become the default backend (it cannot describe a cuda topology then).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from pallas_kernels import targets
-from pallas_kernels.target_cases import Case, cases
+import jax  # noqa: E402
+
+from pallas_kernels import targets  # noqa: E402
+from pallas_kernels.target_cases import Case, cases  # noqa: E402
 
 HEADER = (
     "| kernel | dir | configuration | target | compiles | compile s | on-chip memory (limit) "
