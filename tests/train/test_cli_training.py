@@ -9,14 +9,8 @@ import pytest
 from experiments.__main__ import main
 from experiments.configs import EXPERIMENTS, make_config, parse_overrides, replace
 from experiments.tasks import build_task
+from tests.experiments.test_cli_and_report import TINY_TASK
 
-TINY_TASK = {
-    "mqar": ["vocab_size=64", "train_shapes=((16, 2), (32, 4))", "eval_shapes=((16, 2),)"],
-    "selective_copying": ["seq_len=12", "num_tokens=3"],
-    "induction_heads": ["seq_len=8", "eval_multiples=(1, 2)"],
-    "boolean_icl": ["num_bits=3", "num_examples=4"],
-    "algorithmic": ["train_max_len=3", "eval_lengths=(2, 5)", "task=addition"],
-}
 TINY_RUN = ["d_model=16", "n_layers=1", "eval_batch_size=4", "eval_batches=1", "log_every=1", "warmup_steps=1",
             "eval_every=100", "steps=2", *TINY_TASK["selective_copying"]]
 
