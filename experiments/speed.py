@@ -122,6 +122,23 @@ def prefix_softmax_workload(t, batch=2, heads=4, d=64):
                     ("sequential", "associative"))
 
 
+def causal_conv1d_workload(t, batch=2, d=256, k=4):
+    """The short convolution of Mamba/H3/DeltaNet: ``parallel`` is ``causal_conv1d`` (k
+    shifted multiply-adds, custom VJP), ``sequential`` its step form under ``lax.scan``."""
+    from ssmjax.scan.conv import causal_conv1d, causal_conv1d_step
+
+    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+    x, w = _normal(k1, (batch, t, d)), _normal(k2, (k, d))
+
+    def run(method, x, w):
+        if method == "parallel":
+            return causal_conv1d(x, w)[0]
+        step = lambda state, x_t: causal_conv1d_step(x_t, state, w)[::-1]  # noqa: E731
+        return jax.lax.scan(step, jnp.zeros((batch, k - 1, d), x.dtype), x.swapaxes(0, 1))[1].swapaxes(0, 1)
+
+    return Workload("causal_conv1d", dict(b=batch, t=t, d=d), (x, w), run, ("sequential", "parallel"))
+
+
 def gru_cell(params, h, x):
     """A GRU cell (Cho et al. 2014) on one example, for the Newton benchmarks."""
     W, U, bias = params
@@ -193,6 +210,7 @@ WORKLOADS: dict[str, Callable[..., Workload]] = {
     "gla": gla_workload,
     "delta_rule": delta_rule_workload,
     "prefix_softmax": prefix_softmax_workload,
+    "causal_conv1d": causal_conv1d_workload,
     "newton_gru": newton_gru_workload,
     "rnn_lstm": lambda t, **kw: rnn_workload("lstm", t, **kw),
     "rnn_gru": lambda t, **kw: rnn_workload("gru", t, **kw),
@@ -205,6 +223,7 @@ DEFAULT_LENGTHS = {
     "gla": _CHUNKED_LENGTHS,
     "delta_rule": _CHUNKED_LENGTHS,
     "prefix_softmax": _CHUNKED_LENGTHS,
+    "causal_conv1d": (1024, 4096, 16384, 65536),
     "newton_gru": (512, 2048, 8192),
     "rnn_lstm": (1024, 4096, 16384, 65536),
     "rnn_gru": (1024, 4096, 16384, 65536),

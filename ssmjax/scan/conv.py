@@ -24,22 +24,72 @@ def _document_index(cut: Array | None, batch: int, time: int) -> Array:
     return jnp.cumsum(cut.astype(jnp.int32), axis=1)
 
 
+def _taps(
+    padded: Float[Array, "batch span d"],
+    doc_padded: Array,
+    doc: Array,
+    k: int,
+    length: int,
+) -> list[Array]:
+    """Tap ``j`` of every output position, zeroed where it reaches into another document:
+    ``padded[:, p + j]`` for output ``p`` in ``[0, length)``."""
+    taps = []
+    for j in range(k):  # k is a small static int
+        tap = jax.lax.slice_in_dim(padded, j, j + length, axis=1)
+        same_doc = jax.lax.slice_in_dim(doc_padded, j, j + length, axis=1) == doc
+        taps.append(jnp.where(same_doc[..., None], tap, 0))
+    return taps
+
+
+def _pad_doc(doc: Array, before: int, after: int = 0, fill: int = 0) -> Array:
+    batch = doc.shape[0]
+    return jnp.concatenate([jnp.full((batch, before), fill, doc.dtype), doc,
+                            jnp.full((batch, after), fill, doc.dtype)], axis=1)
+
+
+@jax.custom_vjp
 def _causal_conv(
     x: Float[Array, "batch time d"],
     weight: Float[Array, "k d"],
     history: Float[Array, "batch k1 d"],
     doc: Array,
 ) -> Float[Array, "batch time d"]:
-    k = weight.shape[0]
-    time = x.shape[1]
+    """``y_t = sum_j weight[j] * x_{t-k+1+j}`` over ``[history, x]`` within a document.
+
+    Custom VJP: the transpose of a causal convolution is an anti-causal one with the same
+    taps, so the backward is k shifted multiply-adds like the forward (autodiff would
+    build k padded scatters of the full sequence):
+
+        d[history, x]_p = sum_j weight[j] * g_{p-j}    (same document, 0 <= p - j < T)
+        d weight[j]     = sum_{b,t} g_t * x_{t-k+1+j}   (same document)
+    """
+    k, time = weight.shape[0], x.shape[1]
     padded = jnp.concatenate([history, x], axis=1)  # [b, k-1+t, d]
-    doc_padded = jnp.concatenate([jnp.zeros_like(doc[:, :1]).repeat(k - 1, 1), doc], axis=1)
-    y = jnp.zeros_like(x)
-    for j in range(k):  # tap j multiplies x_{t - (k - 1) + j}; k is a small static int
-        tap = jax.lax.dynamic_slice_in_dim(padded, j, time, axis=1)
-        same_doc = jax.lax.dynamic_slice_in_dim(doc_padded, j, time, axis=1) == doc
-        y = y + jnp.where(same_doc[..., None], tap, 0) * weight[j]
-    return y
+    taps = _taps(padded, _pad_doc(doc, k - 1), doc, k, time)
+    return sum(tap * weight[j] for j, tap in enumerate(taps))
+
+
+def _causal_conv_fwd(x, weight, history, doc):
+    return _causal_conv(x, weight, history, doc), (x, weight, history, doc)
+
+
+def _causal_conv_bwd(residuals, g):
+    x, weight, history, doc = residuals
+    k, time = weight.shape[0], x.shape[1]
+    padded = jnp.concatenate([history, x], axis=1)
+    doc_padded = _pad_doc(doc, k - 1)
+    taps = _taps(padded, doc_padded, doc, k, time)
+    d_weight = jnp.stack([jnp.sum(g * tap, axis=(0, 1)) for tap in taps])
+    # Input position p receives g_{p-j} * weight[j]: tap (k-1-j) of g padded by k-1 on each side.
+    zeros = jnp.zeros((g.shape[0], k - 1, g.shape[2]), g.dtype)
+    g_padded = jnp.concatenate([zeros, g, zeros], axis=1)
+    g_doc = _pad_doc(doc, k - 1, k - 1, fill=-1)  # padding never matches a document
+    g_taps = _taps(g_padded, g_doc, doc_padded, k, time + k - 1)
+    d_padded = sum(g_tap * weight[k - 1 - j] for j, g_tap in enumerate(g_taps))
+    return d_padded[:, k - 1:], d_weight, d_padded[:, : k - 1], None
+
+
+_causal_conv.defvjp(_causal_conv_fwd, _causal_conv_bwd)
 
 
 def causal_conv1d(
