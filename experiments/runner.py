@@ -79,7 +79,7 @@ def prepare_run(experiment: str, model: str, *, size: str = "cpu", overrides: Se
 
 def run_experiment(experiment: str, model: str, *, size: str = "cpu", overrides: Sequence[str] = (),
                    out: str | Path = "runs", resume: bool = False, overwrite: bool = False, name: str | None = None,
-                   stop_at: int | None = None, verbose: bool = True) -> dict[str, Any]:
+                   stop_at: int | None = None, verbose: bool = True, mesh=None) -> dict[str, Any]:
     """Train and evaluate one (experiment, model) run; returns the ``result.json`` dict
     (:func:`ssmjax.train.train` also returns the final parameters; the CLI needs only this)."""
     config, run_dir, notes = prepare_run(experiment, model, size=size, overrides=overrides, out=out, resume=resume,
@@ -94,7 +94,24 @@ def run_experiment(experiment: str, model: str, *, size: str = "cpu", overrides:
     if verbose:
         print(f"{experiment} / {config.model} -> {run_dir}", flush=True)
     return train(network, task, config, run_dir, resume=resume, stop_at=stop_at, metadata=metadata,
-                 title=f"{experiment}[{config.model}]", verbose=verbose).results
+                 title=f"{experiment}[{config.model}]", verbose=verbose, mesh=mesh).results
+
+
+def describe_run_shardings(experiment: str, model: str, mesh, *, size: str = "cpu", overrides: Sequence[str] = ()) -> str:
+    """``--dry-run``: the parameters of the run's model and their shardings on ``mesh``
+    (:func:`ssmjax.distributed.describe_shardings`), without training or allocating them."""
+    import jax
+    import jax.numpy as jnp
+
+    from ssmjax.distributed import check_batch_shape, describe_shardings
+
+    config = build_config(experiment, model, size=size, overrides=overrides)
+    task = build_task(experiment, config)
+    network = build_model(config, task.vocab_size)
+    inputs = task.train_batch(0).inputs
+    check_batch_shape(mesh, inputs.shape, "task.train_batch(0).inputs")
+    params = jax.eval_shape(network.init, jax.random.key(0), jnp.asarray(inputs))
+    return describe_shardings(params, mesh)
 
 
 #: What a sweep ranks its runs by: the task's headline validation accuracy (``result["eval"]

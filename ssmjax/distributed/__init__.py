@@ -1,11 +1,20 @@
-"""Beyond one device: sequence-parallel scans over a ``jax.sharding`` mesh axis
-(:mod:`ssmjax.distributed.sequence`)."""
+"""Beyond one device: meshes and FSDP shardings of a training state
+(:mod:`ssmjax.distributed.mesh`, used by ``ssmjax.train.train(..., mesh=...)``) and
+sequence-parallel scans over a mesh axis (:mod:`ssmjax.distributed.sequence`)."""
 
-from ssmjax.distributed.sequence import (
-    delta_rule_sp,
-    gated_linear_attention_sp,
-    linear_scan_sp,
-    selective_scan_sp,
+from ssmjax.distributed.mesh import (
+    AXES,
+    batch_spec,
+    check_batch_shape,
+    describe_shardings,
+    make_mesh,
+    param_spec,
+    parse_mesh,
+    state_shardings,
 )
+from ssmjax.distributed.sequence import delta_rule_sp, gated_linear_attention_sp, linear_scan_sp, selective_scan_sp
 
-__all__ = ["delta_rule_sp", "gated_linear_attention_sp", "linear_scan_sp", "selective_scan_sp"]
+__all__ = [
+    "AXES", "batch_spec", "check_batch_shape", "describe_shardings", "make_mesh", "param_spec", "parse_mesh",
+    "state_shardings", "delta_rule_sp", "gated_linear_attention_sp", "linear_scan_sp", "selective_scan_sp",
+]

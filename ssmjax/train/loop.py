@@ -148,14 +148,17 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
-    """``(state, inputs, targets, mask, key) -> (new_state, metrics)``, jit-compiled."""
+def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, shardings: Any = None):
+    """``(state, inputs, targets, mask, key) -> (new_state, metrics)``, jit-compiled.
+
+    ``shardings``: ``(state shardings, batch sharding)`` to compile the step for a device
+    mesh (:mod:`ssmjax.distributed.mesh`): the state keeps its layout across steps and its
+    buffers are donated (updated in place); metrics are replicated."""
 
     def loss_fn(params, inputs, targets, mask, key):
         logits = model.apply(params, inputs, rngs={"dropout": key})
         return masked_loss_and_accuracy(logits, targets, mask)
 
-    @jax.jit
     def train_step(state, inputs, targets, mask, key):
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], inputs, targets, mask, key)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -165,7 +168,12 @@ def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation):
         new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
         return new_state, dict(loss=loss, accuracy=accuracy, grad_norm=grad_norm, finite=finite)
 
-    return train_step
+    if shardings is None:
+        return jax.jit(train_step)
+    state_shardings, batch_sharding = shardings
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, batch_sharding, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def count_params(params) -> int:
@@ -226,7 +234,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
           stop_at: int | None = None, metadata: Mapping[str, Any] | None = None, title: str = "",
-          verbose: bool = True) -> TrainResult:
+          verbose: bool = True, mesh: jax.sharding.Mesh | None = None) -> TrainResult:
     """Train ``model`` on ``task`` (see :class:`Task`) for ``config.steps`` updates.
 
     Returns a :class:`TrainResult` ``(params, opt_state, step, results)``; ``results`` is
@@ -235,6 +243,12 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
     existing checkpoint is an error. ``stop_at``: stop (and save) after that many updates
     as if interrupted, e.g. to split a run. ``metadata`` is copied into ``result.json``.
     Raises ``ValueError`` on an invalid batch and :class:`NonFiniteLossError` on NaN/inf.
+
+    ``mesh``: train on a device mesh (:func:`ssmjax.distributed.make_mesh`): the state is
+    sharded FSDP-style by :func:`ssmjax.distributed.state_shardings`, batches are split
+    ``P(("data", "fsdp"), "seq")`` from each process's local rows
+    (``jax.make_array_from_process_local_data``), checkpoints are saved and restored
+    sharded (a run may resume on a different mesh).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -246,6 +260,13 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
     params = jax.jit(model.init)(init_key, jnp.asarray(first.inputs))
     spec = _batch_spec(model, task, params, first)
     state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+    shardings = None
+    if mesh is not None:
+        from ssmjax.distributed.mesh import batch_spec, check_batch_shape, state_shardings
+
+        check_batch_shape(mesh, np.shape(first.inputs), "task.train_batch(0).inputs")
+        shardings = (state_shardings(state, mesh), jax.sharding.NamedSharding(mesh, batch_spec(mesh, 2)))
+        state = jax.device_put(state, shardings[0])
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
     log = MetricsLog(run_dir / "metrics.jsonl")
     try:
@@ -265,7 +286,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
         if not (run_dir / "config.json").exists():
             _write_json(run_dir / "config.json", _jsonable(dict(metadata or {}, config=dataclasses.asdict(config))))
         return _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_key, checkpoints, log,
-                    stop_at=stop_at, metadata=dict(metadata or {}), title=title, verbose=verbose)
+                    stop_at=stop_at, metadata=dict(metadata or {}), title=title, verbose=verbose, shardings=shardings)
     finally:
         checkpoints.close()
 
@@ -283,9 +304,23 @@ def _batch_spec(model: nn.Module, task: Task, params: Any, first: Batch) -> Batc
     return dataclasses.replace(model_spec(model, task), num_classes=int(shape[-1]))
 
 
+def _device_batch(batch: Batch, shardings) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(inputs, targets, mask)`` on the devices: this process's rows of the global batch
+    placed by the batch sharding when training on a mesh."""
+    fields = (batch.inputs, batch.targets, batch.mask)
+    if shardings is None:
+        return tuple(jnp.asarray(x) for x in fields)
+    mesh = shardings[1].mesh
+    from ssmjax.distributed.mesh import batch_spec
+
+    return tuple(jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, batch_spec(mesh, np.ndim(x))),
+                                                        np.asarray(x)) for x in fields)
+
+
 def _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_key, checkpoints, log, *, stop_at,
-         metadata, title, verbose) -> TrainResult:
-    train_step, evaluator = make_train_step(model, optimizer), Evaluator(model, lambda b, w: check_batch(b, spec, w))
+         metadata, title, verbose, shardings=None) -> TrainResult:
+    train_step = make_train_step(model, optimizer, shardings)
+    evaluator = Evaluator(model, lambda b, w: check_batch(b, spec, w))
     start = int(state["step"])
     end = config.steps if stop_at is None else min(config.steps, stop_at)
     progress = Progress(config.steps, config.log_every, title, enabled=verbose)
@@ -311,8 +346,7 @@ def _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_ke
         while step < end:
             batch = task.train_batch(step)
             check_batch(batch, spec, f"task.train_batch({step})")
-            new_state, m = train_step(state, jnp.asarray(batch.inputs), jnp.asarray(batch.targets),
-                                      jnp.asarray(batch.mask), jax.random.fold_in(step_key, step))
+            new_state, m = train_step(state, *_device_batch(batch, shardings), jax.random.fold_in(step_key, step))
             if not bool(m["finite"]):
                 last = checkpoints.latest_step()
                 status = "nonfinite"
