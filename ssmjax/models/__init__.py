@@ -1,4 +1,6 @@
-"""Backbones and heads assembled from registered mixers."""
+"""Backbones and heads assembled from registered mixers, and forecasters
+(:mod:`ssmjax.models.forecasters`: LTSF-Linear, iTransformer and our backbones over time or
+over variates)."""
 
 from ssmjax.models.backbone import (
     DEFAULT_MIN_LAYERS,
@@ -9,6 +11,7 @@ from ssmjax.models.backbone import (
     parse_mixers,
     pattern_group,
 )
+from ssmjax.models import forecasters
 
 __all__ = ["DEFAULT_MIN_LAYERS", "SequenceModel", "generate", "hybrid_pattern", "model_depth", "parse_mixers",
-           "pattern_group"]
+           "pattern_group", "forecasters"]
