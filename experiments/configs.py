@@ -105,6 +105,31 @@ class AlgorithmicConfig(ExperimentConfig):
         return self.task
 
 
+@dataclasses.dataclass
+class LMConfig(ExperimentConfig):
+    """Character-level language modelling on a real text file (nanoGPT's ``shakespeare_char``
+    protocol: first ``1 - val_fraction`` of the characters train, the rest validate).
+
+    ``data_file`` is read from ``data_dir`` (empty: ``$SSMJAX_DATA``, else
+    ``../shared/data`` next to the repository); ``format``: ``"char"`` (a UTF-8 file, the
+    vocabulary is the training split's characters), ``"bytes"`` (any file, 256 byte ids,
+    the same fractional split), ``"enwik8"`` (enwik8 / text8 raw files: 90M / 5M / 5M
+    bytes) or ``"wikitext"`` (``data_file`` is a directory holding WikiText's
+    ``wiki.{train,valid,test}.tokens``, read as bytes); see :mod:`ssmjax.data.text`.
+    ``unknown``: what a validation character outside the training vocabulary does,
+    ``"error"`` or ``"map"`` (to a reserved id). ``eval_windows``: consecutive
+    validation windows scored at each evaluation (``0``: all of them).
+    """
+
+    data_file: str = "tinyshakespeare.txt"
+    data_dir: str = ""
+    format: str = "char"
+    unknown: str = "error"
+    seq_len: int = 64
+    val_fraction: float = 0.1
+    eval_windows: int = 0
+
+
 _CPU_TRAIN = dict(lr=3e-3, warmup_steps=50, weight_decay=0.1, log_every=25, checkpoint_every=250)
 
 SIZES: dict[str, dict[str, ExperimentConfig]] = {
@@ -151,6 +176,21 @@ SIZES: dict[str, dict[str, ExperimentConfig]] = {
         "paper": AlgorithmicConfig(steps=100_000, batch_size=64, lr=1e-3, warmup_steps=1000, train_max_len=40,
                                    eval_lengths=(10, 20, 40, 100, 200, 400), d_model=256, n_layers=6,
                                    eval_every=5000, checkpoint_every=5000, log_every=100, eval_batches=8),
+    },
+    "lm": {
+        # nanoGPT's CPU "baby GPT" on shakespeare_char (README: 4 layers, 4 heads, n_embd 128,
+        # block 64, batch 12, 2000 iterations, lr_decay_iters 2000, dropout 0) with
+        # config/train_shakespeare_char.py's optimiser (lr 1e-3 -> min_lr 1e-4, warmup 100,
+        # beta2 0.99, weight decay 0.1, grad clip 1); val loss ~1.88 nats/char.
+        "cpu": LMConfig(steps=2000, batch_size=12, seq_len=64, d_model=128, n_layers=4, lr=1e-3, final_lr_ratio=0.1,
+                        warmup_steps=100, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_clip=1.0, eval_every=500,
+                        eval_batch_size=64, log_every=50, checkpoint_every=500),
+        # nanoGPT's GPU config (6 layers, 6 heads, 384, block 256, batch 64, 5000 iterations,
+        # lr 1e-3 -> 1e-4); val loss 1.4697. approx.: no dropout (0.2 in nanoGPT; the backbone has none).
+        "paper": LMConfig(steps=5000, batch_size=64, seq_len=256, d_model=384, n_layers=6, lr=1e-3,
+                          final_lr_ratio=0.1, warmup_steps=100, beta2=0.99, weight_decay=0.1, grad_clip=1.0,
+                          mixer_fields={"attention": {"num_heads": 6}}, eval_every=250, eval_batch_size=64,
+                          log_every=50, checkpoint_every=500),
     },
 }
 

@@ -36,6 +36,7 @@ SUITE_SETTINGS = {
     # Bayes-optimal learner's curve over prompt positions (experiments/notes/boolean_icl.md)
     "boolean_icl": ["encoding=example", "num_bits=4", "num_examples=16", "steps=1500", "lr=3e-3", "eval_every=500",
                     "checkpoint_every=1500", "log_every=100"],
+    "lm": [],  # the cpu size is already nanoGPT's CPU "baby GPT" (a few minutes on 2 cores)
     "algorithmic": ["train_max_len=10", "eval_lengths=(5, 10, 20, 40)", "steps=600", "eval_every=200",
                     "checkpoint_every=600", "log_every=50"],
 }

@@ -14,6 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import math
+from pathlib import Path
+
 import numpy as np
 
 from experiments.configs import (
@@ -21,11 +24,14 @@ from experiments.configs import (
     BooleanICLConfig,
     ExperimentConfig,
     InductionHeadsConfig,
+    LMConfig,
     MQARConfig,
     SelectiveCopyingConfig,
 )
 from ssmjax.data import synthetic
 from ssmjax.data.synthetic import Batch
+from ssmjax.data.paths import DATA_ENV, default_data_dir
+from ssmjax.data.text import Corpus, TextTask, load_corpus
 
 EVAL_STREAM = 1
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -243,12 +249,57 @@ class AlgorithmicTask:
         )
 
 
+def lm_data_dir(config: LMConfig) -> Path:
+    """Where ``lm`` reads its corpus: ``data_dir`` if set, else ``$SSMJAX_DATA``, else
+    ``../shared/data`` next to the repository root (:func:`ssmjax.data.paths.default_data_dir`)."""
+    if config.data_dir:
+        return Path(config.data_dir).expanduser()
+    return default_data_dir() or Path("../shared/data")
+
+
+def lm_corpus(config: LMConfig) -> Corpus:
+    """The tokenized corpus of an ``lm`` config (a clear ``ValueError`` if it is missing)."""
+    path = lm_data_dir(config) / config.data_file
+    if not path.exists():
+        raise ValueError(f"data_file: {path} not found; point at the folder holding {config.data_file!r} with "
+                         f"--set data_dir=DIR or the {DATA_ENV} environment variable (or --set data_file=NAME)")
+    return load_corpus(path, config.format, val_fraction=config.val_fraction, unknown=config.unknown)
+
+
+class LMTask:
+    """Character/byte-level language modelling on a real corpus (nanoGPT's
+    ``shakespeare_char`` protocol): training batches are ``batch_size`` random windows of
+    ``seq_len`` tokens of the training split; the evaluation scores the first
+    ``eval_windows`` (0: all) consecutive non-overlapping validation windows, every
+    position of every window (nanoGPT instead averages 200, or 20 on its CPU command, random
+    batches). ``val_loss`` is nats per token, ``bpc`` bits per character/byte."""
+
+    def __init__(self, config: LMConfig):
+        self.config = config
+        corpus = lm_corpus(config)
+        self.text = TextTask.from_corpus(corpus, seq_len=config.seq_len, batch_size=config.batch_size,
+                                         seed=config.seed, eval_windows=config.eval_windows or None,
+                                         eval_batch_size=config.eval_batch_size)
+        self.tokenizer, self.vocab_size = corpus.tokenizer, corpus.tokenizer.vocab_size
+
+    def train_batch(self, step: int) -> Batch:
+        return self.text.train_batch(step)
+
+    def evaluate(self, model) -> dict[str, Any]:
+        scores = model.loss(self.text.val_batches)
+        bpc = scores["loss"] / math.log(2.0)
+        return dict(accuracy=scores["accuracy"], loss=scores["loss"], val_loss=scores["loss"], bpc=bpc,
+                    perplexity=scores["perplexity"], val_tokens=scores["count"],
+                    summary={"val loss (nats)": scores["loss"], "bpc": bpc, "val acc": scores["accuracy"]})
+
+
 TASKS = {
     "mqar": MQARTask,
     "selective_copying": SelectiveCopyingTask,
     "induction_heads": InductionHeadsTask,
     "boolean_icl": BooleanICLTask,
     "algorithmic": AlgorithmicTask,
+    "lm": LMTask,
 }
 
 DESCRIPTIONS = {
@@ -257,6 +308,7 @@ DESCRIPTIONS = {
     "induction_heads": "recall the token after a special token; length extrapolation (Mamba Table 11)",
     "boolean_icl": "learn Boolean functions in context; accuracy per prompt position vs the optimal learner",
     "algorithmic": "copy / reverse / addition; train short, test long (Universal Transformers)",
+    "lm": "character-level language modelling on tinyshakespeare (nanoGPT shakespeare_char): val nats, bits/char",
 }
 
 

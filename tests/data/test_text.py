@@ -93,3 +93,111 @@ def test_text_task_reports_nats_and_bits_per_character():
     assert scores["perplexity"] == 15 and scores["val_chars"] == 11 * 8
     assert scores["summary"] == {"val loss (nats/char)": scores["loss"], "val bits/char": scores["bits_per_char"],
                                  "val acc": 0.0}
+
+
+# --- unknown-character policy, byte-level corpora, split boundaries, hand-computed loss ---
+
+from ssmjax.data.text import (  # noqa: E402
+    ENWIK8_SPLIT,
+    UNKNOWN_CHAR,
+    ByteTokenizer,
+    load_corpus,
+    split_counts,
+)
+
+
+def test_unknown_policy_errors_by_default_and_maps_to_a_reserved_id():
+    strict = CharTokenizer.fit("abc")
+    with pytest.raises(ValueError, match=r"not in the vocabulary of 3: 'xz' \(unknown='map'"):
+        strict.encode("axcz")
+    mapped = CharTokenizer.fit("abc", unknown="map")
+    assert mapped.vocab_size == 4 and mapped.unknown_id == 3
+    assert mapped.encode("axcz").tolist() == [0, 3, 2, 3]
+    assert mapped.decode([0, 3, 2]) == "a" + UNKNOWN_CHAR + "c"
+    with pytest.raises(ValueError, match=r"ids: expected values in \[0, 4\)"):
+        mapped.decode([4])
+    with pytest.raises(ValueError, match="unknown"):
+        CharTokenizer.fit("abc", unknown="ignore")
+
+
+def test_char_corpus_vocabulary_comes_from_the_training_split_only(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("ab" * 45 + "abcdefghiz", encoding="utf-8")  # 100 chars: validation = the last 10
+    with pytest.raises(ValueError, match=r"validation split \(last 10%\).*'cdefghiz'"):
+        load_corpus(path)
+    corpus = load_corpus(path, unknown="map")
+    assert corpus.tokenizer.chars == "ab" and corpus.tokenizer.vocab_size == 3
+    assert len(corpus.train) == 90 and len(corpus.valid) == 10 and corpus.test is None
+    assert corpus.valid.tolist() == [0, 1] + [2] * 8
+    assert corpus.tokenizer.decode(corpus.train) == "ab" * 45
+
+
+def test_split_counts_boundaries():
+    tokens = np.arange(20)
+    train, valid, test = split_counts(tokens, (12, 5, 3))
+    assert (train.tolist(), valid.tolist(), test.tolist()) == (list(range(12)), list(range(12, 17)), [17, 18, 19])
+    assert [len(p) for p in split_counts(tokens, (10, 5, 2))] == [10, 5, 2]  # a shorter tail is ignored
+    with pytest.raises(ValueError, match="counts"):
+        split_counts(tokens, (15, 5, 5))
+    assert ENWIK8_SPLIT == (90_000_000, 5_000_000, 5_000_000)
+
+
+def test_enwik8_and_bytes_formats_are_byte_level(tmp_path):
+    data = bytes(range(256)) * 2 + "héllo".encode()  # 518 bytes, with a 2-byte UTF-8 character
+    path = tmp_path / "enwik8"
+    path.write_bytes(data)
+    corpus = load_corpus(path, "enwik8", split_sizes=(400, 60, 58))
+    assert corpus.tokenizer.vocab_size == 256
+    assert corpus.train.tolist() == list(data[:400]) and corpus.valid.tolist() == list(data[400:460])
+    assert corpus.test.tolist() == list(data[460:518])
+    with pytest.raises(ValueError, match="counts"):
+        load_corpus(path, "enwik8")  # far fewer than 100M bytes for the default split
+    plain = load_corpus(path, "bytes")
+    assert len(plain.train) == int(518 * 0.9) and np.concatenate([plain.train, plain.valid]).tobytes() == \
+        np.frombuffer(data, np.uint8).astype(np.int32).tobytes()
+    assert ByteTokenizer().decode(ByteTokenizer().encode("héllo")) == "héllo"
+    with pytest.raises(ValueError, match="format"):
+        load_corpus(path, "bpe")
+    with pytest.raises(ValueError, match="no file"):
+        load_corpus(tmp_path / "missing.txt")
+
+
+def test_wikitext_reads_the_three_token_files(tmp_path):
+    for split, text in (("train", " = A = \n the cat \n"), ("valid", " dog \n"), ("test", " <unk> \n")):
+        (tmp_path / f"wiki.{split}.tokens").write_text(text, encoding="utf-8")
+    corpus = load_corpus(tmp_path, "wikitext")
+    assert corpus.tokenizer.decode(corpus.train) == " = A = \n the cat \n"
+    assert corpus.tokenizer.decode(corpus.valid) == " dog \n" and corpus.tokenizer.decode(corpus.test) == " <unk> \n"
+    (tmp_path / "wiki.test.tokens").unlink()
+    with pytest.raises(ValueError, match=r"no wiki\.test\.tokens"):
+        load_corpus(tmp_path, "wikitext")
+
+
+def test_loss_in_nats_matches_a_hand_computed_cross_entropy(tmp_path):
+    """A bigram model (logits = table[previous token]) scored by the TextTask pipeline
+    equals -mean log softmax(table[x_t])[x_{t+1}] over the validation windows, in float64."""
+    import flax.linen as nn
+    import jax
+
+    from ssmjax.data.text import TextTask
+    from ssmjax.train.evaluation import Evaluator
+
+    class Bigram(nn.Module):
+        vocab_size: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Embed(self.vocab_size, self.vocab_size, embedding_init=nn.initializers.normal(1.0))(x)
+
+    path = tmp_path / "tiny.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    task = TextTask.from_corpus(load_corpus(path), seq_len=8, batch_size=4, eval_windows=None)
+    model = Bigram(task.vocab_size)
+    params = model.init(jax.random.key(0), np.zeros((1, 8), np.int32))
+    scores = task.evaluate(Evaluator(model).at(params))
+    table = np.asarray(params["params"]["Embed_0"]["embedding"], np.float64)
+    log_probs = table - np.log(np.exp(table).sum(-1, keepdims=True))
+    val = task.val_tokens[: 11 * 8 + 1]  # 11 windows of 8 cover the first 88 + 1 tokens
+    expected = -np.mean(log_probs[val[:-1], val[1:]])
+    assert scores["loss"] == pytest.approx(expected, rel=1e-5)  # float32 logits in the evaluator
+    assert scores["bits_per_char"] == pytest.approx(expected / math.log(2), rel=1e-5)
