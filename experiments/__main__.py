@@ -1,8 +1,12 @@
-"""Train and evaluate a model on one synthetic experiment.
+"""Train and evaluate a model on one experiment.
 
     python -m experiments <experiment> --model <name or pattern> [--size cpu|paper]
                           [--set key=value ...] [--sweep key=v1,v2,...] [--out runs/]
                           [--resume] [--name NAME]
+    python -m experiments <protocol> ...        # ltsf, dynamics, lm-sample: see <protocol> --help
+
+The protocols (:mod:`experiments.protocols`) have their own options: epoch training on
+real data (``ltsf``), rollouts of chaotic systems (``dynamics``), sampling (``lm-sample``).
 
 Writes ``<out>/<experiment>/<run>/``: config.json, metrics.jsonl, checkpoints/,
 result.json, learning_curves.png. ``python -m experiments.report`` turns all runs into
@@ -24,8 +28,11 @@ import sys
 import textwrap
 
 import ssmjax.layers
+from experiments import protocols
 from experiments.configs import EXPERIMENTS
-from experiments.runner import format_sweep, run_experiment, run_sweep
+from experiments.protocols import PROTOCOLS
+from experiments.runner import describe_run_shardings, format_sweep, run_experiment, run_sweep
+from ssmjax.distributed import make_mesh
 from experiments.tasks import DESCRIPTIONS
 from ssmjax.train import NonFiniteLossError
 
@@ -35,6 +42,8 @@ COMMON_FIELDS = ("steps", "batch_size", "lr", "seed", "d_model", "n_layers")
 def _epilog(models: list[str]) -> str:
     lines = ["experiments:"]
     lines += [f"  {name:<19}{DESCRIPTIONS[name]}" for name in EXPERIMENTS]
+    lines += [f"  {name:<19}{protocols.load(name).DESCRIPTION} (options: {name} --help)"
+              for name in PROTOCOLS]
     lines += ["", "models (registered mixers, or a hybrid pattern such as 'gla*3,attention': the pattern sets the",
               "depth unless --set n_layers=N, a multiple of its length, tiles it):"]
     lines += textwrap.wrap(", ".join(models) or "(none registered)", 88, initial_indent="  ", subsequent_indent="  ")
@@ -55,7 +64,7 @@ def _epilog(models: list[str]) -> str:
 def build_parser(models: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0],
                                      epilog=_epilog(models), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=EXPERIMENTS, metavar="experiment", help="one of: " + ", ".join(EXPERIMENTS))
+    parser.add_argument("experiment", choices=EXPERIMENTS, metavar="experiment", help="one of: " + ", ".join((*EXPERIMENTS, *PROTOCOLS)))
     parser.add_argument("--model", required=True, help="registered mixer name or hybrid pattern")
     parser.add_argument("--size", default="cpu", choices=("cpu", "paper"), help="config size (default: cpu)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -69,18 +78,33 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
     group.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
+                        help="train on a device mesh, e.g. data=4,fsdp=2 (axes data, fsdp, seq, tensor; sizes multiply "
+                        "to the number of devices): batch over data/fsdp, parameters FSDP-sharded over fsdp")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="with --mesh: print each parameter's sharding and bytes per device, then exit")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in PROTOCOLS:
+        return protocols.load(argv[0]).main(argv[1:])
     models = ssmjax.layers.names()
     parser = build_parser(models)
     args = parser.parse_args(argv)
     if args.sweep is not None:
         return _main_sweep(parser, args)
     try:
+        mesh = None if args.mesh is None else make_mesh(args.mesh)
+        if args.dry_run:
+            if mesh is None:
+                parser.error("--dry-run: needs --mesh")
+            print(describe_run_shardings(args.experiment, args.model, mesh, size=args.size, overrides=args.overrides))
+            return 0
         result = run_experiment(args.experiment, args.model, size=args.size, overrides=args.overrides, out=args.out,
-                                resume=args.resume, overwrite=args.overwrite, name=args.name, verbose=not args.quiet)
+                                resume=args.resume, overwrite=args.overwrite, name=args.name, verbose=not args.quiet,
+                                mesh=mesh)
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))
     except NonFiniteLossError as error:

@@ -24,7 +24,9 @@ FAST = "--set steps=2 --set eval_every=2 --set checkpoint_every=2 --set log_ever
 #: README command -> the quick variant this test runs ({py}: this interpreter, {out}: a
 #: temporary run folder). Make targets that run the test suite itself are dry-run.
 QUICK_VARIANTS = {
-    "make suite": "make suite PY={py} SUITE_ARGS='--out {out} " + FAST + "'",
+    # one of the suite's three models: the entry point and its table are the same, the
+    # three trainings cost a minute (every mixer trains in test_train's slow tier)
+    "make suite": "make suite PY={py} SUITE_ARGS='--out {out} --model attention " + FAST + "'",
     "make test": "make -n test",
     "make test-quick": "make -n test-quick",
     "make test-slow": "make -n test-slow",
@@ -47,6 +49,15 @@ QUICK_VARIANTS = {
     ".venv/bin/python -m experiments.layer_speed": "{py} -m experiments.layer_speed --layers s4d --t 16 --b 1 "
                                                    "--d 8 --reps 1 --hybrid ''",
     ".venv/bin/python -m experiments.kernel_report": "{py} -m experiments.kernel_report --help",
+    # real data (../shared/data) is not assumed here: their CLIs are checked, and each
+    # protocol runs end to end on tiny files in tests/experiments/test_{ltsf,dynamics,lm}.py
+    ".venv/bin/python -m experiments ltsf --model dlinear --data ETTh1 --set horizon=96 --set epochs=1":
+        "{py} -m experiments ltsf --help",
+    ".venv/bin/python -m experiments dynamics --system ks --model lstm": "{py} -m experiments dynamics --help",
+    ".venv/bin/python -m experiments lm --model attention": "{py} -m experiments --help",
+    "make results-forecasting": "make -n results-forecasting",
+    ".venv/bin/python -m experiments mqar --model gla --mesh data=1 --dry-run":
+        "{py} -m experiments mqar --model gla --mesh data=1 --dry-run",
 }
 
 

@@ -1,5 +1,6 @@
-"""Training: the optax loop, the epoch trainer with early stopping (:mod:`ssmjax.train.fit`), batch validation, the evaluation hook, orbax checkpoints,
-JSON-lines metrics, progress and plots."""
+"""Training: the optax loop, the epoch trainer with early stopping (:mod:`ssmjax.train.fit`),
+batch validation, the evaluation hook, orbax checkpoints, JSON-lines metrics, progress and
+plots."""
 
 from ssmjax.train.checkpoint import Checkpointer
 from ssmjax.train.checks import BatchSpec, check_batch, model_spec

@@ -63,6 +63,8 @@ def mesh_results():
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# Slow (about 2 minutes on 2 quiet cores: three meshes plus three short training runs).
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["data=8", "fsdp=8", "data=2,seq=4"])
 def test_one_step_on_a_mesh_matches_one_device(mesh_results, mesh):
     result = mesh_results[f"step/{mesh}"]
@@ -73,6 +75,7 @@ def test_one_step_on_a_mesh_matches_one_device(mesh_results, mesh):
     assert (result["fsdp_split_leaves"] > 0) == mesh.startswith("fsdp"), result
 
 
+@pytest.mark.slow
 def test_resume_on_another_mesh_is_exact(mesh_results):
     result = mesh_results["resume"]
     assert result["step"] == 4 and result["params"] < 0.02 * LR, result

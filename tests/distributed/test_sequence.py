@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.sequence_cases import DEFAULT_CASES, FULL_CASES
+from tests.distributed.sequence_cases import DEFAULT_CASES
 
 ROOT = Path(__file__).resolve().parents[2]
 

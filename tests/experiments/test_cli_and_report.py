@@ -25,7 +25,7 @@ TINY_TASK = {
 
 
 def test_every_experiment_has_cpu_and_paper_sizes_with_the_common_fields():
-    assert set(EXPERIMENTS) == {"mqar", "selective_copying", "induction_heads", "boolean_icl", "algorithmic"}
+    assert set(EXPERIMENTS) == {"mqar", "selective_copying", "induction_heads", "boolean_icl", "algorithmic", "lm"}
     for experiment in EXPERIMENTS:
         assert set(SIZES[experiment]) == {"cpu", "paper"}
         config = make_config(experiment, "cpu")
@@ -63,7 +63,7 @@ def test_help_lists_experiments_and_models(capsys):
         assert name in text
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e != "lm"])  # lm reads a file: test_lm.py
 def test_each_experiment_runs_end_to_end(experiment, tmp_path):
     result = run_experiment(experiment, "attention", overrides=TINY + TINY_TASK[experiment] + ["steps=2"], out=tmp_path,
                             verbose=False)

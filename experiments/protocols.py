@@ -1,0 +1,18 @@
+"""Experiments with their own protocol and command line (epochs over fixed real data,
+autoregressive rollouts, sampling) rather than the step-based token tasks of
+:mod:`experiments.tasks`. Each is a module with ``DESCRIPTION`` (one line for
+``python -m experiments --help``), ``main(argv) -> int`` (``python -m experiments <name>
+...``) and, if it writes runs, ``report_section(run_dirs, figures_dir) -> str`` (its
+section of the results report)."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm-sample": "experiments.lm_sample"}
+
+
+def load(name: str) -> ModuleType:
+    """The module of protocol ``name`` (imported on first use: each pulls in its own data code)."""
+    return importlib.import_module(PROTOCOLS[name])
