@@ -190,6 +190,24 @@ def _decay_total(log_decay: Array | None, reset: Array | None, state_shape: tupl
     return total
 
 
+def _attention_inputs(timed: tuple, log_decay, initial_state, segment_ids, reset, mesh: Mesh, axis: str,
+                      batch_axes: Any) -> tuple[tuple, tuple, Array, tuple[Array | None, bool]]:
+    """The checked ``(args, their specs, initial state, documents)`` of a linear-attention
+    op: ``timed`` = ``(q, k, v, ...)`` ``[batch, time, heads, ...]`` (+ ``log_decay``), the
+    state ``[batch, heads, dk, dv]`` (zeros by default) in at least float32."""
+    timed = tuple(jnp.asarray(x) for x in timed)
+    q, v = timed[0], timed[2]
+    check_ndim("q", q, 4, "[batch, time, heads, dk]")
+    _check_length("q", q, mesh, axis)
+    batch, time, heads, dk = q.shape
+    state_dtype = jnp.result_type(jnp.float32, q.dtype)
+    initial = (jnp.zeros((batch, heads, dk, v.shape[-1]), state_dtype) if initial_state is None
+               else jnp.asarray(initial_state, state_dtype))
+    args = timed if log_decay is None else (*timed, jnp.asarray(log_decay))
+    specs = tuple(_time_spec(x.ndim, batch_axes, axis) for x in args)
+    return args, specs, initial, _documents(segment_ids, reset, batch, time)
+
+
 def gated_linear_attention_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, mesh: Mesh, axis: str = "seq",
                               batch_axes: Any = None, log_decay: ArrayLike | None = None,
                               scale: float | None = None, initial_state: ArrayLike | None = None,
@@ -198,17 +216,10 @@ def gated_linear_attention_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, mesh:
     """:func:`ssmjax.scan.gated_linear_attention` (``S_t = diag(exp g_t) S_{t-1} + k_t
     v_t^T``) with time sharded over mesh ``axis``. The transition of a shard is the
     diagonal ``exp(sum_t g_t)`` (per head, or per key channel)."""
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    _check_length("q", q, mesh, axis)
-    batch, time, heads, dk = q.shape
-    dv = v.shape[-1]
-    state_dtype = jnp.result_type(jnp.float32, q.dtype)
-    initial = (jnp.zeros((batch, heads, dk, dv), state_dtype) if initial_state is None
-               else jnp.asarray(initial_state, state_dtype))
-    documents = _documents(segment_ids, reset, batch, time)
-    args = (q, k, v) if log_decay is None else (q, k, v, jnp.asarray(log_decay))
-    specs = tuple(_time_spec(x.ndim, batch_axes, axis) for x in args)
+    args, specs, initial, documents = _attention_inputs((q, k, v), log_decay, initial_state, segment_ids, reset,
+                                                        mesh, axis, batch_axes)
+    heads, dk = args[0].shape[2:]
+    state_dtype = initial.dtype
 
     def local_op(q, k, v, g=None, *, initial_state, reset):
         return gated_linear_attention(q, k, v, log_decay=g, scale=scale, initial_state=initial_state, reset=reset,
@@ -229,17 +240,10 @@ def delta_rule_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, beta: ArrayLike, *, 
     beta_t k_t v_t^T``) with time sharded over mesh ``axis``. The transition of a shard
     is the dense ``[dk, dk]`` product of its ``exp(g_t)(I - beta_t k_t k_t^T)``, formed by
     the op itself run on zero values from the identity state (O(dk^2) per head to send)."""
-    q, k, v, beta = (jnp.asarray(x) for x in (q, k, v, beta))
-    check_ndim("q", q, 4, "[batch, time, heads, dk]")
-    _check_length("q", q, mesh, axis)
-    batch, time, heads, dk = q.shape
-    dv = v.shape[-1]
-    state_dtype = jnp.result_type(jnp.float32, q.dtype)
-    initial = (jnp.zeros((batch, heads, dk, dv), state_dtype) if initial_state is None
-               else jnp.asarray(initial_state, state_dtype))
-    documents = _documents(segment_ids, reset, batch, time)
-    args = (q, k, v, beta) if log_decay is None else (q, k, v, beta, jnp.asarray(log_decay))
-    specs = tuple(_time_spec(x.ndim, batch_axes, axis) for x in args)
+    args, specs, initial, documents = _attention_inputs((q, k, v, beta), log_decay, initial_state, segment_ids,
+                                                        reset, mesh, axis, batch_axes)
+    heads, dk = args[0].shape[2:]
+    state_dtype = initial.dtype
 
     def local_op(q, k, v, beta, g=None, *, initial_state, reset):
         return delta_rule(q, k, v, beta, log_decay=g, scale=scale, initial_state=initial_state, reset=reset,
