@@ -15,10 +15,18 @@ TINY_RUN = ["d_model=16", "n_layers=1", "eval_batch_size=4", "eval_batches=1", "
             "eval_every=100", "steps=2", *TINY_TASK["selective_copying"]]
 
 
+def tiny_task(experiment, tmp_path):
+    """``TINY_TASK``'s overrides; ``lm`` reads a text file, written here."""
+    if experiment != "lm":
+        return TINY_TASK[experiment]
+    (tmp_path / "tiny.txt").write_text("the cat sat on the mat.\n" * 20, encoding="utf-8")
+    return [f"data_dir={tmp_path}", "data_file=tiny.txt", "seq_len=8"]
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_set_batch_size_sets_the_rows_of_every_training_batch(experiment):
+def test_set_batch_size_sets_the_rows_of_every_training_batch(experiment, tmp_path):
     config = make_config(experiment)
-    config = replace(config, **parse_overrides(config, TINY_TASK[experiment]))
+    config = replace(config, **parse_overrides(config, tiny_task(experiment, tmp_path)))
     for batch_size in (3, 5):
         task = build_task(experiment, replace(config, **parse_overrides(config, [f"batch_size={batch_size}"])))
         assert [task.train_batch(step).inputs.shape[0] for step in range(3)] == [batch_size] * 3
