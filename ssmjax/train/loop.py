@@ -27,7 +27,9 @@ Checkpoints are written every ``checkpoint_every`` steps and every
 ``checkpoint_every_minutes`` of wall time, whichever comes first.
 
 Outputs in ``run_dir``: ``config.json``, ``metrics.jsonl``, ``checkpoints/<step>/``,
-``result.json`` and ``learning_curves.png``.
+``result.json`` and ``learning_curves.png``. In a multi-process job
+(:func:`ssmjax.distributed.launch.initialize`) every process trains and checkpoints (orbax
+coordinates them); process 0 alone writes the other files.
 """
 
 from __future__ import annotations
@@ -264,11 +266,14 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
     if mesh is not None:
         from ssmjax.distributed.mesh import batch_spec, check_batch_shape, state_shardings
 
-        check_batch_shape(mesh, np.shape(first.inputs), "task.train_batch(0).inputs")
+        local = np.shape(first.inputs)  # this process's rows; every process feeds as many
+        check_batch_shape(mesh, (local[0] * jax.process_count(), *local[1:]),
+                          "task.train_batch(0).inputs" + (" (all processes' rows)" if jax.process_count() > 1 else ""))
         shardings = (state_shardings(state, mesh), jax.sharding.NamedSharding(mesh, batch_spec(mesh, 2)))
         state = jax.device_put(state, shardings[0])
     checkpoints = Checkpointer(run_dir / "checkpoints", keep=config.keep_checkpoints)
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    primary = jax.process_index() == 0  # writes the run directory's files (orbax coordinates the checkpoints)
+    log = MetricsLog(run_dir / "metrics.jsonl", writes=primary)
     try:
         if checkpoints.latest_step() is not None and not resume:
             raise FileExistsError(f"run_dir: {run_dir} already has checkpoints; resume it or choose another directory")
@@ -283,7 +288,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
             if resume and verbose:
                 print(f"resume: no checkpoint in {checkpoints.directory}; starting from step 0", flush=True)
             log.truncate_after(0)
-        if not (run_dir / "config.json").exists():
+        if primary and not (run_dir / "config.json").exists():
             _write_json(run_dir / "config.json", _jsonable(dict(metadata or {}, config=dataclasses.asdict(config))))
         return _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_key, checkpoints, log,
                     stop_at=stop_at, metadata=dict(metadata or {}), title=title, verbose=verbose, shardings=shardings)
@@ -384,10 +389,11 @@ def _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_ke
     extra = dict(signal=interrupt) if interrupt else {}
     result = dict(result_base, status=status, step=step, message=message, **extra, batch_size=batch_size,
                   wall_s=round(elapsed, 2), **log.summary(), eval=scores)
-    _write_json(run_dir / "result.json", _jsonable(result))
-    from ssmjax.train.plots import plot_learning_curves  # matplotlib only when writing outputs
+    if log.writes:
+        _write_json(run_dir / "result.json", _jsonable(result))
+        from ssmjax.train.plots import plot_learning_curves  # matplotlib only when writing outputs
 
-    plot_learning_curves(log.rows(), run_dir / "learning_curves.png", title or run_dir.name)
+        plot_learning_curves(log.rows(), run_dir / "learning_curves.png", title or run_dir.name)
     if status == "nonfinite":
         raise NonFiniteLossError(message, result)
     if message and verbose:

@@ -20,22 +20,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per line, flushed per row. Rows have
-    ``split`` (``"train"`` or ``"eval"``) and ``step`` (number of updates done)."""
+    ``split`` (``"train"`` or ``"eval"``) and ``step`` (number of updates done).
+    ``writes=False`` keeps the rows in memory only (the other processes of a multi-process
+    job: one of them writes the shared file)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, writes: bool = True):
+        self.path, self.writes = Path(path), writes
         self._rows = read_metrics(self.path)
 
     def truncate_after(self, step: int, keep_eval: bool = True) -> None:
         """Drop rows past ``step`` (written after the checkpoint a run resumes from), and
         the eval rows at ``step`` unless ``keep_eval``."""
         self._rows = [r for r in self._rows if r["step"] < step or (r["step"] == step and (keep_eval or r["split"] != "eval"))]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self._rows))
+        if self.writes:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self._rows))
 
     def write(self, row: dict[str, Any]) -> None:
         self._rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        if self.writes:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
 
     def rows(self) -> list[dict[str, Any]]:
         return list(self._rows)
