@@ -6,18 +6,13 @@ subprocess (``tests/distributed/mesh_cases.py``): one step of a GLA + attention 
 checkpointed on ``data=8`` and resumed on ``data=2,fsdp=4`` equals an uninterrupted
 one-device run."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import pytest
 from jax.sharding import AbstractMesh
 
 from ssmjax.distributed import check_batch_shape, make_mesh, param_spec, parse_mesh
+from tests.distributed.cases import run_cases
 
-ROOT = Path(__file__).resolve().parents[2]
 LR = 3e-3  # mesh_cases' learning rate
 
 
@@ -57,10 +52,7 @@ def test_fsdp_rule_splits_the_largest_divisible_dimension():
 
 @pytest.fixture(scope="module")
 def mesh_results():
-    out = subprocess.run([sys.executable, "-m", "tests.distributed.mesh_cases"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=1800, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_cases("tests.distributed.mesh_cases")
 
 
 # Slow (about 2 minutes on 2 quiet cores: three meshes plus three short training runs).

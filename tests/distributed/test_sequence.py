@@ -7,23 +7,15 @@ one ppermute of a segment id per row when segment_ids are given) and no all-redu
 The cases run in one subprocess (``tests/distributed/sequence_cases.py``) because the
 number of CPU devices is fixed when JAX starts."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from tests.distributed.cases import run_cases
 from tests.distributed.sequence_cases import DEFAULT_CASES
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(full: bool) -> dict:
-    out = subprocess.run([sys.executable, "-m", "tests.distributed.sequence_cases"] + (["--full"] if full else []),
-                         cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_cases("tests.distributed.sequence_cases", *(["--full"] if full else []))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,18 @@
+"""Running a ``*_cases.py`` script in a fresh process: the number of CPU devices is fixed
+when JAX starts, so the mesh cases cannot run inside the pytest process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cases(module: str, *args: str, timeout: float = 1800) -> dict:
+    """``python -m module args`` from the repository root; its last stdout line, parsed as
+    JSON (the test fails with the script's stderr when it exits non-zero)."""
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=timeout, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
