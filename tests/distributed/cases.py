@@ -1,7 +1,9 @@
-"""Running a ``*_cases.py`` script in a fresh process: the number of CPU devices is fixed
-when JAX starts, so the mesh cases cannot run inside the pytest process."""
+"""Running a ``*_cases.py`` script in a fresh process (the number of CPU devices is fixed
+when JAX starts, so the mesh cases cannot run inside the pytest process), and counting the
+collectives of a compiled program."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,3 +18,16 @@ def run_cases(module: str, *args: str, timeout: float = 1800) -> dict:
                          timeout=timeout, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
+
+
+def compiled_with_collectives(fn, inputs):
+    """``(fn(inputs), {collective: count in the compiled program})``: one compilation, whose
+    optimised HLO is read for each collective (and its asynchronous ``-start`` form)."""
+    import jax  # in the cases scripts, after they set the device count
+
+    compiled = jax.jit(fn).lower(inputs).compile()
+    text = compiled.as_text()
+    return compiled(inputs), {name: len(re.findall(re.escape(name) + r"(?:-start)?\(", text)) for name in COLLECTIVES}

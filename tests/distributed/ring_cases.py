@@ -25,7 +25,6 @@ if __name__ == "__main__":
 
 import functools  # noqa: E402
 import json  # noqa: E402
-import re  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -33,10 +32,10 @@ from jax.sharding import AxisType  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
+from tests.distributed.cases import compiled_with_collectives  # noqa: E402
 from ssmjax.distributed.ring import ring_attention  # noqa: E402
 from ssmjax.scan.softmax_attention import causal_softmax_attention  # noqa: E402
 
-COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
 BATCH, TIME, HEADS, DK, DV = 2, 16, 2, 4, 3
 SCALE = 0.7  # not dk ** -0.5, so a scale that is dropped or applied twice shows
 SEGMENTS = [[0] * 5 + [1] * 7 + [2] * 4, [0] * 8 + [1] * 8]  # boundaries inside shards and on shard edges
@@ -59,12 +58,6 @@ def output_and_grad(fn, inputs):
     return out, pullback(jnp.cos(out))[0]
 
 
-def _compiled(fn, inputs):
-    """``(fn(inputs), {collective: count in the compiled program})``: one compilation."""
-    compiled = jax.jit(fn).lower(inputs).compile()
-    text = compiled.as_text()
-    return compiled(inputs), {name: len(re.findall(re.escape(name) + r"(?:-start)?\(", text)) for name in COLLECTIVES}
-
 
 @functools.cache
 def _reference(documents: bool):
@@ -81,8 +74,8 @@ def run_case(seq: int, documents: bool, block_size: int | None = None, batch_axe
     segment_ids = jnp.array(SEGMENTS) if documents else None
     ring = lambda x: ring_attention(x["q"], x["k"], x["v"], mesh, batch_axes=batch_axes, scale=SCALE,  # noqa: E731
                                     segment_ids=segment_ids, block_size=block_size)
-    out, forward = _compiled(ring, inputs)
-    grads, backward = _compiled(jax.grad(_loss(ring)), inputs)
+    out, forward = compiled_with_collectives(ring, inputs)
+    grads, backward = compiled_with_collectives(jax.grad(_loss(ring)), inputs)
     out_ref, grads_ref = _reference(documents)
     errors = dict(output=float(jnp.max(jnp.abs(out - out_ref))))
     errors.update({f"grad_{name}": float(jnp.max(jnp.abs(grads[name] - grads_ref[name]))) for name in inputs})

@@ -20,7 +20,6 @@ if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
-import re  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -28,6 +27,7 @@ from jax.sharding import AxisType  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
+from tests.distributed.cases import compiled_with_collectives  # noqa: E402
 from ssmjax.distributed import (  # noqa: E402
     delta_rule_sp,
     gated_linear_attention_sp,
@@ -36,7 +36,6 @@ from ssmjax.distributed import (  # noqa: E402
 )
 from ssmjax.scan import delta_rule, gated_linear_attention, linear_scan, selective_scan  # noqa: E402
 
-COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
 BATCH, TIME = 2, 16
 SEGMENTS = jnp.array([[0] * 5 + [1] * 7 + [2] * 4, [0] * 8 + [1] * 8])  # boundaries inside and at shard edges
 
@@ -87,19 +86,13 @@ def _loss(fn):
     return loss
 
 
-def _compiled(fn, inputs):
-    """``(fn(inputs), {collective: count in the compiled program})``: one compilation."""
-    compiled = jax.jit(fn).lower(inputs).compile()
-    text = compiled.as_text()
-    return compiled(inputs), {name: len(re.findall(re.escape(name) + r"(?:-start)?\(", text)) for name in COLLECTIVES}
-
 
 def run_case(op: str, seq: int, documents: bool) -> dict:
     mesh = jax.make_mesh((8 // seq, seq), ("data", "seq"), axis_types=(AxisType.Auto,) * 2)
     inputs = _inputs(op)
     sharded, oracle = _pair(op, mesh, documents)
-    (out, final), forward = _compiled(lambda x: sharded(**x), inputs)
-    grads, backward = _compiled(jax.grad(_loss(sharded)), inputs)
+    (out, final), forward = compiled_with_collectives(lambda x: sharded(**x), inputs)
+    grads, backward = compiled_with_collectives(jax.grad(_loss(sharded)), inputs)
     out_ref, final_ref = jax.jit(lambda x: oracle(**x))(inputs)
     grads_ref = jax.jit(jax.grad(_loss(oracle)))(inputs)
     errors = dict(outputs=float(jnp.max(jnp.abs(out - out_ref))), final_state=float(jnp.max(jnp.abs(final - final_ref))))
