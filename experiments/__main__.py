@@ -32,7 +32,7 @@ from experiments import protocols
 from experiments.configs import EXPERIMENTS
 from experiments.protocols import PROTOCOLS
 from experiments.runner import describe_run_shardings, format_sweep, run_experiment, run_sweep
-from ssmjax.distributed import make_mesh
+from ssmjax.distributed import initialize, make_mesh
 from experiments.tasks import DESCRIPTIONS
 from ssmjax.train import NonFiniteLossError
 
@@ -83,6 +83,11 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
                         "to the number of devices): batch over data/fsdp, parameters FSDP-sharded over fsdp")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --mesh: print each parameter's sharding and bytes per device, then exit")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="multi-process job: process 0's address and a free port (with --num-processes and "
+                        "--process-id; or SSMJAX_COORDINATOR etc.; SLURM, Open MPI and Cloud TPU pods are detected)")
+    parser.add_argument("--num-processes", type=int, default=None, metavar="N", help="multi-process job: N processes")
+    parser.add_argument("--process-id", type=int, default=None, metavar="I", help="multi-process job: this one's id")
     return parser
 
 
@@ -96,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep is not None:
         return _main_sweep(parser, args)
     try:
+        initialize(args.coordinator, args.num_processes, args.process_id)  # before any JAX call; no-op on one machine
         mesh = None if args.mesh is None else make_mesh(args.mesh)
         if args.dry_run:
             if mesh is None:
