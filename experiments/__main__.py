@@ -80,7 +80,8 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--mesh", default=None, metavar="AXIS=N,...",
                         help="train on a device mesh, e.g. data=4,fsdp=2 (axes data, fsdp, seq, tensor; sizes multiply "
-                        "to the number of devices): batch over data/fsdp, parameters FSDP-sharded over fsdp")
+                        "to the number of devices, one may be -1: the rest): batch over data/fsdp, parameters "
+                        "FSDP-sharded over fsdp")
     parser.add_argument("--dry-run", action="store_true",
                         help="with --mesh: print each parameter's sharding and bytes per device, then exit")
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",

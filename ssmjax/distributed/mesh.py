@@ -31,7 +31,8 @@ MIN_SHARDED_SIZE = 2 ** 14
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-    """``"data=4,fsdp=2"`` -> ``{"data": 4, "fsdp": 2}`` (axes in :data:`AXES` order)."""
+    """``"data=4,fsdp=2"`` -> ``{"data": 4, "fsdp": 2}`` (axes in :data:`AXES` order). One
+    axis may be ``-1``: the devices the others leave (resolved by :func:`make_mesh`)."""
     sizes: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, sep, value = item.partition("=")
@@ -44,22 +45,31 @@ def parse_mesh(spec: str) -> dict[str, int]:
             sizes[name] = int(value)
         except ValueError:
             raise ValueError(f"mesh: size of {name!r} must be an integer, got {value!r}") from None
-        if sizes[name] < 1:
-            raise ValueError(f"mesh: size of {name!r} must be >= 1, got {sizes[name]}")
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise ValueError(f"mesh: size of {name!r} must be >= 1 (or -1: the remaining devices), got {sizes[name]}")
     if not sizes:
         raise ValueError(f"mesh: expected at least one axis=size item, got {spec!r}")
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {spec!r}")
     return {name: sizes[name] for name in AXES if name in sizes}
 
 
 def make_mesh(spec: str | dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh of ``spec`` (a string for :func:`parse_mesh`, or ``{axis: size}``) over
-    ``devices`` (default: all). ``ValueError`` when the sizes do not multiply to the
+    """The mesh of ``spec`` (a string for :func:`parse_mesh`, or ``{axis: size}``; one size
+    may be ``-1``: the remaining devices) over ``devices`` (default: all, of every process).
+    ``ValueError`` when the sizes do not multiply to the
     number of devices."""
     sizes = parse_mesh(spec) if isinstance(spec, str) else dict(spec)
     unknown = sorted(set(sizes) - set(AXES))
     if unknown:
         raise ValueError(f"mesh: unknown axes {unknown}; expected a subset of {AXES}")
     devices = list(jax.devices() if devices is None else devices)
+    rest = [name for name, size in sizes.items() if size == -1]
+    if rest:
+        known = math.prod(size for size in sizes.values() if size != -1)
+        if len(devices) % known:
+            raise ValueError(f"mesh: axis sizes {sizes}: {len(devices)} devices do not divide by {known}")
+        sizes[rest[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(f"mesh: axis sizes {sizes} multiply to {math.prod(sizes.values())}, but there are "
                          f"{len(devices)} devices")

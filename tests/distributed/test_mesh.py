@@ -21,7 +21,8 @@ def test_parse_mesh_orders_axes():
 
 
 @pytest.mark.parametrize("spec, match", [("data=4,rows=2", "rows"), ("data", "axis=size"), ("data=x", "integer"),
-                                         ("data=0", ">= 1"), ("data=2,data=2", "twice"), ("", "at least one")])
+                                         ("data=0", ">= 1"), ("data=2,data=2", "twice"), ("", "at least one"),
+                                         ("data=-1,fsdp=-1", "at most one axis may be -1")])
 def test_bad_mesh_specs(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_mesh(spec)
@@ -30,6 +31,9 @@ def test_bad_mesh_specs(spec, match):
 def test_mesh_must_use_every_device():
     with pytest.raises(ValueError, match="multiply to 4, but there are 1 devices"):
         make_mesh("data=2,fsdp=2", devices=jax.devices()[:1])
+    assert dict(make_mesh("fsdp=1,data=-1", devices=jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1}
+    with pytest.raises(ValueError, match="1 devices do not divide by 2"):
+        make_mesh("data=2,fsdp=-1", devices=jax.devices()[:1])
 
 
 def test_batch_must_divide_over_its_axes():
