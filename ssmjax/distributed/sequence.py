@@ -30,6 +30,9 @@ single-device op does at that position; with ``segment_ids`` each device learns 
 previous shard's last id by a ``ppermute`` of one id per row. The cost is two
 passes of the op per shard (steps 1 and 4) plus the transition summary; the memory and
 the communication are O(T / n) and O(n * state) per device.
+
+The short causal convolution (:func:`causal_conv1d_sp`) needs no recurrence: each device
+takes the ``k - 1`` inputs before its shard from the previous device (one ``ppermute``).
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from jax import Array
 from jax.sharding import Mesh, PartitionSpec as P
 from jax.typing import ArrayLike
 
-from ssmjax.checks import check_ndim
+from ssmjax.checks import check_ndim, check_shape
 from ssmjax.scan import delta_rule, gated_linear_attention, linear_scan, selective_scan
+from ssmjax.scan.conv import causal_conv1d, document_index, last_inputs
+from ssmjax.scan.gla import _check_log_decay as check_log_decay
 
 
 def _axis_size(mesh: Mesh, axis: str) -> int:
@@ -144,17 +149,30 @@ def _time_spec(ndim: int, batch_axes: Any, axis: str) -> P:
     return P(batch_axes, axis, *([None] * (ndim - 2)))
 
 
+def _decays_over_time(a: Array, shape: tuple) -> Array:
+    """``a`` with a time axis to shard: kept when it is ``shape`` or ``shape`` with a batch
+    of 1 (decays shared over the batch), else broadcast to ``shape`` (a constant ``[d]``, a
+    ``[1, 1, d]``, ...); ``ValueError`` naming ``a`` when it does not broadcast."""
+    if a.ndim == len(shape) and a.shape[1:] == shape[1:] and a.shape[0] in (1, shape[0]):
+        return a
+    try:
+        return jnp.broadcast_to(a, shape)
+    except ValueError:
+        raise ValueError(f"a: expected decays broadcastable to b.shape {list(shape)}, got {list(a.shape)}") from None
+
+
 def linear_scan_sp(a: ArrayLike, b: ArrayLike, *, mesh: Mesh, axis: str = "seq", batch_axes: Any = None,
                    initial_state: ArrayLike | None = None, reverse: bool = False,
                    segment_ids: ArrayLike | None = None, reset: ArrayLike | None = None,
-                   method: str = "auto") -> tuple[Array, Array]:
+                   method: str = "auto", chunk_size: int | None = None, block_sizes: Any = None
+                   ) -> tuple[Array, Array]:
     """:func:`ssmjax.scan.linear_scan` (``h_t = a_t h_{t-1} + b_t``) with time sharded over
-    mesh ``axis`` (batch over ``batch_axes``); see the module docstring. ``a`` has ``b``'s
-    shape (or a batch dimension of 1)."""
+    mesh ``axis`` (batch over ``batch_axes``); see the module docstring. ``a`` is
+    broadcastable to ``b`` as for the single-device op (a batch dimension of 1 stays
+    unbroadcast); ``method``, ``chunk_size`` and ``block_sizes`` go to the op on each shard."""
     a, b = jnp.asarray(a), jnp.asarray(b)
     check_ndim("b", b, b.ndim if b.ndim >= 2 else 2, "[batch, time, ...]")
-    if a.ndim != b.ndim or a.shape[1] != b.shape[1]:
-        raise ValueError(f"a: expected the time-varying decays {list(b.shape)} (or batch 1), got {list(a.shape)}")
+    a = _decays_over_time(a, b.shape)
     _check_length("b", b, mesh, axis)
     batch, time = b.shape[:2]
     state_dtype = jnp.result_type(a.dtype, b.dtype)
@@ -165,13 +183,14 @@ def linear_scan_sp(a: ArrayLike, b: ArrayLike, *, mesh: Mesh, axis: str = "seq",
     b_spec = _time_spec(b.ndim, batch_axes, axis)
     state_spec = P(batch_axes, *([None] * (b.ndim - 2)))
 
+    options = dict(reverse=reverse, method=method, chunk_size=chunk_size, block_sizes=block_sizes)
+
     def local_op(a, b, *, initial_state, reset):
-        return linear_scan(a, b, initial_state=initial_state, reverse=reverse, reset=reset, method=method)
+        return linear_scan(a, b, initial_state=initial_state, reset=reset, **options)
 
     def summary(a, b, *, reset):
         ones = jnp.ones((b.shape[0],) + b.shape[2:], state_dtype)
-        return linear_scan(a, jnp.zeros(b.shape, state_dtype), initial_state=ones, reverse=reverse, reset=reset,
-                           method=method)[1]
+        return linear_scan(a, jnp.zeros(b.shape, state_dtype), initial_state=ones, reset=reset, **options)[1]
 
     return _sequence_parallel(local_op, summary, jnp.multiply, (a, b), (a_spec, b_spec), initial, state_spec,
                               mesh, axis, reverse, documents, batch_axes)
@@ -190,6 +209,15 @@ def _decay_total(log_decay: Array | None, reset: Array | None, state_shape: tupl
     return total
 
 
+def _decays_per_token(log_decay: Array, q_shape: tuple) -> Array:
+    """``log_decay`` broadcast to ``[batch, time, heads]`` (3 axes: per head) or ``[batch,
+    time, heads, dk]`` (4 axes: per key channel), so that its time axis can be sharded
+    (RetNet's constant ``[1, 1, heads]``, say); the GLA op's ``ValueError`` naming
+    ``log_decay`` for any other shape."""
+    check_log_decay(log_decay, *q_shape)
+    return jnp.broadcast_to(log_decay, q_shape[:log_decay.ndim])
+
+
 def _attention_inputs(timed: tuple, log_decay, initial_state, segment_ids, reset, mesh: Mesh, axis: str,
                       batch_axes: Any) -> tuple[tuple, tuple, Array, tuple[Array | None, bool]]:
     """The checked ``(args, their specs, initial state, documents)`` of a linear-attention
@@ -203,7 +231,7 @@ def _attention_inputs(timed: tuple, log_decay, initial_state, segment_ids, reset
     state_dtype = jnp.result_type(jnp.float32, q.dtype)
     initial = (jnp.zeros((batch, heads, dk, v.shape[-1]), state_dtype) if initial_state is None
                else jnp.asarray(initial_state, state_dtype))
-    args = timed if log_decay is None else (*timed, jnp.asarray(log_decay))
+    args = timed if log_decay is None else (*timed, _decays_per_token(jnp.asarray(log_decay), q.shape))
     specs = tuple(_time_spec(x.ndim, batch_axes, axis) for x in args)
     return args, specs, initial, _documents(segment_ids, reset, batch, time)
 
@@ -212,10 +240,12 @@ def gated_linear_attention_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, mesh:
                               batch_axes: Any = None, log_decay: ArrayLike | None = None,
                               scale: float | None = None, initial_state: ArrayLike | None = None,
                               segment_ids: ArrayLike | None = None, reset: ArrayLike | None = None,
-                              chunk_size: int = 64, method: str = "auto") -> tuple[Array, Array]:
+                              chunk_size: int = 64, method: str = "auto", block_sizes: Any = None
+                              ) -> tuple[Array, Array]:
     """:func:`ssmjax.scan.gated_linear_attention` (``S_t = diag(exp g_t) S_{t-1} + k_t
     v_t^T``) with time sharded over mesh ``axis``. The transition of a shard is the
-    diagonal ``exp(sum_t g_t)`` (per head, or per key channel)."""
+    diagonal ``exp(sum_t g_t)`` (per head, or per key channel). ``log_decay`` may be any
+    shape the single-device op accepts (it is broadcast to ``[batch, time, ...]``)."""
     args, specs, initial, documents = _attention_inputs((q, k, v), log_decay, initial_state, segment_ids, reset,
                                                         mesh, axis, batch_axes)
     heads, dk = args[0].shape[2:]
@@ -223,7 +253,7 @@ def gated_linear_attention_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, mesh:
 
     def local_op(q, k, v, g=None, *, initial_state, reset):
         return gated_linear_attention(q, k, v, log_decay=g, scale=scale, initial_state=initial_state, reset=reset,
-                                      chunk_size=chunk_size, method=method)
+                                      chunk_size=chunk_size, method=method, block_sizes=block_sizes)
 
     def summary(q, k, v, g=None, *, reset):
         return _decay_total(g, reset, (q.shape[0], heads, dk), state_dtype)
@@ -235,7 +265,8 @@ def gated_linear_attention_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, *, mesh:
 def delta_rule_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, beta: ArrayLike, *, mesh: Mesh, axis: str = "seq",
                   batch_axes: Any = None, log_decay: ArrayLike | None = None, scale: float | None = None,
                   initial_state: ArrayLike | None = None, segment_ids: ArrayLike | None = None,
-                  reset: ArrayLike | None = None, chunk_size: int = 64, method: str = "auto") -> tuple[Array, Array]:
+                  reset: ArrayLike | None = None, chunk_size: int = 64, method: str = "auto",
+                  block_sizes: Any = None) -> tuple[Array, Array]:
     """:func:`ssmjax.scan.delta_rule` (``S_t = exp(g_t)(I - beta_t k_t k_t^T) S_{t-1} +
     beta_t k_t v_t^T``) with time sharded over mesh ``axis``. The transition of a shard
     is the dense ``[dk, dk]`` product of its ``exp(g_t)(I - beta_t k_t k_t^T)``, formed by
@@ -247,13 +278,13 @@ def delta_rule_sp(q: ArrayLike, k: ArrayLike, v: ArrayLike, beta: ArrayLike, *, 
 
     def local_op(q, k, v, beta, g=None, *, initial_state, reset):
         return delta_rule(q, k, v, beta, log_decay=g, scale=scale, initial_state=initial_state, reset=reset,
-                          chunk_size=chunk_size, method=method)
+                          chunk_size=chunk_size, method=method, block_sizes=block_sizes)
 
     def summary(q, k, v, beta, g=None, *, reset):
         identity = jnp.broadcast_to(jnp.eye(dk, dtype=state_dtype), (q.shape[0], heads, dk, dk))
         zeros = jnp.zeros(k.shape, v.dtype)
         return delta_rule(q, k, zeros, beta, log_decay=g, initial_state=identity, reset=reset,
-                          chunk_size=chunk_size, method=method)[1]
+                          chunk_size=chunk_size, method=method, block_sizes=block_sizes)[1]
 
     return _sequence_parallel(local_op, summary, lambda m, s: jnp.einsum("bhij,bhjv->bhiv", m, s), args, specs,
                               initial, P(batch_axes), mesh, axis, False, documents, batch_axes)
@@ -264,7 +295,8 @@ def selective_scan_sp(u: ArrayLike, delta: ArrayLike, A: ArrayLike, B: ArrayLike
                       z: ArrayLike | None = None, delta_bias: ArrayLike | None = None,
                       delta_softplus: bool = False, initial_state: ArrayLike | None = None,
                       segment_ids: ArrayLike | None = None, reset: ArrayLike | None = None,
-                      method: str = "auto") -> tuple[Array, Array]:
+                      method: str = "auto", chunk_size: int | None = None, block_sizes: Any = None
+                      ) -> tuple[Array, Array]:
     """:func:`ssmjax.scan.selective_scan` (Mamba: ``h_t = exp(delta_t A) h_{t-1} + delta_t
     B_t u_t``) with time sharded over mesh ``axis``. The transition of a shard is
     ``exp(A sum_t delta_t)`` per channel and state."""
@@ -287,7 +319,8 @@ def selective_scan_sp(u: ArrayLike, delta: ArrayLike, A: ArrayLike, B: ArrayLike
 
     def local_op(u, delta, B, C, z=None, *, initial_state, reset):
         return selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-                              initial_state=initial_state, reset=reset, method=method)
+                              initial_state=initial_state, reset=reset, method=method, chunk_size=chunk_size,
+                              block_sizes=block_sizes)
 
     def summary(u, delta, B, C, z=None, *, reset):
         total = jnp.exp(jnp.sum(step_sizes(delta).astype(state_dtype), axis=1)[..., None] * A.astype(state_dtype))
@@ -297,3 +330,48 @@ def selective_scan_sp(u: ArrayLike, delta: ArrayLike, A: ArrayLike, B: ArrayLike
 
     return _sequence_parallel(local_op, summary, jnp.multiply, timed, specs, initial, P(batch_axes), mesh, axis,
                               False, documents, batch_axes)
+
+
+def causal_conv1d_sp(x: ArrayLike, weight: ArrayLike, bias: ArrayLike | None = None, *, mesh: Mesh,
+                     axis: str = "seq", batch_axes: Any = None, initial_state: ArrayLike | None = None,
+                     segment_ids: ArrayLike | None = None, reset: ArrayLike | None = None) -> tuple[Array, Array]:
+    """:func:`ssmjax.scan.conv.causal_conv1d` (``y_t = bias + sum_j w_j x_{t-k+1+j}``) with
+    time sharded over mesh ``axis``: a halo exchange instead of a recurrence. Each device
+    sends its last ``k - 1`` inputs (zeroed where they belong to an earlier document than
+    its last token: the op's own ``final_state``) to the next device with one ``ppermute``,
+    and convolves its shard from them (device 0 from ``initial_state``); with
+    ``segment_ids`` one more ``ppermute`` of an id per row marks a document starting at a
+    shard's first token. The backward is the transposed program: the halo's gradient goes
+    back with one ``ppermute``, the gradients of ``weight`` and ``bias`` are summed over
+    the devices. Each shard needs at least ``k - 1`` tokens.
+
+    Returns ``(y [batch, time, channels], final_state [batch, k - 1, channels])`` as the
+    single-device op does.
+    """
+    x, weight = jnp.asarray(x), jnp.asarray(weight)
+    check_ndim("x", x, 3, "[batch, time, channels]")
+    check_ndim("weight", weight, 2, "[k, channels]")
+    n = _check_length("x", x, mesh, axis)
+    batch, time, channels = x.shape
+    halo = weight.shape[0] - 1
+    if not 1 <= halo <= time // n:
+        raise ValueError(f"weight: expected 2 to {time // n + 1} taps (each of the {n} shards of {time} tokens "
+                         f"takes k - 1 inputs from the previous one), got {weight.shape[0]}")
+    history = (jnp.zeros((batch, halo, channels), x.dtype) if initial_state is None
+               else jnp.asarray(initial_state, x.dtype))
+    check_shape("initial_state", history, (batch, halo, channels), "[batch, k - 1, channels]")
+    documents, is_ids = _documents(segment_ids, reset, batch, time)
+
+    def shard(x, history, documents, weight, bias):
+        reset = _local_reset(documents, is_ids, axis, n)
+        doc = document_index(reset, *x.shape[:2])
+        tail = last_inputs(x, jnp.zeros_like(history), doc)  # shard length >= k - 1: all from x
+        previous = jax.lax.ppermute(tail, axis, [(i, i + 1) for i in range(n - 1)])
+        history = jnp.where(jax.lax.axis_index(axis) == 0, history, previous)
+        return causal_conv1d(x, weight, bias, initial_state=history, reset=reset)
+
+    x_spec = P(batch_axes, axis, None)
+    fn = jax.shard_map(shard, mesh=mesh, in_specs=(x_spec, P(batch_axes, None, None), P(batch_axes, axis), P(), P()),
+                       out_specs=(x_spec, x_spec), check_vma=False)
+    y, finals = fn(x, history, documents, weight, None if bias is None else jnp.asarray(bias))
+    return y, finals[:, finals.shape[1] - halo:]  # every shard's final state: the last one's is the op's

@@ -8,7 +8,9 @@ position embeddings (Su et al., 2021, "RoFormer") and an optional sliding window
 ``window(i) = {j : i - window < j <= i}`` (all ``j <= i`` when ``window`` is ``None``).
 The recurrent state is a key/value cache of ``max_len`` slots plus the position of the
 next token, so ``step`` decodes one token at a time and ``__call__`` continues a cached
-prefix. Computation uses ``jax.nn.dot_product_attention``.
+prefix. Without a cache the computation is :func:`ssmjax.scan.causal_softmax_attention`
+(ring attention under :func:`ssmjax.distributed.sequence_parallel`); with one,
+``jax.nn.dot_product_attention`` over the cache slots.
 
 Parameters: ``4 d_model^2`` (no biases).
 """
@@ -25,6 +27,7 @@ from jaxtyping import Float
 
 from ssmjax.layers.common import rotary_embedding
 from ssmjax.layers.registry import register
+from ssmjax.scan.softmax_attention import causal_softmax_attention
 
 
 @register("attention")
@@ -61,7 +64,7 @@ class Attention(nn.Module):
         k = rotary_embedding(self.k_proj(x), positions, self.rope_base)
         v = self.v_proj(x)
         if state is None and not return_state:
-            o = self._attend(q, k, v, positions, positions)
+            o = causal_softmax_attention(q, k, v, window=self.window)
         else:
             if state is None:
                 state = self.init_state(batch, x.dtype)

@@ -40,13 +40,24 @@ platform it runs on (there is no fallback to take elsewhere).
 
 To update the table from new target-compile results, edit the ``proven`` rows of an op:
 add a row to let ``auto`` pick a kernel, narrow one to stop it. Nothing else decides.
+
+Sequence parallelism is the one other decision taken here, before any method: under
+:func:`ssmjax.distributed.sequence_parallel` (a mesh whose ``seq`` axis has more than one
+device), the ops decorated with :func:`sequence_parallel_route` (``linear_scan``,
+``selective_scan``, ``gated_linear_attention``, ``delta_rule``,
+``causal_softmax_attention``, ``causal_conv1d``) run their sequence-parallel versions
+when the call's arguments allow it (:mod:`ssmjax.distributed.context` has the rule per
+op), and run as below otherwise. Like the staged platforms, the setting is part of ``jit``'s cache key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 
@@ -417,6 +428,66 @@ def dispatch(choice: Mapping[str, str], branch: Callable[[str, str], Callable], 
             else:
                 per_platform[p] = fn
     return jax.lax.platform_dependent(*args, default=default, **per_platform)
+
+
+# ----------------------------------------------------------------------------- sequence parallelism
+@dataclasses.dataclass(frozen=True)
+class SequenceParallel:
+    """Where the routed ops split time: mesh ``axis`` (size > 1) of ``mesh``, with the batch
+    over ``batch_axes`` (the mesh's data-parallel axes, ``None``: replicated)."""
+
+    mesh: Any  # a jax.sharding.Mesh (hashable: part of the jit cache key)
+    axis: str
+    batch_axes: tuple[str, ...] | None
+
+
+#: The active :class:`SequenceParallel` (``None``: every op runs on its own device).
+_SEQUENCE = jax.make_user_context(None)
+
+
+def sequence_context(setting: SequenceParallel | None):
+    """A context manager making ``setting`` the active one (``None``: none); use
+    :func:`ssmjax.distributed.sequence_parallel`, which builds the setting from a mesh."""
+    return _SEQUENCE(setting)
+
+
+def active_sequence_parallel() -> SequenceParallel | None:
+    """The active setting, or ``None`` outside one and inside a ``shard_map`` whose manual
+    axes include the setting's axis (the sequence-parallel ops' own per-shard calls, their
+    backward passes included, run on their shard)."""
+    setting = _SEQUENCE.value
+    if setting is None or setting.axis in jax.sharding.get_abstract_mesh().manual_axes:
+        return None
+    return setting
+
+
+def sequence_parallel_route(name: str):
+    """Decorate the public op ``name``: while a :class:`SequenceParallel` is active, a call
+    that :func:`ssmjax.distributed.context.route` accepts runs the op's sequence-parallel
+    version instead; every other call runs the op unchanged. The op without the route is
+    its ``single_device`` attribute (for library calls on per-chunk arrays, whose axis 1 is
+    a position inside a chunk rather than the sequence's time)."""
+
+    def decorate(op: Callable) -> Callable:
+        signature = inspect.signature(op)
+
+        @functools.wraps(op)
+        def op_or_sequence_parallel(*args, **kwargs):
+            setting = active_sequence_parallel()
+            if setting is not None:
+                from ssmjax.distributed import context  # lazy: ssmjax.distributed imports ssmjax.scan
+
+                bound = signature.bind(*args, **kwargs)
+                bound.apply_defaults()
+                routed = context.route(name, setting, bound.arguments)
+                if routed is not None:
+                    return routed()
+            return op(*args, **kwargs)
+
+        op_or_sequence_parallel.single_device = op  # for calls whose axis 1 is not the model's time
+        return op_or_sequence_parallel
+
+    return decorate
 
 
 def describe() -> str:

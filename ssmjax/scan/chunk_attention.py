@@ -58,7 +58,7 @@ def chunked_attention_with_cache(
     q_g, k_g, v_g = grid(q, None), grid(k, cache_k), grid(v, cache_v)
     n = length // chunk
     per_chunk = lambda u: u.reshape(batch * n, chunk, 1, u.shape[-1])  # noqa: E731
-    o = causal_softmax_attention(per_chunk(q_g), per_chunk(k_g), per_chunk(v_g))
+    o = causal_softmax_attention.single_device(per_chunk(q_g), per_chunk(k_g), per_chunk(v_g))  # within chunks
     o = jax.lax.dynamic_slice_in_dim(o.reshape(batch, length, -1), offset, time, axis=1)
     if cache_k is None:
         return o, None, None

@@ -14,10 +14,11 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Float
 
+from ssmjax.scan import _dispatch
 from ssmjax.scan._checks import carry_cut_mask, check_floating, check_ndim, check_shape
 
 
-def _document_index(cut: Array | None, batch: int, time: int) -> Array:
+def document_index(cut: Array | None, batch: int, time: int) -> Array:
     """Running document number ``[batch, time]`` (0 where no cuts are given)."""
     if cut is None:
         return jnp.zeros((batch, time), jnp.int32)
@@ -92,6 +93,7 @@ def _causal_conv_bwd(residuals, g):
 _causal_conv.defvjp(_causal_conv_fwd, _causal_conv_bwd)
 
 
+@_dispatch.sequence_parallel_route("causal_conv1d")
 def causal_conv1d(
     x: ArrayLike,
     weight: ArrayLike,
@@ -115,6 +117,11 @@ def causal_conv1d(
       ``(y [batch, time, channels], final_state [batch, k - 1, channels])``: the state is
       the last ``k - 1`` inputs (zeroed where they belong to an earlier document than the
       last token), so chunked calls and :func:`causal_conv1d_step` continue exactly.
+
+    Under :func:`ssmjax.distributed.sequence_parallel`, runs
+    :func:`ssmjax.distributed.sequence.causal_conv1d_sp` (each shard takes the ``k - 1``
+    inputs before it from the previous device) when ``time`` divides over the ``seq`` axis
+    with at least ``k - 1 >= 1`` tokens per device; unchanged otherwise.
     """
     x, weight = jnp.asarray(x), jnp.asarray(weight)
     check_floating("x", x)
@@ -129,16 +136,23 @@ def causal_conv1d(
         history = jnp.asarray(initial_state)
         check_shape("initial_state", history, (batch, k - 1, channels), "[batch, k - 1, channels]")
     cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
-    doc = _document_index(cut, batch, time)
+    doc = document_index(cut, batch, time)
     y = _causal_conv(x, weight.astype(x.dtype), history.astype(x.dtype), doc)
     if bias is not None:
         bias = jnp.asarray(bias)
         check_shape("bias", bias, (channels,), "[channels]")
         y = y + bias.astype(x.dtype)
-    # The new state: the last k - 1 inputs that belong to the last token's document.
-    tail = jnp.concatenate([history.astype(x.dtype), x], axis=1)[:, time:]
-    doc_tail = jnp.concatenate([jnp.zeros((batch, k - 1), doc.dtype), doc], axis=1)[:, time:]
-    return y, jnp.where((doc_tail == doc[:, -1:])[..., None], tail, 0)
+    return y, last_inputs(x, history.astype(x.dtype), doc)
+
+
+def last_inputs(x: Float[Array, "batch time d"], history: Float[Array, "batch k1 d"], doc: Array
+                ) -> Float[Array, "batch k1 d"]:
+    """The state after ``x``: the last ``k - 1`` inputs of ``[history, x]``, zeroed where they
+    belong to an earlier document than the last token (``doc``: :func:`document_index`)."""
+    batch, time = doc.shape
+    tail = jnp.concatenate([history, x], axis=1)[:, time:]
+    doc_tail = jnp.concatenate([jnp.zeros((batch, history.shape[1]), doc.dtype), doc], axis=1)[:, time:]
+    return jnp.where((doc_tail == doc[:, -1:])[..., None], tail, 0)
 
 
 def causal_conv1d_step(

@@ -281,6 +281,7 @@ delta_rule_pallas.defvjp(_delta_rule_pallas_fwd, _delta_rule_pallas_bwd)
 
 
 # ----------------------------------------------------------------------------- public API
+@_dispatch.sequence_parallel_route("delta_rule")
 def delta_rule(
     q: ArrayLike,
     k: ArrayLike,
@@ -330,6 +331,10 @@ def delta_rule(
     Returns:
       ``(o, final_state)``: ``o [batch, time, heads, dv]`` in the promoted dtype of
       ``q, k, v, beta``; ``final_state [batch, heads, dk, dv]`` in at least float32.
+
+    Under :func:`ssmjax.distributed.sequence_parallel` this is
+    :func:`ssmjax.distributed.delta_rule_sp` when ``time`` divides over the ``seq`` axis
+    (unchanged otherwise; see :mod:`ssmjax.distributed.context`).
     """
     _dispatch.check_method("delta_rule", method)
     _dispatch.check_block_sizes("delta_rule", block_sizes, DeltaBlockSizes)

@@ -404,6 +404,7 @@ def _check_log_decay(log_decay: Array, batch: int, time: int, heads: int, dk: in
     check_broadcastable("log_decay", log_decay, shape, layout)
 
 
+@_dispatch.sequence_parallel_route("gated_linear_attention")
 def gated_linear_attention(
     q: ArrayLike,
     k: ArrayLike,
@@ -448,6 +449,10 @@ def gated_linear_attention(
     Returns:
       ``(o, final_state)``: ``o [batch, time, heads, dv]`` in the promoted dtype of
       ``q, k, v``; ``final_state [batch, heads, dk, dv]`` in at least float32.
+
+    Under :func:`ssmjax.distributed.sequence_parallel` this is
+    :func:`ssmjax.distributed.gated_linear_attention_sp` when ``time`` divides over the ``seq`` axis
+    (unchanged otherwise; see :mod:`ssmjax.distributed.context`).
     """
     _dispatch.check_method("gated_linear_attention", method)
     _dispatch.check_block_sizes("gated_linear_attention", block_sizes, GLABlockSizes)

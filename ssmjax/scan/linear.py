@@ -296,6 +296,7 @@ def _prepare(
     return a, b.astype(dtype), h0, out_dtype
 
 
+@_dispatch.sequence_parallel_route("linear_scan")
 def linear_scan(
     a: ArrayLike,
     b: ArrayLike,
@@ -329,6 +330,10 @@ def linear_scan(
     Returns:
       ``(h, final_state)``: ``h`` ``[batch, time, ...]`` in the promoted input dtype and
       the state after the last step ``[batch, ...]``, accumulated in at least float32.
+
+    Under :func:`ssmjax.distributed.sequence_parallel` this is
+    :func:`ssmjax.distributed.linear_scan_sp` when ``time`` divides over the ``seq`` axis
+    (unchanged otherwise; see :mod:`ssmjax.distributed.context`).
     """
     a, b, h0, out_dtype = _prepare(
         "linear_scan", "a", a, b, initial_state, lambda s: s, "b.shape [batch, time, ...]",

@@ -165,10 +165,10 @@ def _coefficients(
     basis = jnp.eye(chunk + 3, dtype=lr.dtype)
     start = lambda i: jnp.broadcast_to(basis[i], (batch, heads, chunk + 3))  # noqa: E731
     writes = -lr[..., None] * basis[3:][None, :, None, :]  # S_t += -theta_t G_t
-    s, _ = linear_scan(momentum[..., None], writes, initial_state=start(2), method="sequential")
+    s, _ = linear_scan.single_device(momentum[..., None], writes, initial_state=start(2), method="sequential")
     forget = (1.0 - keep)[..., None] * basis[0]  # D_t += -alpha_t M_0
-    d, _ = linear_scan(keep[..., None], jnp.where(real[None, :, None, None], s, 0.0) - forget,
-                       initial_state=start(1), method="sequential")
+    d, _ = linear_scan.single_device(keep[..., None], jnp.where(real[None, :, None, None], s, 0.0) - forget,
+                                     initial_state=start(1), method="sequential")
     return d, s
 
 

@@ -274,6 +274,7 @@ def _selective_core(
     return jnp.swapaxes(y, 0, 1), final
 
 
+@_dispatch.sequence_parallel_route("selective_scan")
 def selective_scan(
     u: ArrayLike,
     delta: ArrayLike,
@@ -316,6 +317,10 @@ def selective_scan(
     Returns:
       ``(out, final_state)``: ``out`` ``[batch, time, d]`` in the dtype of ``u``,
       ``final_state`` ``[batch, d, n]`` in float32 (complex64 for complex ``A``) or wider.
+
+    Under :func:`ssmjax.distributed.sequence_parallel` this is
+    :func:`ssmjax.distributed.selective_scan_sp` when ``time`` divides over the ``seq`` axis and ``reverse=False``
+    (unchanged otherwise; see :mod:`ssmjax.distributed.context`).
     """
     u, delta, A, B, C = map(jnp.asarray, (u, delta, A, B, C))
     _dispatch.check_method("selective_scan", method)

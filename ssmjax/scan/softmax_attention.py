@@ -262,6 +262,7 @@ def causal_softmax_attention_core(
     return jnp.einsum("bhij,bjhe->bihe", weights, v)
 
 
+@_dispatch.sequence_parallel_route("causal_softmax_attention")
 def causal_softmax_attention(
     q: ArrayLike,
     k: ArrayLike,
@@ -291,6 +292,11 @@ def causal_softmax_attention(
     Returns:
       ``o [batch, time, heads, dv]`` in the promoted dtype of ``q, k, v`` (no state: the
       "state" of softmax attention is the whole key/value cache).
+
+    Under :func:`ssmjax.distributed.sequence_parallel` this is
+    :func:`ssmjax.distributed.ring_attention` when ``window`` is ``None``, ``scale`` is a
+    constant and ``time`` divides over the ``seq`` axis (unchanged otherwise; see
+    :mod:`ssmjax.distributed.context`).
     """
     q, k, v = (jnp.asarray(x) for x in (q, k, v))
     batch, time, heads, dk, _ = check_multihead_qkv(q, k, v)

@@ -34,6 +34,7 @@ coordinates them); process 0 alone writes the other files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -150,15 +151,30 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def _sequence_parallel(mesh: jax.sharding.Mesh | None):
+    """:func:`ssmjax.distributed.sequence_parallel` over the ``seq`` axis of ``mesh``, or no
+    context when there is no mesh or no ``seq`` axis (its size 1 activates nothing)."""
+    if mesh is None or "seq" not in mesh.shape:
+        return contextlib.nullcontext()
+    from ssmjax.distributed.context import sequence_parallel  # ssmjax.distributed only when training on a mesh
+
+    return sequence_parallel(mesh, "seq")
+
+
 def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, shardings: Any = None):
     """``(state, inputs, targets, mask, key) -> (new_state, metrics)``, jit-compiled.
 
     ``shardings``: ``(state shardings, batch sharding)`` to compile the step for a device
     mesh (:mod:`ssmjax.distributed.mesh`): the state keeps its layout across steps and its
-    buffers are donated (updated in place); metrics are replicated."""
+    buffers are donated (updated in place); metrics are replicated. On a mesh whose
+    ``seq`` axis has more than one device the model is applied under
+    :func:`ssmjax.distributed.sequence_parallel`, so its scans, softmax attention and short
+    convolutions run sequence-parallel (:mod:`ssmjax.distributed.context`)."""
+    mesh = None if shardings is None else shardings[1].mesh
 
     def loss_fn(params, inputs, targets, mask, key):
-        logits = model.apply(params, inputs, rngs={"dropout": key})
+        with _sequence_parallel(mesh):
+            logits = model.apply(params, inputs, rngs={"dropout": key})
         return masked_loss_and_accuracy(logits, targets, mask)
 
     def train_step(state, inputs, targets, mask, key):
