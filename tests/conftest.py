@@ -19,8 +19,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("SSMJAX_STAGE_PLATFORMS", "cpu")
 # LLVM at -O0 for the CPU code XLA emits: the tests' programs are small and compile-bound,
 # and -O0 cuts the suite's CPU time by about a third. XLA's HLO passes (fusion, layout,
-# the collectives the distributed tests count) are unchanged, and without fast-math LLVM
-# does not reorder floating-point arithmetic, so the float64 comparisons measure the same.
+# the collectives the distributed tests count) are unchanged; results may differ from -O2
+# in the last bits (vectorised reductions), so every process of a test must use the same
+# setting: subprocesses inherit this environment or import this module.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 
 import jax  # noqa: E402
