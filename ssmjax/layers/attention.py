@@ -25,13 +25,13 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
-from ssmjax.layers.common import rotary_embedding
+from ssmjax.layers.common import StepByCall, rotary_embedding
 from ssmjax.layers.registry import register
 from ssmjax.scan.softmax_attention import causal_softmax_attention
 
 
 @register("attention")
-class Attention(nn.Module):
+class Attention(StepByCall):
     """Causal multi-head softmax attention with RoPE and a KV-cache step (module docstring)."""
 
     d_model: int
@@ -81,7 +81,3 @@ class Attention(nn.Module):
         if self.window is not None:
             visible &= k_pos[None, :] > q_pos[:, None] - self.window
         return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None])
-
-    def step(self, x_t: Float[Array, "b d"], state: dict):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state

@@ -2,9 +2,9 @@
 
 Layers never import each other; what two layers share lives here:
 
-* contract plumbing: :func:`check_layer_input`, :class:`RecurrentMixer` (the one ``__call__``
-  / ``step`` mechanism), :func:`output_dropout`, :func:`state_float` (the dtype a state
-  accumulates in);
+* contract plumbing: :func:`check_layer_input`, :class:`StepByCall` (the one ``step``
+  mechanism), :class:`RecurrentMixer` (``__call__`` around a ``mix``),
+  :func:`output_dropout`, :func:`state_float` (the dtype a state accumulates in);
 * initialisers: :func:`uniform_init`, :func:`constant`, :func:`uniform_log_init`,
   :func:`log_uniform_init`, :func:`dt_bias_init`, and :func:`as_complex` /
   :func:`complex_pairs` for complex parameters stored as real pairs;
@@ -135,14 +135,31 @@ def rotary_embedding(x: Float[Array, "b t h d"], positions: Array, base: float) 
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).astype(x.dtype)
 
 
-class RecurrentMixer(nn.Module):
+class StepByCall(nn.Module):
+    """The one ``step`` of the layer contract: ``__call__`` on one token.
+
+    A mixer whose ``__call__(x, *, state=None, return_state=False, ...)`` evaluates a
+    one-token input with its step form (a scan op with ``T = 1``, a cache update) inherits
+    ``step`` from here instead of writing it. A bidirectional layer needs no guard of its
+    own: its ``__call__`` already rejects ``return_state=True``. Layers whose step is a
+    different computation (e.g. S4's recurrence instead of its FFT convolution) define
+    their own and say why.
+    """
+
+    def step(self, x_t, state):
+        """One token: ``x_t [batch, d_model]`` -> ``(y_t [batch, d_model], new_state)``."""
+        y, state = self(jnp.asarray(x_t)[:, None], state=state, return_state=True)
+        return y[:, 0], state
+
+
+class RecurrentMixer(StepByCall):
     """Contract plumbing for a causal mixer with a recurrent state.
 
     Subclasses are dataclasses with ``d_model``, ``dropout`` and ``deterministic``
     fields and define ``init_state(batch_size, dtype)`` and
     ``mix(x, state) -> (y, new_state)``; ``__call__`` checks the input, starts from
     ``init_state`` when no state is given and applies output dropout; ``step`` is
-    ``__call__`` on one token (every mix is the scan op evaluated with ``T = 1``).
+    :class:`StepByCall`'s (every mix is the scan op evaluated with ``T = 1``).
     """
 
     def __call__(self, x, *, state=None, return_state: bool = False):
@@ -154,11 +171,6 @@ class RecurrentMixer(nn.Module):
         y, new_state = self.mix(x, state)
         y = output_dropout(self, y)
         return (y, new_state) if return_state else y
-
-    def step(self, x_t, state):
-        """One token: ``x_t [batch, d_model]`` -> ``(y_t [batch, d_model], new_state)``."""
-        y, state = self(jnp.asarray(x_t)[:, None], state=state, return_state=True)
-        return y[:, 0], state
 
 
 def compiled(op, *static_argnames: str):

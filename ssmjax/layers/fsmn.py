@@ -58,6 +58,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from ssmjax.layers.common import (
+    StepByCall,
     check_layer_input,
     dilated_causal_conv,
     no_state_when_bidirectional,
@@ -72,7 +73,7 @@ def prelu(x: Array, slope: Array) -> Array:
 
 
 @register("fsmn")
-class FSMN(nn.Module):
+class FSMN(StepByCall):
     """MossFormer2's dilated-FSMN recurrent module (module docstring); state: the
     convolution histories ``dict(conv_u, conv_v, memory=[...])``."""
 
@@ -121,11 +122,6 @@ class FSMN(nn.Module):
         y, new_state = self.mix(x, state)
         y = output_dropout(self, y)
         return (y, new_state) if return_state else y
-
-    def step(self, x_t, state):
-        """One frame: ``x_t [batch, d_model]`` -> ``(y_t, new_state)``."""
-        y, state = self(jnp.asarray(x_t)[:, None], state=state, return_state=True)
-        return y[:, 0], state
 
     def _dense(self, features: int, name: str, use_bias: bool = True) -> nn.Module:
         return nn.Dense(features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)

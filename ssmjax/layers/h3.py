@@ -184,6 +184,8 @@ class H3(nn.Module):
         return (y, dict(shift=conv_state, ssm=ssm_state)) if return_state else y
 
     def step(self, x_t, state):
+        """One token with the diagonal SSM in recurrent mode (``diagonal_ssm_step``) instead
+        of ``__call__``'s convolution mode, which would build a kernel and an FFT per token."""
         x_t = jnp.asarray(x_t)
         out_dtype = self.dtype or jnp.result_type(x_t.dtype, self.param_dtype)
         q, k, v = self.project(x_t)
@@ -261,6 +263,8 @@ class GSS(nn.Module):
         return (y, dict(x=x_last)) if return_state else y
 
     def step(self, x_t, state):
+        """One token with the DSS in recurrent mode (``diagonal_ssm_step``) instead of
+        ``__call__``'s convolution mode, which would build a kernel and an FFT per token."""
         x_t = jnp.asarray(x_t)
         out_dtype = self.dtype or jnp.result_type(x_t.dtype, self.param_dtype)
         v, u = self.branches(x_t)

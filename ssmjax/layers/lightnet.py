@@ -209,6 +209,8 @@ class LightNet(RecurrentMixer):
         return output_dropout(self, self.mix_global(x))
 
     def step(self, x_t, state):
+        """:class:`StepByCall`'s step; with ``bidirectional=True`` the error names ``step``
+        (``__call__`` would reject the state instead)."""
         if self.bidirectional:
             raise ValueError("step: lightnet with bidirectional=True is non-causal and has no step form")
         return super().step(x_t, state)

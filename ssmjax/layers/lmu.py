@@ -45,7 +45,7 @@ import numpy as np
 import scipy.linalg
 
 from ssmjax.checks import check_choice
-from ssmjax.layers.common import check_layer_input, state_float
+from ssmjax.layers.common import StepByCall, check_layer_input, state_float
 from ssmjax.layers.registry import register
 from ssmjax.scan.conv import fft_causal_convolution
 from ssmjax.scan.linear import matrix_scan
@@ -85,7 +85,7 @@ def legendre_impulse_response(order: int, theta: float, length: int) -> np.ndarr
 
 
 @register("lmu")
-class LMU(nn.Module):
+class LMU(StepByCall):
     """Parallel Legendre Memory Unit (module docstring); ``order`` defaults to ``d_model``
     (LMUFormer's ``memory_size = dim``); parameters
     ``(d + 1) d_u + (d_u q + d + 1) d + (d + 1) d``."""
@@ -145,7 +145,3 @@ class LMU(nn.Module):
         y = self.out_proj(jax.nn.relu(self.W_h(features)))
         y = self.drop(y, deterministic=self.deterministic)
         return (y, dict(m=m_last)) if return_state else y
-
-    def step(self, x_t, state):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state

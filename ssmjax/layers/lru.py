@@ -59,7 +59,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Bool, Float, Inexact
 
 from ssmjax.checks import carry_cut_mask
-from ssmjax.layers.common import check_layer_input, no_state_when_bidirectional
+from ssmjax.layers.common import StepByCall, check_layer_input, no_state_when_bidirectional
 from ssmjax.layers.registry import register
 from ssmjax.scan.conv import causal_conv1d
 from ssmjax.scan.linear import linear_scan
@@ -137,7 +137,7 @@ class ComplexDiagonalRecurrence(nn.Module):
 
 
 @register("lru")
-class LRU(nn.Module):
+class LRU(StepByCall):
     """Linear Recurrent Unit (module docstring): ``d_model -> d_model`` through a complex
     diagonal state of size ``d_state``; parameters ``dirs (3 N + 4 N d) + d``."""
 
@@ -177,10 +177,6 @@ class LRU(nn.Module):
             y = y + self.backward_recurrence(xr, None, True, segment_ids, reset)[0]
         y = self.drop((y + self.D.astype(xr.dtype) * xr).astype(out_dtype), deterministic=self.deterministic)
         return (y, dict(h=h_last)) if return_state else y
-
-    def step(self, x_t, state):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state
 
 
 # -------------------------------------------------------------------------------- RG-LRU
@@ -267,7 +263,7 @@ class RGLRU(nn.Module):
 
 
 @register("rglru")
-class RecurrentBlock(nn.Module):
+class RecurrentBlock(StepByCall):
     """Hawk / Griffin recurrent block (module docstring): ``d_model -> d_model`` through
     an RG-LRU of width ``lru_width`` (``d_model`` if ``None``); parameters
     ``3 d w + 2 w + (k + 1) w + w + 2 (w^2 / H + w) + d``."""
@@ -333,7 +329,3 @@ class RecurrentBlock(nn.Module):
             return y
         start = state["start"] & (time == 0)
         return y, dict(conv=conv_state.astype(state["conv"].dtype), h=h_last, start=start)
-
-    def step(self, x_t, state):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state

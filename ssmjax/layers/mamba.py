@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from ssmjax.layers.common import (
+    StepByCall,
     check_layer_input,
     dt_bias_init,
     log_uniform_init,
@@ -76,9 +77,9 @@ def gated_rms_norm(y, z, weight, groups: int, eps: float):
     return g.reshape(y.shape) * weight
 
 
-class _MambaBase(nn.Module):
-    """Shared ``__call__`` / ``step`` plumbing: subclasses define ``init_state`` and
-    ``mix(x, state, segment_ids, reset) -> (y, new_state)``."""
+class _MambaBase(StepByCall):
+    """Shared ``__call__`` plumbing (``step`` is :class:`StepByCall`'s): subclasses define
+    ``init_state`` and ``mix(x, state, segment_ids, reset) -> (y, new_state)``."""
 
     def __call__(self, x, *, state=None, return_state=False, segment_ids=None, reset=None):
         """``x [b, t, d_model]``; ``segment_ids`` / ``reset`` ``[b, t]`` mark packed
@@ -90,10 +91,6 @@ class _MambaBase(nn.Module):
         y, new_state = self.mix(x, state, segment_ids, reset)
         y = self.drop(y, deterministic=self.deterministic)
         return (y, new_state) if return_state else y
-
-    def step(self, x_t, state):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state
 
 
 @register("mamba")

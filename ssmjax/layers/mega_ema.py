@@ -46,7 +46,7 @@ from jax import Array
 from jaxtyping import Float
 
 from ssmjax.checks import check_choice
-from ssmjax.layers.common import check_layer_input, no_state_when_bidirectional
+from ssmjax.layers.common import StepByCall, check_layer_input, no_state_when_bidirectional
 from ssmjax.layers.registry import register
 from ssmjax.scan.conv import fft_causal_convolution
 from ssmjax.scan.linear import linear_scan
@@ -142,7 +142,7 @@ class DampedEMA(nn.Module):
 
 
 @register("mega_ema")
-class MegaEMA(nn.Module):
+class MegaEMA(StepByCall):
     """Mega's damped EMA sub-layer (module docstring); parameters ``dirs 4 d h + d``."""
 
     d_model: int
@@ -178,7 +178,3 @@ class MegaEMA(nn.Module):
         y = jax.nn.silu(ema + self.omega.astype(xr.dtype) * xr).astype(out_dtype)
         y = self.drop(y, deterministic=self.deterministic)
         return (y, dict(s=s_last)) if return_state else y
-
-    def step(self, x_t, state):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state

@@ -267,6 +267,7 @@ class PLSTM2D(_PLSTMBase):
         return jnp.zeros(shape, state_float(dtype))
 
     def step(self, x_t, state):
+        """Always raises: a 2-D grid has no one-token form."""
         raise ValueError("plstm2d: a grid has no token-by-token step form; call it on whole rows with state=")
 
     @nn.compact

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Bool, Float
 
-from ssmjax.layers.common import rotary_embedding
+from ssmjax.layers.common import StepByCall, rotary_embedding
 from ssmjax.layers.registry import register
 from ssmjax.scan.chunk_summary import attend_chunk_summaries
 from ssmjax.scan.linear import linear_scan
@@ -59,7 +59,7 @@ def intra_chunk_recurrence(
 
 
 @register("rat")
-class RAT(nn.Module):
+class RAT(StepByCall):
     """RAT layer (module docstring)."""
 
     d_model: int
@@ -141,7 +141,3 @@ class RAT(nn.Module):
 
     def _rotate(self, x, chunk_of):
         return x if self.rope_base is None else rotary_embedding(x, chunk_of, self.rope_base)
-
-    def step(self, x_t: Float[Array, "b d"], state: dict):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state

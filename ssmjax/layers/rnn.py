@@ -72,6 +72,7 @@ from jaxtyping import Bool, Float, Int
 
 from ssmjax.checks import carry_cut_mask
 from ssmjax.layers.common import (
+    StepByCall,
     check_heads,
     check_layer_input,
     compiled,
@@ -121,7 +122,7 @@ def recent_state_attention(
 
 
 # ----------------------------------------------------------------------------- base layer
-class _HeadwiseRNN(nn.Module):
+class _HeadwiseRNN(StepByCall):
     """The shared layer (module docstring); subclasses set the cell and the gate
     pre-activations. Fields common to every RNN layer:
 
@@ -247,11 +248,6 @@ class _HeadwiseRNN(nn.Module):
         y = self._gate(x, self.out_proj(h))
         y = output_dropout(self, y)
         return (y, new_state) if return_state else y
-
-    def step(self, x_t, state):
-        """One token: ``x_t [batch, d_model]`` -> ``(y_t [batch, d_model], new_state)``."""
-        y, state = self(jnp.asarray(x_t)[:, None], state=state, return_state=True)
-        return y[:, 0], state
 
     def _attend(self, h, state, segment_ids, reset):
         """``h + W_a MHA(h_t; last W hidden states)`` and the new window state."""

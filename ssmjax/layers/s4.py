@@ -144,8 +144,9 @@ class ConvSSMBlock(nn.Module):
         return (y, dict(x=x_last)) if return_state else y
 
     def step(self, x_t, state):
-        if self.bidirectional:
-            raise ValueError("state: a bidirectional layer is non-causal and has no step form")
+        """One token in recurrent mode (``ssm_step``, the discretised recurrence) instead of
+        ``__call__``'s convolution mode, which would build a kernel and an FFT per token."""
+        no_state_when_bidirectional(self.name or type(self).__name__, self.bidirectional, state, True)
         x_t = jnp.asarray(x_t)
         out_dtype = self.dtype or jnp.result_type(x_t.dtype, self.param_dtype)
         u = x_t.astype(state_float(x_t.dtype))

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from ssmjax.checks import check_choice
 from ssmjax.layers.hippo import s5_hippo_n_init
 from ssmjax.layers.common import (
+    StepByCall,
     as_complex,
     check_layer_input,
     constant,
@@ -75,7 +76,7 @@ def eigenvector_projected(init, matrix, side: str):
 
 
 @register("s5")
-class S5(nn.Module):
+class S5(StepByCall):
     """S5 layer (module docstring): ``d_model -> d_model`` through a ``P = d_state``
     dimensional diagonal SSM (``P/2`` complex states); parameters
     ``3 P / 2 + (1 + c) P H + H + a``."""
@@ -151,9 +152,3 @@ class S5(nn.Module):
             y = y + jnp.einsum("btp,hp->bth", xs_reverse, C[1])
         y = self.activate(2 * y.real + self.D.astype(u.dtype) * u, out_dtype)
         return (y, dict(x=x_last)) if return_state else y
-
-    def step(self, x_t, state):
-        if self.bidirectional:
-            raise ValueError("state: a bidirectional layer is non-causal and has no step form")
-        y, state = self(jnp.asarray(x_t)[:, None], state=state, return_state=True)
-        return y[:, 0], state

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
-from ssmjax.layers.common import compiled, dilated_causal_conv
+from ssmjax.layers.common import StepByCall, compiled, dilated_causal_conv
 from ssmjax.layers.registry import register
 from ssmjax.scan.chunk_attention import chunked_attention_with_cache
 from ssmjax.scan.linear import linear_scan
@@ -69,7 +69,7 @@ def damped_ema(
 
 
 @register("tcnca")
-class TCNCA(nn.Module):
+class TCNCA(StepByCall):
     """TCNCA / MEGA-chunk layer (module docstring)."""
 
     d_model: int
@@ -174,7 +174,3 @@ class TCNCA(nn.Module):
         if not return_state:
             return y
         return y, dict(temporal=temporal, k=cache_k, v=cache_v, pos=state["pos"] + time)
-
-    def step(self, x_t: Float[Array, "b d"], state: dict):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state

@@ -38,14 +38,14 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
-from ssmjax.layers.common import l2_normalize
+from ssmjax.layers.common import StepByCall, l2_normalize
 from ssmjax.layers.registry import register
 from ssmjax.scan.conv import causal_conv1d
 from ssmjax.scan.memory import init_neural_memory_state, neural_memory
 
 
 @register("titans")
-class Titans(nn.Module):
+class Titans(StepByCall):
     """Titans / ATLAS long-term memory layer (module docstring)."""
 
     d_model: int
@@ -115,7 +115,3 @@ class Titans(nn.Module):
         if not return_state:
             return out
         return out, dict(conv_q=conv_q, conv_k=conv_k, conv_v=conv_v, memory=memory)
-
-    def step(self, x_t: Float[Array, "b d"], state: dict):
-        y, state = self(x_t[:, None], state=state, return_state=True)
-        return y[:, 0], state

@@ -74,7 +74,7 @@ from jax import Array
 from jax.typing import ArrayLike
 from jaxtyping import Bool, Float
 
-from ssmjax.layers.common import check_heads, check_layer_input, output_dropout
+from ssmjax.layers.common import StepByCall, check_heads, check_layer_input, output_dropout
 from ssmjax.layers.registry import register
 
 HALTING = ("act", "fixed", "sampled")
@@ -140,7 +140,7 @@ def sample_steps(key: Array, mean_steps: float, max_steps: int) -> Array:
 
 
 @register("universal_transformer")
-class UniversalTransformer(nn.Module):
+class UniversalTransformer(StepByCall):
     """Shared causal block applied recurrently over depth (module docstring); state: one
     key/value cache per step ``dict(k, v [max_steps, b, max_len, heads, dh], active
     [max_steps, b, max_len], pos)``."""
@@ -189,11 +189,6 @@ class UniversalTransformer(nn.Module):
         shape = (self.max_steps, batch_size, self.max_len, self.num_heads, dh)
         return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                     active=jnp.zeros(shape[:3], bool), pos=jnp.zeros((), jnp.int32))
-
-    def step(self, x_t, state):
-        """One token: ``x_t [batch, d_model]`` -> ``(y_t, new_state)``."""
-        y, state = self(jnp.asarray(x_t)[:, None], state=state, return_state=True)
-        return y[:, 0], state
 
     # ------------------------------------------------------------------ the shared block
     def _attend(self, q, keys, n: int, positions):
