@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,15 @@ QUICK_VARIANTS = {
     "make results-forecasting": "make -n results-forecasting",
     ".venv/bin/python -m experiments mqar --model gla --mesh data=1 --dry-run":
         "{py} -m experiments mqar --model gla --mesh data=1 --dry-run",
+    # multi-host: the same command on every host; here one process joins a one-process job
+    # through a loopback coordinator (tests/distributed/test_multihost.py runs two)
+    'gcloud compute tpus tpu-vm ssh NAME --worker=all --command="cd ssmjax && .venv/bin/python -m experiments mqar '
+    '--model gla --mesh data=-1"': "{py} -m experiments mqar --model gla --mesh data=-1 --dry-run",
+    "srun --nodes=2 --ntasks-per-node=1 .venv/bin/python -m experiments mqar --model gla --mesh data=-1":
+        "{py} -m experiments mqar --model gla --mesh data=-1 --dry-run",
+    ".venv/bin/python -m experiments mqar --model gla --mesh data=-1 --coordinator 10.0.0.1:1234 --num-processes 2 "
+    "--process-id 0": "{py} -m experiments mqar --model gla --mesh data=-1 --out {out} --quiet " + FAST
+                      + " --coordinator 127.0.0.1:{port} --num-processes 1 --process-id 0",
 }
 
 
@@ -69,6 +79,12 @@ def readme_commands() -> list[str]:
     """Every command line of the README's bash blocks, without trailing comments."""
     lines = (line.split("  #")[0].strip() for block in _blocks("bash") for line in block.splitlines())
     return [line for line in lines if line and not line.startswith("#")]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _run(command: str, cwd: Path) -> None:
@@ -84,7 +100,7 @@ def test_every_readme_command_has_a_quick_variant():
 
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_runs(command, tmp_path):
-    _run(QUICK_VARIANTS[command].format(py=PY, out=tmp_path / "runs"), ROOT)
+    _run(QUICK_VARIANTS[command].format(py=PY, out=tmp_path / "runs", port=_free_port()), ROOT)
 
 
 def test_readme_python_blocks_are_the_tested_examples():
