@@ -40,7 +40,7 @@ QUICK_VARIANTS = {
     '.venv/bin/python -m experiments mqar --model "gated_deltanet*3,attention" --set steps=500':
         '{py} -m experiments mqar --model "gated_deltanet*3,attention" --out {out} ' + FAST,
     ".venv/bin/python -m experiments mqar --model gla --sweep lr=1e-3,3e-3,1e-2":
-        "{py} -m experiments mqar --model gla --quiet --out {out} " + FAST + " --sweep lr=1e-3,3e-3",
+        "{py} -m experiments mqar --model gla --quiet --out {out} " + FAST + " --sweep lr=1e-3",  # test_sweep: more values
     ".venv/bin/python -m experiments.report --runs runs":  # needs a run to report on
         "{py} -m experiments mqar --model s4d --quiet --out {out} " + FAST + " && {py} -m experiments.report --runs {out}",
     ".venv/bin/python -m experiments.speed --quick": "{py} -m experiments.speed --quick --ops linear_scan "
@@ -66,8 +66,8 @@ QUICK_VARIANTS = {
     "srun --nodes=2 --ntasks-per-node=1 .venv/bin/python -m experiments mqar --model gla --mesh data=-1":
         "{py} -m experiments mqar --model gla --mesh data=-1 --dry-run",
     ".venv/bin/python -m experiments mqar --model gla --mesh data=-1 --coordinator 10.0.0.1:1234 --num-processes 2 "
-    "--process-id 0": "{py} -m experiments mqar --model gla --mesh data=-1 --out {out} --quiet " + FAST
-                      + " --coordinator 127.0.0.1:{port} --num-processes 1 --process-id 0",
+    "--process-id 0": "{py} -m experiments mqar --model gla --mesh data=-1 --dry-run --coordinator 127.0.0.1:{port} "
+                      "--num-processes 1 --process-id 0",
 }
 
 

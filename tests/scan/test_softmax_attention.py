@@ -153,13 +153,16 @@ def test_prefix_float32_bfloat16_and_large_scores(method):
     assert bool(jnp.all(jnp.isfinite(o)))
 
 
+_combine = jax.jit(softmax_scan_combine)  # compiled once for the scalar summaries, not run op by op
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     st.lists(
         st.tuples(
-            # -inf: the empty summary; no subnormals (XLA on CPU flushes them to zero)
+            # -inf: the empty summary; no subnormals anywhere (XLA on CPU flushes them to zero)
             st.one_of(st.floats(-30, 30, allow_subnormal=False), st.just(-np.inf)),
-            st.floats(-5, 5),
+            st.floats(-5, 5, allow_subnormal=False),
             st.floats(0.1, 5),
         ),
         min_size=3,
@@ -173,8 +176,8 @@ def test_softmax_scan_combine_is_associative(triples):
         return SoftmaxState(jnp.array(m), jnp.array([n, -n]), jnp.array(d))
 
     a, b, c = (state(*x) for x in triples)
-    left = softmax_scan_combine(softmax_scan_combine(a, b), c)
-    right = softmax_scan_combine(a, softmax_scan_combine(b, c))
+    left = _combine(_combine(a, b), c)
+    right = _combine(a, _combine(b, c))
     np.testing.assert_array_equal(left.m, right.m)
     # equal as represented quantities (num * exp(m), den * exp(m)); same m, so compare directly
     np.testing.assert_allclose(left.num, right.num, rtol=1e-12, atol=1e-300)
@@ -182,7 +185,7 @@ def test_softmax_scan_combine_is_associative(triples):
     for x in (left, right):
         assert all(bool(jnp.all(jnp.isfinite(y))) for y in (x.num, x.den))
     empty = SoftmaxState(jnp.array(-np.inf), jnp.zeros(2), jnp.array(0.0))
-    for x, y in zip(softmax_scan_combine(empty, a), a):  # identity
+    for x, y in zip(_combine(empty, a), a):  # identity
         np.testing.assert_allclose(x, y, rtol=1e-15)
 
 
