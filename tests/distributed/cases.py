@@ -3,12 +3,24 @@ when JAX starts, so the mesh cases cannot run inside the pytest process), and co
 collectives of a compiled program."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def use_host_devices(count: int) -> None:
+    """Before JAX starts (a cases script's first lines, only when run as the script:
+    importing one for its case lists must not change the importer's devices): ``count``
+    simulated CPU devices, without YNNPACK fusions (with several host devices jaxlib
+    0.10.2's YNN fusion of GLA's per-channel-decay einsums segfaults), and LLVM at -O0 as
+    in the test session (tests/conftest.py)."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={count}"
+                               " --xla_cpu_experimental_ynn_fusion_type= --xla_backend_optimization_level=0")
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def run_cases(module: str, *args: str, timeout: float = 1800) -> dict:

@@ -10,16 +10,11 @@
     python -m tests.distributed.mesh_cases
 """
 
-import os
 
-# 8 simulated devices. Without YNNPACK fusions: with several host devices, jaxlib 0.10.2's
-# YNN fusion of GLA's per-channel-decay einsums segfaults (one device is unaffected).
-# Only when run as the script: importing this module (for its case lists) must not change
-# the importing process's (or its children's) devices.
-if __name__ == "__main__":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                               " --xla_cpu_experimental_ynn_fusion_type=")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # 8 simulated devices (only as the script)
+    from tests.distributed.cases import use_host_devices
+
+    use_host_devices(8)
 
 import json  # noqa: E402
 import tempfile  # noqa: E402

@@ -16,14 +16,12 @@ documents (outputs, final state, gradients) vs one device.
     python -m tests.distributed.model_cases [--full]
 """
 
-import os
 import sys
 
-# As tests/distributed/sequence_cases.py: 8 simulated devices, only when run as the script.
-if __name__ == "__main__":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                               " --xla_cpu_experimental_ynn_fusion_type=")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # 8 simulated devices (only as the script)
+    from tests.distributed.cases import use_host_devices
+
+    use_host_devices(8)
 
 import json  # noqa: E402
 import re  # noqa: E402

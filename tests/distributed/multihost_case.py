@@ -19,7 +19,6 @@ losses, the process count, index and device counts, and a parameter checksum.
 """
 
 import argparse
-import os
 import sys
 
 
@@ -36,13 +35,10 @@ def _arguments(argv: list[str]) -> argparse.Namespace:
 
 ARGS = _arguments(sys.argv[1:]) if __name__ == "__main__" else None
 GLOBAL_DEVICES = 8
-# Only when run as the script: importing this module must not change the importing
-# process's (or its children's) devices. Without YNNPACK fusions: with several host
-# devices jaxlib 0.10.2's YNN fusion segfaults (see mesh_cases.py).
-if ARGS is not None:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count="
-                               f"{GLOBAL_DEVICES // ARGS.num_processes} --xla_cpu_experimental_ynn_fusion_type=")
-    os.environ["JAX_PLATFORMS"] = "cpu"
+if ARGS is not None:  # only as the script: this process's share of the 8 devices
+    from tests.distributed.cases import use_host_devices
+
+    use_host_devices(GLOBAL_DEVICES // ARGS.num_processes)
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -10,18 +10,12 @@ and forward+backward.
 attention at ``T = 4096`` on ``seq = 8`` against the one-device quadratic reference.
 """
 
-import os
 import sys
 
-# 8 simulated devices, without YNNPACK fusions (jaxlib 0.10.2's YNN fusion segfaults with
-# several host devices), and LLVM at -O0: these tiny programs then compile ~30% faster,
-# while the HLO passes, whose output the collective counts read, are unchanged. Only when
-# run as the script: importing this module (for its case lists) must not change the
-# importing process's devices.
-if __name__ == "__main__":
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                               " --xla_cpu_experimental_ynn_fusion_type= --xla_backend_optimization_level=0")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if __name__ == "__main__":  # 8 simulated devices (only as the script)
+    from tests.distributed.cases import use_host_devices
+
+    use_host_devices(8)
 
 import functools  # noqa: E402
 import json  # noqa: E402
