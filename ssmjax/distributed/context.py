@@ -75,7 +75,8 @@ def sequence_parallel(mesh: Mesh, axis: str = "seq"):
         raise ValueError(f"axis: {axis!r} is not an axis of the mesh {dict(mesh.shape)}")
     rows = batch_spec(mesh, 1)[0]  # the batch's axes, as a training batch is split: None, a name or names
     rows = (rows,) if isinstance(rows, str) else rows
-    setting = SequenceParallel(mesh, axis, None if rows is None else tuple(rows)) if mesh.shape[axis] > 1 else None
+    setting = (SequenceParallel(mesh, axis, None if rows is None else tuple(rows), route)
+               if mesh.shape[axis] > 1 else None)
     return sequence_context(setting)
 
 

@@ -434,11 +434,15 @@ def dispatch(choice: Mapping[str, str], branch: Callable[[str, str], Callable], 
 @dataclasses.dataclass(frozen=True)
 class SequenceParallel:
     """Where the routed ops split time: mesh ``axis`` (size > 1) of ``mesh``, with the batch
-    over ``batch_axes`` (the mesh's data-parallel axes, ``None``: replicated)."""
+    over ``batch_axes`` (the mesh's data-parallel axes, ``None``: replicated). ``route(name,
+    setting, arguments)`` returns the sequence-parallel call of op ``name`` as a thunk, or
+    ``None`` to run the op itself (:func:`ssmjax.distributed.context.route`: the setting
+    carries it, so this module never imports the level above it)."""
 
     mesh: Any  # a jax.sharding.Mesh (hashable: part of the jit cache key)
     axis: str
     batch_axes: tuple[str, ...] | None
+    route: Callable[[str, SequenceParallel, dict[str, Any]], Callable[[], Any] | None]
 
 
 #: The active :class:`SequenceParallel` (``None``: every op runs on its own device).
@@ -463,7 +467,7 @@ def active_sequence_parallel() -> SequenceParallel | None:
 
 def sequence_parallel_route(name: str):
     """Decorate the public op ``name``: while a :class:`SequenceParallel` is active, a call
-    that :func:`ssmjax.distributed.context.route` accepts runs the op's sequence-parallel
+    that the setting's ``route`` accepts runs the op's sequence-parallel
     version instead; every other call runs the op unchanged. The op without the route is
     its ``single_device`` attribute (for library calls on per-chunk arrays, whose axis 1 is
     a position inside a chunk rather than the sequence's time)."""
@@ -475,11 +479,9 @@ def sequence_parallel_route(name: str):
         def op_or_sequence_parallel(*args, **kwargs):
             setting = active_sequence_parallel()
             if setting is not None:
-                from ssmjax.distributed import context  # lazy: ssmjax.distributed imports ssmjax.scan
-
                 bound = signature.bind(*args, **kwargs)
                 bound.apply_defaults()
-                routed = context.route(name, setting, bound.arguments)
+                routed = setting.route(name, setting, bound.arguments)
                 if routed is not None:
                     return routed()
             return op(*args, **kwargs)

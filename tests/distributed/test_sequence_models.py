@@ -55,7 +55,8 @@ def test_every_sequence_parallel_mixer():
 
 
 # ----------------------------------------------------------------------------- the rule
-SETTING = SequenceParallel(AbstractMesh((2, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2), "seq", ("data",))
+SETTING = SequenceParallel(AbstractMesh((2, 4), ("data", "seq"), axis_types=(AxisType.Auto,) * 2), "seq", ("data",),
+                           context.route)
 
 
 def _routed(name: str, **arguments) -> bool:
