@@ -16,12 +16,11 @@ of all processes, a mesh (:func:`ssmjax.distributed.make_mesh`) spans them, and
 3. a cluster that ``jax.distributed.initialize()`` detects by itself (jax 0.10's
    ``jax._src.clusters``): a SLURM step with ``SLURM_NTASKS > 1`` (``srun``), an Open MPI
    job with ``OMPI_COMM_WORLD_SIZE > 1`` (``mpirun``), a Cloud TPU VM (``libtpu``
-   installed: jax reads the pod slice's workers from the VM metadata, or from
-   ``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` on GKE). :func:`detect_cluster`
-   only looks at these environment variables (and whether ``libtpu`` is installed);
-   jax itself then reads the coordinator, process count and id. When jax finds no
-   cluster after all (``libtpu`` installed on a machine without TPU chips) nothing is
-   initialised.
+   installed and TPU chips on the PCI bus: jax reads the pod slice's workers from the VM
+   metadata, or from ``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` on GKE).
+   :func:`detect_cluster` only looks at these environment variables, ``libtpu`` and the
+   PCI bus; jax itself then reads the coordinator, process count and id. When jax finds
+   no cluster after all nothing is initialised.
 
 With none of them (a plain single machine, or a one-task SLURM job) :func:`initialize`
 does nothing and returns ``False``: one process sees its own devices, as before.
@@ -37,6 +36,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -50,6 +50,8 @@ ENV_VARS = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 #: jax 0.10's Open MPI detection keys on the ORTE URI (``jax._src.clusters.ompi_cluster``).
 OMPI_URI = "OMPI_MCA_orte_hnp_uri"
+#: The PCI vendor id of TPU chips (``jax._src.hardware_utils``).
+GOOGLE_PCI_VENDOR = "0x1ae0"
 #: Set on GKE TPU pods (``jax._src.clusters.cloud_tpu_cluster.GkeTpuCluster``).
 TPU_WORKER_VARS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 
@@ -117,9 +119,9 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
     """The cluster that ``jax.distributed.initialize()`` would detect, judged from the
     environment only (no JAX call, no network): ``"slurm"`` (an ``srun`` step of more
     than one task), ``"ompi"`` (``mpirun`` with more than one rank), ``"gketpu"`` (a GKE
-    TPU pod), ``"tpu"`` (``libtpu`` installed and TPU chips present, so ``import jax`` did
-    not set ``TPU_SKIP_MDS_QUERY``: a Cloud TPU VM, whose pod slice jax reads from the VM
-    metadata), or ``None``."""
+    TPU pod), ``"tpu"`` (``libtpu`` installed, TPU chips on the PCI bus and no
+    ``TPU_SKIP_MDS_QUERY``, which jax sets where there are none: a Cloud TPU VM, whose pod
+    slice jax reads from the VM metadata), or ``None``."""
     environ = os.environ if environ is None else environ
     if all(name in environ for name in SLURM_VARS):
         return "slurm" if _count(environ, "SLURM_NTASKS") > 1 else None
@@ -127,11 +129,18 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
         return "ompi" if _count(environ, "OMPI_COMM_WORLD_SIZE") > 1 else None
     if any(name in environ for name in TPU_WORKER_VARS):
         return "gketpu"
-    if environ.get("TPU_SKIP_MDS_QUERY"):  # set by ``import jax`` on a machine without TPU chips
+    if environ.get("TPU_SKIP_MDS_QUERY"):  # set by jax's TPU start-up on a machine without TPU chips
         return None
-    if environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu") is not None:
-        return "tpu"
-    return None
+    libtpu = environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu") is not None
+    return "tpu" if libtpu and _tpu_chips_present() else None
+
+
+def _tpu_chips_present() -> bool:
+    """Whether a Google PCI device (vendor ``0x1ae0``: the TPU chips of a Cloud TPU VM) is
+    attached, as jax checks before it queries the VM metadata. ``libtpu`` alone (installed
+    with ``jax[tpu]``, e.g. to compile for TPU targets from a CPU host) is not a TPU VM."""
+    return any(path.read_text().strip() == GOOGLE_PCI_VENDOR
+               for path in Path("/sys/bus/pci/devices").glob("*/vendor"))
 
 
 def layout_from(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,

@@ -76,6 +76,17 @@ def test_cluster_detection_follows_jax():
     assert detect_cluster(no_tpu) is None
 
 
+def test_libtpu_without_tpu_chips_is_no_cluster(monkeypatch):
+    # libtpu comes with jax[tpu] (the target-compile toolchain): without chips on the PCI
+    # bus it must not send jax looking for a TPU VM's metadata (which logs errors)
+    libtpu = {"TPU_LIBRARY_PATH": "/usr/lib/libtpu.so"}
+    monkeypatch.setattr(launch, "_tpu_chips_present", lambda: False)
+    assert detect_cluster(libtpu) is None
+    monkeypatch.setattr(launch, "_tpu_chips_present", lambda: True)
+    assert detect_cluster(libtpu) == "tpu"
+    assert detect_cluster(libtpu | {"TPU_SKIP_MDS_QUERY": "1"}) is None
+
+
 def test_single_machine_is_a_no_op(monkeypatch):
     for name in (*launch.ENV_VARS, *launch.SLURM_VARS, launch.OMPI_URI, *launch.TPU_WORKER_VARS):
         monkeypatch.delenv(name, raising=False)
