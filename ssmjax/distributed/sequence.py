@@ -49,7 +49,7 @@ from jax.typing import ArrayLike
 from ssmjax.checks import check_ndim, check_shape
 from ssmjax.scan import delta_rule, gated_linear_attention, linear_scan, selective_scan
 from ssmjax.scan.conv import causal_conv1d, document_index, last_inputs
-from ssmjax.scan.gla import _check_log_decay as check_log_decay
+from ssmjax.scan.gla import check_log_decay
 
 
 def _axis_size(mesh: Mesh, axis: str) -> int:

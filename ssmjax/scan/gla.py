@@ -392,7 +392,7 @@ gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
 
 
 # ----------------------------------------------------------------------------- public API
-def _check_log_decay(log_decay: Array, batch: int, time: int, heads: int, dk: int) -> None:
+def check_log_decay(log_decay: Array, batch: int, time: int, heads: int, dk: int) -> None:
     layouts = {3: ((batch, time, heads), "[batch, time, heads] (per-head decay)"),
                4: ((batch, time, heads, dk), "[batch, time, heads, dk] (per-channel decay)")}
     if log_decay.ndim not in layouts:
@@ -466,7 +466,7 @@ def gated_linear_attention(
     if log_decay is not None:
         log_decay = jnp.asarray(log_decay)
         check_real_floating("log_decay", log_decay)
-        _check_log_decay(log_decay, batch, time, heads, dk)
+        check_log_decay(log_decay, batch, time, heads, dk)
         dtypes.append(log_decay.dtype)
         decay = "head" if log_decay.ndim == 3 else "channel"
     if initial_state is not None:
