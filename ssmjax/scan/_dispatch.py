@@ -141,6 +141,8 @@ class Kernel:
       packed: accepts ``segment_ids`` / ``reset``.
       min_triton_chunk: smallest kernel chunk when compiled by Triton (its smallest
         ``dot`` is 16 wide); any power of two in the interpreter.
+      dtypes: platform -> the only dtypes its compiled kernel accepts (absent: any); a
+        platform that refuses the case's dtype gets no branch (its trace would raise).
     """
 
     name: str
@@ -148,6 +150,7 @@ class Kernel:
     complex: bool = False
     packed: bool = True
     min_triton_chunk: int = 1
+    dtypes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +179,7 @@ TABLE: dict[str, Op] = {
     "linear_scan": Op(
         methods=_LINEAR + ("pallas",),
         auto={"cpu": "sequential", DEFAULT: "chunked"},
-        kernel=Kernel("linear_scan", platforms=_ANY),
+        kernel=Kernel("linear_scan", platforms=_ANY, dtypes={"tpu": ("float32", "bfloat16")}),
         # Every layout, float32 and bfloat16, x64 on and off; on TPU the kernel is tiled
         # over time (VMEM independent of T: proven at 1k and 64k tokens).
         proven=(Proven("cuda"), Proven("tpu")),
@@ -185,7 +188,7 @@ TABLE: dict[str, Op] = {
     "selective_scan": Op(
         methods=_LINEAR + ("pallas",),
         auto={DEFAULT: "chunked"},
-        kernel=Kernel("selective_scan", platforms=_ANY),
+        kernel=Kernel("selective_scan", platforms=_ANY, dtypes={"tpu": ("float32",)}),
         # CUDA: float32 (states 16 and 64). Not bfloat16: its forward spills registers on
         # A100 at 64 states (proven at 16, but a Case does not carry the state size).
         # Not on TPU: the backward does not lower for v4 (sublane gather), bfloat16 rows
@@ -238,11 +241,13 @@ def _xla_auto(op: Op, platform: str) -> str:
 
 
 def _kernel_platforms(name: str, c: Case) -> tuple[str, ...]:
-    """Where ``method="pallas"`` can run for ``c``: the kernel's platforms, less the
-    Triton ones when the chunk asked for is below Triton's smallest dot."""
+    """Where ``method="pallas"`` can run for ``c``: the kernel's platforms, less those
+    whose compiled kernel refuses ``c.dtype`` and the Triton ones when the chunk asked
+    for is below Triton's smallest dot."""
     kernel = TABLE[name].kernel
     small = c.chunk is not None and c.chunk < kernel.min_triton_chunk
-    return tuple(p for p in kernel.platforms if not (small and p in TRITON))
+    return tuple(p for p in kernel.platforms
+                 if not (small and p in TRITON) and c.dtype in kernel.dtypes.get(p, (c.dtype,)))
 
 
 def plan(name: str, method: str, c: Case) -> dict[str, str]:
@@ -301,6 +306,11 @@ def check_pallas(name: str, c: Case, inputs: str) -> None:
         raise ValueError(
             f"method: 'pallas' has no kernel for the {jax.default_backend()!r} backend "
             "(GPU and TPU compile it, CPU interprets it); use another method"
+        )
+    if c.dtype not in kernel.dtypes.get(host, (c.dtype,)):
+        raise ValueError(
+            f"{inputs}: the compiled {host} kernel of {name} supports dtypes {kernel.dtypes[host]}, "
+            f"got {c.dtype}; use another method"
         )
     if host not in _kernel_platforms(name, c):
         raise ValueError(

@@ -164,6 +164,22 @@ def test_explicit_methods():
     c16 = _dispatch.Case(dtype="float32", chunk=16)
     assert set(_dispatch.plan("gated_linear_attention", "pallas", c16)) == {"cpu", "cuda", "rocm"}
     assert set(_dispatch.plan("linear_scan", "pallas", c)) == {"cpu", "cuda", "rocm", "tpu"}
+    # The compiled TPU kernels refuse float64: no TPU branch is traced for it.
+    c64 = _dispatch.Case(dtype="float64")
+    assert set(_dispatch.plan("linear_scan", "pallas", c64)) == {"cpu", "cuda", "rocm"}
+    assert set(_dispatch.plan("selective_scan", "pallas", c)) == {"cpu", "cuda", "rocm", "tpu"}
+    assert "tpu" not in _dispatch.plan("selective_scan", "pallas", _dispatch.Case(dtype="bfloat16"))
+
+
+def test_explicit_pallas_in_float64_compiles_on_the_host():
+    """Under ``jit`` every kernel branch is traced; the float64 interpreter run on a CPU
+    host must not trace the TPU kernel, which refuses float64."""
+    with jax.enable_x64(True):
+        a = jnp.full((1, 8, 4), 0.5, jnp.float64)
+        b = jnp.ones((1, 8, 4), jnp.float64)
+        h, _ = jax.jit(lambda a, b: linear_scan(a, b, method="pallas"))(a, b)
+        ref, _ = linear_scan(a, b, method="sequential")
+    np.testing.assert_allclose(h, ref, rtol=1e-15)
 
 
 def test_describe_lists_every_op():
