@@ -64,10 +64,11 @@ def assert_dtypes(name: str, tree, dtype) -> None:
                 f"{name}: a {leaf.dtype} leaf for a {jnp.dtype(dtype)} input")
 
 
-def check_contract(name: str, *, dtype=jnp.float32, rtol=None, atol=None, split=5, **fields):
-    """call over T == T steps; split call with carried state == one call; the output keeps
-    the input dtype and no state is less precise; jit works; grads finite (float32 only).
-    Tolerances default to :data:`TOLERANCE` of ``dtype``."""
+def check_contract(name: str, *, dtype=jnp.float32, rtol=None, atol=None, split=6, **fields):
+    """call over T == T steps; split call with carried state (from ``init_state``) == one
+    call (``state=None``); the output keeps the input dtype and no state is less precise;
+    jit works; grads finite (float32 only). Tolerances default to :data:`TOLERANCE` of
+    ``dtype``."""
     tol = TOLERANCE[jnp.dtype(dtype)]
     rtol, atol = (tol if rtol is None else rtol), (tol if atol is None else atol)
     layer, params, x = build(name, dtype=dtype, **fields)
@@ -79,7 +80,9 @@ def check_contract(name: str, *, dtype=jnp.float32, rtol=None, atol=None, split=
     y_steps, state_steps = run_steps(layer, params, x)
     np.testing.assert_allclose(y_steps, y, rtol=rtol, atol=atol)
     assert_trees_close(state_steps, state, rtol, atol)
-    y1, mid = call(params, x[:, :split], None)
+    # Two equal halves, the first from init_state: one compiled program serves both.
+    start = layer.apply(params, x.shape[0], x.dtype, method="init_state")
+    y1, mid = call(params, x[:, :split], start)
     y2, last = call(params, x[:, split:], mid)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=rtol, atol=atol)
     assert_trees_close(last, state, rtol, atol)
