@@ -63,16 +63,19 @@ def test_generate_logits_equal_forward(layer_scan, mlp):
 
 
 def test_heads_and_tied_embeddings():
+    """Shapes only: traced (``eval_shape``), not run op by op."""
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 7, 5))
-    clf = SequenceModel(d_model=16, head="classify", num_classes=4)
-    assert clf.apply(clf.init(jax.random.PRNGKey(1), x), x).shape == (3, 4)
-    reg = SequenceModel(d_model=16, head="regress", output_dim=2)
-    assert reg.apply(reg.init(jax.random.PRNGKey(1), x), x).shape == (3, 7, 2)
+
+    def output_shape(model, inputs):
+        return jax.eval_shape(lambda: model.apply(model.init(jax.random.PRNGKey(1), inputs), inputs)).shape
+
+    assert output_shape(SequenceModel(d_model=16, head="classify", num_classes=4), x) == (3, 4)
+    assert output_shape(SequenceModel(d_model=16, head="regress", output_dim=2), x) == (3, 7, 2)
     tokens = jnp.zeros((2, 4), jnp.int32)
-    count = lambda m: sum(a.size for a in jax.tree.leaves(m.init(jax.random.PRNGKey(0), tokens)))  # noqa: E731
+    count = lambda m: sum(a.size for a in jax.tree.leaves(jax.eval_shape(m.init, jax.random.PRNGKey(0), tokens)))  # noqa: E731
     assert count(lm()) - count(lm(tie_embeddings=True)) == 16 * 11
     with pytest.raises(ValueError, match="num_classes"):
-        SequenceModel(head="classify").init(jax.random.PRNGKey(0), x)
+        jax.eval_shape(SequenceModel(head="classify").init, jax.random.PRNGKey(0), x)
 
 
 def test_single_expert_moe_is_the_mlp():
