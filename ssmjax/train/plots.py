@@ -1,16 +1,14 @@
-"""Learning-curve figure of one run (matplotlib, Agg backend: no display needed)."""
+"""Learning-curve figure of one run, drawn on a bare ``matplotlib.figure.Figure`` and saved
+as PNG: no display needed, and pyplot's backend (e.g. a notebook's inline one) is untouched."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from numpy.typing import ArrayLike  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 
 def smooth(values: ArrayLike, window: int) -> np.ndarray:
@@ -29,7 +27,8 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: str | Path, title: st
     returns ``path``."""
     train = [r for r in rows if r["split"] == "train"]
     evals = [r for r in rows if r["split"] == "eval"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     if train:
         steps = np.array([r["step"] for r in train])
         window = max(1, len(train) // 50)
@@ -52,5 +51,4 @@ def plot_learning_curves(rows: list[dict[str, Any]], path: str | Path, title: st
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path

@@ -385,3 +385,26 @@ def test_one_train_and_eval_step_for_a_hybrid():
 @pytest.mark.parametrize("mixer", ssmjax.layers.names())
 def test_one_train_and_eval_step_for_every_mixer(mixer):
     check_one_train_and_eval_step(mixer, 1)
+
+
+def test_learning_curves_leave_pyplot_alone(tmp_path):
+    """The figure is a bare Figure: importing the module and plotting neither switches
+    pyplot's backend (a notebook's inline one, say) nor leaves a pyplot figure open."""
+    import importlib
+
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    import ssmjax.train.plots
+
+    backend = matplotlib.get_backend()
+    try:
+        matplotlib.use("svg")
+        plots = importlib.reload(ssmjax.train.plots)
+        rows = [dict(split="train", step=s, loss=1.0 / s, accuracy=0.1 * s) for s in range(1, 5)]
+        path = plots.plot_learning_curves(rows + [dict(split="eval", step=4, loss=0.3, accuracy=0.5)],
+                                          tmp_path / "c.png", "t")
+        assert matplotlib.get_backend() == "svg" and not plt.get_fignums()
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        matplotlib.use(backend)
