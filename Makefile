@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: suite results results-forecasting demo test test-quick test-slow test-targets speed peers
+.PHONY: suite results results-forecasting demo notebooks test test-quick test-slow test-targets speed peers
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ results-forecasting: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo
+
+# Every notebook at full size, rendered with its outputs to notebooks/_build/*.html.
+notebooks: $(STAMP)
+	$(PY) -m experiments.notebooks
 
 # The quick tier is left out: each of its checks is a smaller case of a per-module test
 # (every layer's contract, every scan method against its oracle) that this run has.
