@@ -35,6 +35,7 @@ QUICK_VARIANTS = {
     "make test-slow": "make -n test-slow",
     "make test-targets": "make -n test-targets",
     "make demo": "{py} -m experiments.demo --t 64 --reps 1",
+    "make notebooks": "make -n notebooks",  # test_notebooks.py runs each notebook
     "make speed": "make -n speed",
     "make results": "make -n results",
     "make peers": "make -n peers",
