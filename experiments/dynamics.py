@@ -199,7 +199,7 @@ def run_seed(config: DynamicsConfig, seed: int, data: dict, scaler: Scaler, syst
     z = {k: scaler(v).astype(np.float32) for k, v in data.items()}
     x_tr, y_tr = targets(windows(z["train"], config.window, config.stride), scaler, config.residual)
     x_va, y_va = targets(windows(z["val"], config.window, config.window), scaler, config.residual)
-    params = model.init(jax.random.key(seed), jnp.asarray(x_tr[:1]))
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.asarray(x_tr[:1]))  # compiled: op by op is slow
 
     def loss_fn(params, batch, key):
         x, y = batch

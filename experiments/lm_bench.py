@@ -73,7 +73,7 @@ def decode_speeds(config, vocab_size: int, tokens: int = 200, seed: int = 0) -> 
 
     n = config.seq_len
     model = build_model(with_context(config, n + tokens + 2), vocab_size)
-    params = model.init(jax.random.key(seed), jnp.zeros((1, n), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, n), jnp.int32))
     step = jax.jit(lambda p, t, s: model.apply(p, t, s, method="step"))
     forward = jax.jit(lambda p, x: model.apply(p, x)[:, -1])
     state = model.apply(params, 1, method="init_state")

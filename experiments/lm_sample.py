@@ -69,7 +69,7 @@ def load_run(run_dir: str | Path, window: int | None = None) -> tuple[Any, Any, 
 def _restore(config, model, directory: Path, make_optimizer) -> Any:
     from ssmjax.train.checkpoint import Checkpointer
 
-    params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
     optimizer, _ = make_optimizer(config)
     like = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
     checkpointer = Checkpointer(directory, keep=config.keep_checkpoints)

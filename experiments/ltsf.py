@@ -230,7 +230,7 @@ def fit_one(config: LTSFConfig, data: ForecastData, horizon: int, seed: int, run
         return predict_in_batches(lambda s: errors(params, s), (starts,), config.eval_batch_size)
 
     x0, m0 = inputs(jnp.asarray(data.starts("train", horizon)[:2]))
-    params = model.init(jax.random.key(seed), x0, m0)
+    params = jax.jit(model.init)(jax.random.key(seed), x0, m0)  # compiled: op by op is slow
     fit_config = FitConfig(epochs=config.epochs, batch_size=config.batch_for(horizon), lr=config.lr,
                            lr_schedule=config.lr_schedule, patience=config.patience, seed=seed,
                            grad_clip=config.grad_clip)
