@@ -38,7 +38,7 @@ def test_a_pattern_sets_the_depth_unless_n_layers_is_given():
     x = jnp.zeros((1, 3), jnp.int32)
     for n_layers, groups in ((None, 1), (8, 2)):
         model = SequenceModel(d_model=8, n_layers=n_layers, mixers="attention*3,attention", vocab_size=5, mlp="none")
-        params = model.init(jax.random.PRNGKey(0), x)["params"]
+        params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
         assert sorted(params) == ["embed", "final_norm", *[f"group_{i}" for i in range(groups)], "lm_head"]
         assert len(params["group_0"]) == 4
 
@@ -54,11 +54,13 @@ def lm(**kw):
 def test_generate_logits_equal_forward(layer_scan, mlp):
     model = lm(layer_scan=layer_scan, mlp=mlp, moe_experts=4)
     prompt = jax.random.randint(jax.random.PRNGKey(0), (2, 5), 0, 11)
-    params = model.init(jax.random.PRNGKey(1), prompt)
-    tokens, logits = generate(model, params, prompt, steps=6, key=jax.random.PRNGKey(2), temperature=1.0, top_k=5)
-    full = model.apply(params, jnp.concatenate([prompt, tokens], 1))
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), prompt)
+    sample = jax.jit(lambda p, prompt, key: generate(model, p, prompt, steps=6, key=key, temperature=1.0, top_k=5))
+    tokens, logits = sample(params, prompt, jax.random.PRNGKey(2))
+    full = jax.jit(model.apply)(params, jnp.concatenate([prompt, tokens], 1))
     np.testing.assert_allclose(logits, full[:, 4:-1], rtol=1e-4, atol=1e-4)
-    greedy, _ = generate(model, params, prompt, steps=3, key=jax.random.PRNGKey(2))
+    greedy, _ = jax.jit(lambda p, prompt, key: generate(model, p, prompt, steps=3, key=key))(params, prompt,
+                                                                                             jax.random.PRNGKey(2))
     np.testing.assert_array_equal(greedy[:, 0], jnp.argmax(full[:, 4], -1))
 
 
@@ -81,9 +83,10 @@ def test_heads_and_tied_embeddings():
 def test_single_expert_moe_is_the_mlp():
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8))
     moe = MoE(8, 16, num_experts=1, top_k=1)
-    params = moe.init(jax.random.PRNGKey(1), x)
+    params = jax.jit(moe.init)(jax.random.PRNGKey(1), x)
     expert = jax.tree.map(lambda p: p[0], params["params"]["experts"])
-    np.testing.assert_allclose(moe.apply(params, x), SwiGLU(8, 16).apply({"params": expert}, x), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(moe.apply)(params, x), jax.jit(SwiGLU(8, 16).apply)({"params": expert}, x),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_layer_scan_compile_time_is_flat_in_depth():

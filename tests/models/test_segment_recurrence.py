@@ -99,7 +99,7 @@ def test_no_gradient_flows_into_the_memory():
     m = model()
     toks = tokens()
     params = init()
-    _, memory = m.apply(params, toks[:, :10], method="segment_forward")
+    _, memory = jax.jit(lambda p, x: m.apply(p, x, method="segment_forward"))(params, toks[:, :10])
 
     def loss(memory):
         out, _ = m.apply(params, toks[:, 10:], memory, method="segment_forward")
