@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from ssmjax.scan.conv import causal_conv1d, causal_conv1d_step, fft_causal_convolution
+from tests.scan.compiled import compiled
+
+conv, conv_step = compiled(causal_conv1d), compiled(causal_conv1d_step)  # the value tests' calls, under jit
 
 
 def direct_conv(x, w, history, bias=None, doc=None):
@@ -30,15 +33,15 @@ def inputs():
 
 def test_conv_matches_direct_sum_and_steps(inputs):
     x, w, bias, history = inputs
-    y, state = causal_conv1d(x, w, bias, initial_state=history)
+    y, state = conv(x, w, bias, initial_state=history)
     np.testing.assert_allclose(y, direct_conv(x, w, history, bias), rtol=1e-12)
     s = history
     for t in range(x.shape[1]):
-        y_t, s = causal_conv1d_step(x[:, t], s, w, bias)
+        y_t, s = conv_step(x[:, t], s, w, bias)
         np.testing.assert_allclose(y_t, y[:, t], rtol=1e-12)
     np.testing.assert_allclose(s, state, rtol=1e-12)
-    y1, mid = causal_conv1d(x[:, :2], w, bias, initial_state=history)  # shorter than k - 1
-    y2, last = causal_conv1d(x[:, 2:], w, bias, initial_state=mid)
+    y1, mid = conv(x[:, :2], w, bias, initial_state=history)  # shorter than k - 1
+    y2, last = conv(x[:, 2:], w, bias, initial_state=mid)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-12)
     np.testing.assert_allclose(last, state, rtol=1e-12)
 
@@ -46,10 +49,10 @@ def test_conv_matches_direct_sum_and_steps(inputs):
 def test_conv_packed_documents_do_not_mix(inputs):
     x, w, bias, history = inputs
     seg = jnp.array([[0] * 4 + [1] * 2 + [2] * 5, [7] * 11])
-    y, state = causal_conv1d(x, w, initial_state=history, segment_ids=seg)
+    y, state = conv(x, w, initial_state=history, segment_ids=seg)
     doc = np.cumsum(np.concatenate([np.zeros((2, 1), int), np.asarray(seg[:, 1:] != seg[:, :-1])], 1), 1)
     np.testing.assert_allclose(y, direct_conv(x, w, history, doc=doc), rtol=1e-12)
-    np.testing.assert_allclose(y[0, 6:], causal_conv1d(x[:1, 6:], w)[0][0], rtol=1e-12)
+    np.testing.assert_allclose(y[0, 6:], conv(x[:1, 6:], w)[0][0], rtol=1e-12)
     np.testing.assert_allclose(state[0], x[0, -3:], rtol=1e-12)  # last doc has >= k - 1 tokens
 
 

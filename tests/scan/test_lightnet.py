@@ -9,6 +9,7 @@ import pytest
 
 from ssmjax.scan.gla import gated_linear_attention
 from ssmjax.scan.lightnet import additive_attention_sequential, additive_gates
+from tests.scan.compiled import compiled
 
 B, T, H, DK, DV = 2, 9, 2, 3, 4
 
@@ -28,9 +29,10 @@ def test_gated_form_equals_additive_sums(empty):
                               [(B, T, H, DK), (B, T, H, DK), (B, T, H, DV), (B, H, DK, DV), (B, H, DK)]))
     if empty:
         S0, z0 = jnp.zeros_like(S0), jnp.full_like(z0, -jnp.inf)
-    keys, log_decay, z = additive_gates(key_logits, z0)
-    o, S = gated_linear_attention(q, keys, v, log_decay=log_decay, initial_state=S0, chunk_size=4, method="chunked")
-    o_ref, S_ref, z_ref = additive_attention_sequential(q, key_logits, v, S0, z0)
+    keys, log_decay, z = compiled(additive_gates)(key_logits, z0)
+    o, S = compiled(gated_linear_attention)(q, keys, v, log_decay=log_decay, initial_state=S0, chunk_size=4,
+                                            method="chunked")
+    o_ref, S_ref, z_ref = compiled(additive_attention_sequential)(q, key_logits, v, S0, z0)
     np.testing.assert_allclose(o, o_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(S, S_ref, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(z, z_ref, rtol=1e-12)

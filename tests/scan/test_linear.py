@@ -11,9 +11,16 @@ from jax.test_util import check_grads
 
 from ssmjax.scan import linear_scan, matrix_scan
 from ssmjax.scan.linear import DENSE, DIAGONAL, combine
+from tests.scan.compiled import compiled
 
 METHODS = ["sequential", "associative", "chunked"]
 B, T, D = 2, 23, 3
+lscan, mscan = compiled(linear_scan), compiled(matrix_scan)  # the value tests' calls, under jit
+
+
+def vjp(f, primals, cotangents):
+    """``vjp(f, *primals)(cotangents)`` compiled as one ``jit``."""
+    return jax.jit(lambda *xs: jax.vjp(f, *xs)[1](cotangents))(*primals)
 
 
 def oracle(a, b, h0, dense=False, reverse=False, cut=None):
@@ -58,7 +65,7 @@ def loop_loss(a, b, h0, dense=False):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_linear_scan_matches_oracle(method, chunk_size, reverse):
     a, b, h0 = random_inputs(jax.random.PRNGKey(0))
-    hs, last = linear_scan(
+    hs, last = lscan(
         a, b, initial_state=h0, method=method, chunk_size=chunk_size, reverse=reverse
     )
     ref_hs, ref_last = oracle(a, b, h0, reverse=reverse)
@@ -70,13 +77,13 @@ def test_linear_scan_matches_oracle(method, chunk_size, reverse):
 def test_complex_and_broadcast_decay(method):
     a, b, h0 = random_inputs(jax.random.PRNGKey(1), complex_=True)
     a_shared = a[:1]  # one decay sequence for the whole batch
-    hs, last = linear_scan(a_shared, b, initial_state=h0, method=method, chunk_size=5)
+    hs, last = lscan(a_shared, b, initial_state=h0, method=method, chunk_size=5)
     ref_hs, ref_last = oracle(a_shared, b, h0)
     np.testing.assert_allclose(hs, ref_hs, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(last, ref_last, rtol=1e-12, atol=1e-12)
     constant = a[0, 0]  # [d]: an LTI recurrence
     np.testing.assert_allclose(
-        linear_scan(constant, b, method=method)[0], oracle(constant, b, 0 * h0)[0], rtol=1e-12, atol=1e-12
+        lscan(constant, b, method=method)[0], oracle(constant, b, 0 * h0)[0], rtol=1e-12, atol=1e-12
     )
 
 
@@ -88,8 +95,8 @@ def test_linear_scan_gradients(method, complex_):
     a = a[:1]  # the gradient must also be summed back over the broadcast batch axis
     ct_hs, ct_last = random_inputs(jax.random.PRNGKey(3), complex_=complex_)[1:]
     f = lambda a, b, h0: linear_scan(a, b, initial_state=h0, method=method, chunk_size=4)  # noqa: E731
-    got = jax.vjp(f, a, b, h0)[1]((ct_hs, ct_last))
-    want = jax.vjp(loop_loss, a, b, h0)[1]((ct_hs, ct_last))
+    got = vjp(f, (a, b, h0), (ct_hs, ct_last))
+    want = vjp(loop_loss, (a, b, h0), (ct_hs, ct_last))
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-11)
 
@@ -97,15 +104,15 @@ def test_linear_scan_gradients(method, complex_):
 def test_check_grads_small():
     a, b, h0 = random_inputs(jax.random.PRNGKey(4), shape=(1, 5, 2))
     f = lambda a, b, h0: linear_scan(a, b, initial_state=h0, method="chunked", chunk_size=2)  # noqa: E731
-    check_grads(f, (a, b, h0), order=1, modes=("rev",))
+    check_grads(jax.jit(f), (a, b, h0), order=1, modes=("rev",))
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_split_sequence_carries_state(method):
     a, b, h0 = random_inputs(jax.random.PRNGKey(5))
-    full, full_last = linear_scan(a, b, initial_state=h0, method=method, chunk_size=4)
-    first, mid = linear_scan(a[:, :9], b[:, :9], initial_state=h0, method=method, chunk_size=4)
-    second, last = linear_scan(a[:, 9:], b[:, 9:], initial_state=mid, method=method, chunk_size=4)
+    full, full_last = lscan(a, b, initial_state=h0, method=method, chunk_size=4)
+    first, mid = lscan(a[:, :9], b[:, :9], initial_state=h0, method=method, chunk_size=4)
+    second, last = lscan(a[:, 9:], b[:, 9:], initial_state=mid, method=method, chunk_size=4)
     np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, rtol=1e-12)
     np.testing.assert_allclose(last, full_last, rtol=1e-12)
 
@@ -117,7 +124,7 @@ def test_packed_sequences_do_not_leak(method, reverse):
     a, b, h0 = random_inputs(jax.random.PRNGKey(6))
     lengths = [[5, 11, 7], [23, 0, 0]]
     segment_ids = jnp.array([np.repeat(np.arange(3), row) for row in lengths])
-    hs, last = linear_scan(
+    hs, last = lscan(
         a, b, initial_state=h0, segment_ids=segment_ids, method=method, chunk_size=4, reverse=reverse
     )
     for row, row_lengths in enumerate(lengths):
@@ -133,7 +140,7 @@ def test_packed_sequences_do_not_leak(method, reverse):
                 np.testing.assert_allclose(last[row], ref_last[0], rtol=1e-12, atol=1e-12)
             start += n
     reset = jnp.concatenate([jnp.zeros((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
-    hs_reset, _ = linear_scan(
+    hs_reset, _ = lscan(
         a, b, initial_state=h0, reset=reset, method=method, chunk_size=4, reverse=reverse
     )
     np.testing.assert_allclose(hs_reset, hs, rtol=1e-12, atol=1e-12)
@@ -143,7 +150,7 @@ def test_reset_at_first_token_drops_initial_state():
     a, b, h0 = random_inputs(jax.random.PRNGKey(7))
     reset = jnp.zeros((B, T), bool).at[:, 0].set(True)
     np.testing.assert_allclose(
-        linear_scan(a, b, initial_state=h0, reset=reset)[0], linear_scan(a, b)[0], rtol=1e-12
+        lscan(a, b, initial_state=h0, reset=reset)[0], lscan(a, b)[0], rtol=1e-12
     )
 
 
@@ -154,7 +161,7 @@ def test_float32_error_is_small(method):
     state a sum of ~1000 terms, so errors grow like sqrt(T) * eps)."""
     a, b, h0 = random_inputs(jax.random.PRNGKey(8), shape=(2, 1000, 4))
     a = 0.5 + 0.5 * a  # slow decays: long memory
-    hs, _ = linear_scan(a.astype(jnp.float32), b.astype(jnp.float32), method=method)
+    hs, _ = lscan(a.astype(jnp.float32), b.astype(jnp.float32), method=method)
     assert hs.dtype == jnp.float32
     ref, _ = oracle(a, b, 0 * h0)
     rel = np.abs(np.asarray(hs) - ref).max() / np.abs(ref).max()
@@ -163,7 +170,7 @@ def test_float32_error_is_small(method):
 
 def test_bfloat16_inputs_accumulate_in_float32():
     a, b, h0 = random_inputs(jax.random.PRNGKey(9))
-    hs, last = linear_scan(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    hs, last = lscan(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
     assert hs.dtype == jnp.bfloat16 and last.dtype == jnp.float32
     ref = oracle(np.asarray(a.astype(jnp.bfloat16), np.float64), np.asarray(b.astype(jnp.bfloat16), np.float64), 0 * h0)[1]
     np.testing.assert_allclose(last, ref, rtol=1e-5, atol=1e-5)
@@ -173,7 +180,7 @@ def test_jit_and_vmap():
     a, b, h0 = random_inputs(jax.random.PRNGKey(10))
     f = jax.jit(lambda a, b: linear_scan(a, b, method="chunked", chunk_size=4)[0])
     np.testing.assert_allclose(f(a, b), oracle(a, b, 0 * h0)[0], rtol=1e-12)
-    batched = jax.vmap(lambda a, b: linear_scan(a[None], b[None])[0][0])(a, b)
+    batched = jax.jit(jax.vmap(lambda a, b: linear_scan(a[None], b[None])[0][0]))(a, b)
     np.testing.assert_allclose(batched, oracle(a, b, 0 * h0)[0], rtol=1e-12)
 
 
@@ -184,15 +191,15 @@ def test_matrix_scan_matches_oracle_and_gradients(method, reverse):
     k1, k2 = jax.random.split(jax.random.PRNGKey(11))
     _, b, h0 = random_inputs(k1)
     A = 0.5 * jax.random.normal(k2, (B, T, D, D), jnp.float64)
-    hs, last = matrix_scan(A, b, initial_state=h0, method=method, chunk_size=5, reverse=reverse)
+    hs, last = mscan(A, b, initial_state=h0, method=method, chunk_size=5, reverse=reverse)
     ref_hs, ref_last = oracle(A, b, h0, dense=True, reverse=reverse)
     np.testing.assert_allclose(hs, ref_hs, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(last, ref_last, rtol=1e-11, atol=1e-11)
     if not reverse:
         ct = random_inputs(jax.random.PRNGKey(12))[1:]
         f = lambda A, b, h0: matrix_scan(A, b, initial_state=h0, method=method, chunk_size=5)  # noqa: E731
-        got = jax.vjp(f, A, b, h0)[1](ct)
-        want = jax.vjp(lambda A, b, h0: loop_loss(A, b, h0, dense=True), A, b, h0)[1](ct)
+        got = vjp(f, (A, b, h0), ct)
+        want = vjp(lambda A, b, h0: loop_loss(A, b, h0, dense=True), (A, b, h0), ct)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
 
@@ -204,8 +211,8 @@ def test_block_diagonal_matrix_scan_equals_dense(method):
     blocks = 0.5 * jax.random.normal(k1, (B, T, 2, 3, 3), jnp.float64)
     b = jax.random.normal(k2, (B, T, 2, 3), jnp.float64)
     dense = jnp.zeros((B, T, 6, 6)).at[..., :3, :3].set(blocks[:, :, 0]).at[..., 3:, 3:].set(blocks[:, :, 1])
-    hs_blocks, _ = matrix_scan(blocks, b, method=method, chunk_size=4)
-    hs_dense, _ = matrix_scan(dense, b.reshape(B, T, 6), method="sequential")
+    hs_blocks, _ = mscan(blocks, b, method=method, chunk_size=4)
+    hs_dense, _ = mscan(dense, b.reshape(B, T, 6), method="sequential")
     np.testing.assert_allclose(hs_blocks.reshape(B, T, 6), hs_dense, rtol=1e-11, atol=1e-11)
 
 
@@ -214,7 +221,7 @@ def test_matrix_scan_packed_and_shared_transition():
     _, b, h0 = random_inputs(k1)
     A = 0.5 * jax.random.normal(k2, (D, D), jnp.float64)  # one LTI transition for all t
     segment_ids = jnp.array([[0] * 10 + [1] * 13, [0] * 23])
-    hs, _ = matrix_scan(A, b, initial_state=h0, segment_ids=segment_ids, method="chunked", chunk_size=4)
+    hs, _ = mscan(A, b, initial_state=h0, segment_ids=segment_ids, method="chunked", chunk_size=4)
     cut = np.asarray(segment_ids[:, 1:] != segment_ids[:, :-1])
     cut = np.concatenate([np.zeros((B, 1), bool), cut], 1)
     np.testing.assert_allclose(hs, oracle(A, b, h0, dense=True, cut=cut)[0], rtol=1e-11, atol=1e-11)

@@ -29,8 +29,17 @@ from ssmjax.scan.lti import (
     vandermonde_kernel,
     vandermonde_transpose,
 )
+from tests.scan.compiled import compiled
 
 RNG = np.random.default_rng(0)
+# The ops under jit in the tests of values (op by op they dispatch slowly).
+dplr_conv, dplr_step = compiled(dplr_ssm_convolution), compiled(dplr_ssm_step)
+diag_conv, diag_step = compiled(diagonal_ssm_convolution), compiled(diagonal_ssm_step)
+
+
+def vjp_at(f, primals, cotangents):
+    """``vjp(f, *primals)(cotangents)`` compiled as one ``jit``."""
+    return jax.jit(lambda primals, cotangents: jax.vjp(f, *primals)[1](cotangents))(primals, cotangents)
 
 
 def crandn(*shape, scale=1.0, rng=RNG):
@@ -162,11 +171,11 @@ def test_dplr_ssm_convolution_equals_recurrence_with_states():
     half = crandn(2, 3, 4)
     x0 = np.concatenate([half, half.conj()], axis=-1)
     for init in (None, x0):
-        y, x_last = dplr_ssm_convolution(u, Lambda, P, B, C, dt, initial_state=init)
+        y, x_last = dplr_conv(u, Lambda, P, B, C, dt, initial_state=init)
         y_ref, x_ref = dense_oracle(u, np.asarray(A_bar), np.asarray(B_bar), C, init)
         np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-11)
         np.testing.assert_allclose(x_last, x_ref, rtol=1e-9, atol=1e-11)
-    y_only, none = dplr_ssm_convolution(u, Lambda, P, B, C, dt, compute_final_state=False)
+    y_only, none = dplr_conv(u, Lambda, P, B, C, dt, compute_final_state=False)
     assert none is None
     np.testing.assert_allclose(y_only, dense_oracle(u, np.asarray(A_bar), np.asarray(B_bar), C)[0], atol=1e-11)
 
@@ -174,14 +183,14 @@ def test_dplr_ssm_convolution_equals_recurrence_with_states():
 def test_dplr_ssm_split_sequence_and_steps():
     Lambda, P, B, C, dt = dplr_system()
     u = RNG.normal(size=(2, 12, 3))
-    y, x_last = dplr_ssm_convolution(u, Lambda, P, B, C, dt)
-    y1, mid = dplr_ssm_convolution(u[:, :5], Lambda, P, B, C, dt)
-    y2, last = dplr_ssm_convolution(u[:, 5:], Lambda, P, B, C, dt, initial_state=mid)
+    y, x_last = dplr_conv(u, Lambda, P, B, C, dt)
+    y1, mid = dplr_conv(u[:, :5], Lambda, P, B, C, dt)
+    y2, last = dplr_conv(u[:, 5:], Lambda, P, B, C, dt, initial_state=mid)
     np.testing.assert_allclose(np.concatenate([y1, y2], 1), y, rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(last, x_last, rtol=1e-9, atol=1e-11)
     x = jnp.zeros((2, 3, 8), jnp.complex128)
     for t in range(12):
-        y_t, x = dplr_ssm_step(u[:, t], Lambda, P, B, C, dt, x)
+        y_t, x = dplr_step(u[:, t], Lambda, P, B, C, dt, x)
         np.testing.assert_allclose(y_t, y[:, t], rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(x, x_last, rtol=1e-9, atol=1e-11)
 
@@ -195,17 +204,17 @@ def test_diagonal_ssm_convolution_equals_recurrence_multichannel():
     u = RNG.normal(size=(2, 10, h, m, m))
     x0 = crandn(2, h, m, m, n)
     for init in (None, x0):
-        y, x_last = diagonal_ssm_convolution(u, log_A_bar, B_bar, C, initial_state=init)
+        y, x_last = diag_conv(u, log_A_bar, B_bar, C, initial_state=init)
         y_ref, x_ref = diagonal_oracle(u, np.exp(log_A_bar), np.asarray(B_bar), C, init)
         np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(x_last, x_ref, rtol=1e-10, atol=1e-12)
-    y1, mid = diagonal_ssm_convolution(u[:, :4], log_A_bar, B_bar, C)
-    y2, last = diagonal_ssm_convolution(u[:, 4:], log_A_bar, B_bar, C, initial_state=mid)
+    y1, mid = diag_conv(u[:, :4], log_A_bar, B_bar, C)
+    y2, last = diag_conv(u[:, 4:], log_A_bar, B_bar, C, initial_state=mid)
     np.testing.assert_allclose(np.concatenate([y1, y2], 1), diagonal_oracle(u, np.exp(log_A_bar), B_bar, C)[0],
                                atol=1e-11)
     x = jnp.zeros((2, h, m, m, n), jnp.complex128)
     for t in range(10):
-        y_t, x = diagonal_ssm_step(u[:, t], log_A_bar, B_bar, C, x)
+        y_t, x = diag_step(u[:, t], log_A_bar, B_bar, C, x)
     np.testing.assert_allclose(x, diagonal_oracle(u, np.exp(log_A_bar), B_bar, C)[1], atol=1e-11)
 
 
@@ -241,11 +250,10 @@ def test_dplr_ssm_gradients_match_sequential_oracle():
     def fast(u, Lambda, P, B, C, dt, x0):
         return dplr_ssm_convolution(u, Lambda, P, B, C, dt, initial_state=x0)
 
-    out, vjp = jax.vjp(extended(fast), *args)
-    ref_out, ref_vjp = jax.vjp(extended(sequential_dplr), *args)
+    out, ref_out = jax.jit(lambda args: (extended(fast)(*args), extended(sequential_dplr)(*args)))(args)
     np.testing.assert_allclose(out[0], ref_out[0], rtol=1e-9, atol=1e-11)
     cot = (RNG.normal(size=out[0].shape), crandn(*out[1].shape))
-    for g, r in zip(vjp(cot), ref_vjp(cot), strict=True):
+    for g, r in zip(vjp_at(extended(fast), args, cot), vjp_at(extended(sequential_dplr), args, cot), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-8, atol=1e-10)
 
 
@@ -266,10 +274,9 @@ def test_diagonal_ssm_gradients_match_sequential_oracle():
         x_last, ys = jax.lax.scan(step, x0, jnp.swapaxes(u, 0, 1))
         return jnp.swapaxes(ys, 0, 1), x_last
 
-    out, vjp = jax.vjp(fast, *args)
-    _, ref_vjp = jax.vjp(oracle, *args)
+    out = jax.eval_shape(fast, *args)
     cot = (RNG.normal(size=out[0].shape), crandn(*out[1].shape))
-    for g, r in zip(vjp(cot), ref_vjp(cot), strict=True):
+    for g, r in zip(vjp_at(fast, args, cot), vjp_at(oracle, args, cot), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-9, atol=1e-11)
 
 
@@ -297,13 +304,13 @@ def test_float32_error_of_the_s4_kernel_algorithm():
     u = rng.normal(size=(2, 1024, 4))
     half = crandn(2, 4, 8, scale=0.3, rng=rng)
     x0 = np.concatenate([half, half.conj()], axis=-1)
-    y64, x64 = dplr_ssm_convolution(u, Lambda, P, B, C, dt, initial_state=x0)
+    y64, x64 = dplr_conv(u, Lambda, P, B, C, dt, initial_state=x0)
     c64 = [jnp.asarray(a, jnp.complex64) for a in (Lambda, P, B, C, x0)]
     u32, dt32 = jnp.asarray(u, jnp.float32), jnp.asarray(dt, jnp.float32)
-    y32, x32 = dplr_ssm_convolution(u32, *c64[:4], dt32, initial_state=c64[4])
+    y32, x32 = dplr_conv(u32, *c64[:4], dt32, initial_state=c64[4])
     assert y32.dtype == jnp.float32 and x32.dtype == jnp.complex64
     A_bar, B_bar = discretize_dplr_bilinear(*c64[:3], dt32)
-    xs, x_seq = matrix_scan(A_bar, B_bar * u32[..., None], initial_state=c64[4], method="sequential")
+    xs, x_seq = compiled(matrix_scan)(A_bar, B_bar * u32[..., None], initial_state=c64[4], method="sequential")
     y_seq = jnp.einsum("hn,bthn->bth", c64[3], xs).real
 
     def rel(a, ref):
@@ -319,7 +326,7 @@ def test_jit_vmap():
     Lambda, P, B, C, dt = dplr_system(h=2)
     u = RNG.normal(size=(3, 2, 6, 2))
     f = jax.jit(jax.vmap(lambda v: dplr_ssm_convolution(v, Lambda, P, B, C, dt)[0]))
-    np.testing.assert_allclose(f(u)[1], dplr_ssm_convolution(u[1], Lambda, P, B, C, dt)[0], atol=1e-12)
+    np.testing.assert_allclose(f(u)[1], dplr_conv(u[1], Lambda, P, B, C, dt)[0], atol=1e-12)
 
 
 def test_bad_arguments_raise_value_errors():

@@ -29,6 +29,7 @@ from ssmjax.scan.memory import (
     init_neural_memory_state,
     neural_memory,
 )
+from tests.scan.compiled import compiled
 
 B, T, H, DK, DV, HIDDEN = 2, 11, 2, 3, 4, 5
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -94,6 +95,19 @@ def reference_memory(params0, q, k, v, lr, mom, dec, chunk, window, state=None):
     return jnp.stack(ys, 1), final
 
 
+memory = compiled(neural_memory)  # the value tests' calls, under jit
+
+
+def vjp_at(f, primals, cotangents):
+    """``(f(*primals), vjp(cotangents))`` compiled as one ``jit``."""
+
+    def both(primals, cotangents):
+        out, pullback = jax.vjp(f, *primals)
+        return out, pullback(cotangents)
+
+    return jax.jit(both)(primals, cotangents)
+
+
 def random_inputs(seed, depth=2, t=T, dtype=np.float64):
     rng = np.random.default_rng(seed)
     dims = [DK] + [HIDDEN] * (depth - 1) + [DV]
@@ -126,7 +140,7 @@ def assert_states_close(a, b, **tol):
 def test_per_token_gradient_descent(depth, window):
     """chunk_size = 1: exact sequential per-token gradient descent (Titans / ATLAS Omega)."""
     params0, xs = random_inputs(0, depth)
-    y, state = neural_memory(params0, *xs, chunk_size=1, omega_window=window)
+    y, state = memory(params0, *xs, chunk_size=1, omega_window=window)
     y_ref, state_ref = reference_memory(params0, *xs, 1, window)
     np.testing.assert_allclose(y, y_ref, **TOL)
     assert_states_close(state, state_ref, **TOL)
@@ -136,7 +150,7 @@ def test_per_token_gradient_descent(depth, window):
 def test_chunked_matches_reference(chunk, window):
     """Gradients at the chunk-start memory; T = 11 not a multiple of the chunk size."""
     params0, xs = random_inputs(1)
-    y, state = neural_memory(params0, *xs, chunk_size=chunk, omega_window=window)
+    y, state = memory(params0, *xs, chunk_size=chunk, omega_window=window)
     y_ref, state_ref = reference_memory(params0, *xs, chunk, window)
     np.testing.assert_allclose(y, y_ref, **TOL)
     assert_states_close(state, state_ref, **TOL)
@@ -145,8 +159,8 @@ def test_chunked_matches_reference(chunk, window):
 def test_chunked_differs_from_per_token():
     """The mini-batch rule is a different (cheaper) update than per-token descent."""
     params0, xs = random_inputs(2)
-    y1, _ = neural_memory(params0, *xs, chunk_size=1)
-    y4, _ = neural_memory(params0, *xs, chunk_size=4)
+    y1, _ = memory(params0, *xs, chunk_size=1)
+    y4, _ = memory(params0, *xs, chunk_size=4)
     assert np.abs(np.asarray(y1 - y4)).max() > 1e-3
 
 
@@ -156,10 +170,10 @@ def test_chunked_differs_from_per_token():
 def test_split_sequence(chunk, window, splits):
     """Calls on pieces with the carried state == one pass, at chunk boundaries or not."""
     params0, xs = random_inputs(3)
-    y, state = neural_memory(params0, *xs, chunk_size=chunk, omega_window=window)
+    y, state = memory(params0, *xs, chunk_size=chunk, omega_window=window)
     pieces, carried = [], None
     for lo, hi in zip((0,) + splits, splits + (T,)):
-        y_piece, carried = neural_memory(
+        y_piece, carried = memory(
             params0, *(x[:, lo:hi] for x in xs), chunk_size=chunk, omega_window=window, initial_state=carried
         )
         pieces.append(y_piece)
@@ -172,7 +186,7 @@ def test_initial_state_matches_reference(position):
     """A random initial state (memory, momentum, anchor, Omega window, position)."""
     params0, xs = random_inputs(4)
     state0 = random_state(5, params0, 3, position)
-    y, state = neural_memory(params0, *xs, chunk_size=4, omega_window=3, initial_state=state0)
+    y, state = memory(params0, *xs, chunk_size=4, omega_window=3, initial_state=state0)
     y_ref, state_ref = reference_memory(params0, *xs, 4, 3, state=state0)
     np.testing.assert_allclose(y, y_ref, **TOL)
     assert_states_close(state, state_ref, **TOL)
@@ -180,9 +194,9 @@ def test_initial_state_matches_reference(position):
 
 def test_explicit_zero_state_equals_none():
     params0, xs = random_inputs(6)
-    y, state = neural_memory(params0, *xs, chunk_size=4, omega_window=2)
+    y, state = memory(params0, *xs, chunk_size=4, omega_window=2)
     zero = init_neural_memory_state(params0, B, 2, jnp.float64)
-    y0, state0 = neural_memory(params0, *xs, chunk_size=4, omega_window=2, initial_state=zero)
+    y0, state0 = memory(params0, *xs, chunk_size=4, omega_window=2, initial_state=zero)
     np.testing.assert_allclose(y0, y, **TOL)
     assert_states_close(state0, state, **TOL)
 
@@ -208,11 +222,12 @@ def test_gradients_match_reference(chunk, window, position, t):
         return y, float_state(s)
 
     primals = (params0, xs, float_state(state0))
-    out, vjp = jax.vjp(ours, *primals)
-    out_ref, vjp_ref = jax.vjp(theirs, *primals)
-    cot = jax.tree.map(lambda a: rng.normal(size=a.shape), out)
+    cot = jax.tree.map(lambda a: rng.normal(size=a.shape), jax.eval_shape(ours, *primals))
+    out, grads = vjp_at(ours, primals, cot)
+    out_ref, vjp_ref = jax.vjp(theirs, *primals)  # the oracle's loop is cheaper op by op than compiled
+    grads_ref = vjp_ref(cot)
     assert_states_close(out, out_ref, **TOL)
-    assert_states_close(vjp(cot), vjp_ref(cot), rtol=1e-9, atol=1e-9)
+    assert_states_close(grads, grads_ref, rtol=1e-9, atol=1e-9)
 
 
 def test_gradients_finite_long_float32():
@@ -228,8 +243,8 @@ def test_gradients_finite_long_float32():
 
 def test_float32_error():
     params0, xs = random_inputs(11, t=37)
-    y64, _ = neural_memory(params0, *xs, chunk_size=4, omega_window=3)
-    y32, _ = neural_memory(tuple(p.astype(np.float32) for p in params0),
+    y64, _ = memory(params0, *xs, chunk_size=4, omega_window=3)
+    y32, _ = memory(tuple(p.astype(np.float32) for p in params0),
                            *(x.astype(np.float32) for x in xs), chunk_size=4, omega_window=3)
     assert y32.dtype == jnp.float32
     err = float(jnp.abs(y32 - y64).max() / jnp.abs(y64).max())

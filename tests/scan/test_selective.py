@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from ssmjax.scan import selective_scan
+from tests.scan.compiled import compiled
 
 METHODS = ["sequential", "associative", "chunked"]
 Bt, T, D, N = 2, 19, 6, 4
+scan = compiled(selective_scan)
 
 
 def oracle(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, h0=None, cut=None):
@@ -66,7 +68,7 @@ def make_inputs(key, groups=None, complex_=False, t=T):
 @pytest.mark.parametrize("groups, complex_", [(None, False), (2, False), (None, True), (3, True)])
 def test_matches_reference(method, groups, complex_):
     args, h0, extras = make_inputs(jax.random.PRNGKey(0), groups, complex_)
-    y, last = selective_scan(
+    y, last = scan(
         *args, **extras, delta_softplus=True, initial_state=h0, method=method, chunk_size=4
     )
     ref_y, ref_last = oracle(*args, **extras, softplus=True, h0=h0)
@@ -90,7 +92,7 @@ def test_gradients_match_sequential_autodiff(method, groups, complex_):
                 *args, D=D_, z=z, delta_bias=bias, delta_softplus=True,
                 initial_state=h0, method=method, chunk_size=5,
             )
-        return jax.vjp(f, *args, h0, *extras.values())[1](cts)
+        return jax.jit(lambda *xs: jax.vjp(f, *xs)[1](cts))(*args, h0, *extras.values())
 
     for got, want in zip(run(method), run("sequential")):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
@@ -100,7 +102,7 @@ def test_gradients_match_sequential_autodiff(method, groups, complex_):
 def test_chunk_size_invariance(chunk_size):
     args, h0, _ = make_inputs(jax.random.PRNGKey(3))
     ref_y, ref_last = oracle(*args, h0=h0)
-    y, last = selective_scan(*args, initial_state=h0, method="chunked", chunk_size=chunk_size)
+    y, last = scan(*args, initial_state=h0, method="chunked", chunk_size=chunk_size)
     np.testing.assert_allclose(y, ref_y, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(last, ref_last, rtol=1e-11, atol=1e-11)
 
@@ -108,13 +110,13 @@ def test_chunk_size_invariance(chunk_size):
 @pytest.mark.parametrize("method", METHODS)
 def test_split_sequence_and_reverse(method):
     (u, delta, A, B, C), h0, _ = make_inputs(jax.random.PRNGKey(4))
-    y, last = selective_scan(u, delta, A, B, C, initial_state=h0, method=method, chunk_size=4)
-    y1, mid = selective_scan(u[:, :7], delta[:, :7], A, B[:, :7], C[:, :7], initial_state=h0, method=method)
-    y2, last2 = selective_scan(u[:, 7:], delta[:, 7:], A, B[:, 7:], C[:, 7:], initial_state=mid, method=method)
+    y, last = scan(u, delta, A, B, C, initial_state=h0, method=method, chunk_size=4)
+    y1, mid = scan(u[:, :7], delta[:, :7], A, B[:, :7], C[:, :7], initial_state=h0, method=method)
+    y2, last2 = scan(u[:, 7:], delta[:, 7:], A, B[:, 7:], C[:, 7:], initial_state=mid, method=method)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(last2, last, rtol=1e-11, atol=1e-11)
     flip = lambda x: jnp.flip(x, 1)  # noqa: E731
-    y_rev, last_rev = selective_scan(u, delta, A, B, C, initial_state=h0, reverse=True, method=method, chunk_size=4)
+    y_rev, last_rev = scan(u, delta, A, B, C, initial_state=h0, reverse=True, method=method, chunk_size=4)
     ref_y, ref_last = oracle(flip(u), flip(delta), A, flip(B), flip(C), h0=h0)
     np.testing.assert_allclose(y_rev, flip(ref_y), rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(last_rev, ref_last, rtol=1e-11, atol=1e-11)
@@ -124,12 +126,12 @@ def test_split_sequence_and_reverse(method):
 def test_packed_sequences(method):
     args, h0, _ = make_inputs(jax.random.PRNGKey(5))
     segment_ids = jnp.array([[0] * 6 + [1] * 9 + [2] * 4, [5] * 19])
-    y, _ = selective_scan(*args, initial_state=h0, segment_ids=segment_ids, method=method, chunk_size=4)
+    y, _ = scan(*args, initial_state=h0, segment_ids=segment_ids, method=method, chunk_size=4)
     cut = np.concatenate([np.zeros((Bt, 1), bool), np.asarray(segment_ids[:, 1:] != segment_ids[:, :-1])], 1)
     np.testing.assert_allclose(y, oracle(*args, h0=h0, cut=cut)[0], rtol=1e-11, atol=1e-11)
     # The second document in row 0 is independent of everything before it.
     u, delta, A, B, C = args
-    alone, _ = selective_scan(u[:1, 6:15], delta[:1, 6:15], A, B[:1, 6:15], C[:1, 6:15], method=method)
+    alone, _ = scan(u[:1, 6:15], delta[:1, 6:15], A, B[:1, 6:15], C[:1, 6:15], method=method)
     np.testing.assert_allclose(y[:1, 6:15], alone, rtol=1e-11, atol=1e-11)
 
 
@@ -139,10 +141,10 @@ def test_float32_and_bfloat16(method):
     args, h0, extras = make_inputs(jax.random.PRNGKey(6), t=300)
     ref_y, _ = oracle(*args, **extras, softplus=True)
     f32 = [x.astype(jnp.float32) for x in args]
-    y, last = selective_scan(*f32, **extras, delta_softplus=True, method=method)
+    y, last = scan(*f32, **extras, delta_softplus=True, method=method)
     assert y.dtype == jnp.float32 and last.dtype == jnp.float32
     assert np.abs(np.asarray(y) - ref_y).max() / np.abs(ref_y).max() < 1e-5
-    y16, last16 = selective_scan(*[x.astype(jnp.bfloat16) for x in args], method=method)
+    y16, last16 = scan(*[x.astype(jnp.bfloat16) for x in args], method=method)
     assert y16.dtype == jnp.bfloat16 and last16.dtype == jnp.float32
     assert bool(jnp.isfinite(y16.astype(jnp.float32)).all())
 
