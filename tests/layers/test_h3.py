@@ -48,7 +48,7 @@ def test_contract_multi_head():  # the default h3 and gss: test_contract.py
 def test_builds_from_d_model_alone(name):
     layer = ssmjax.layers.get(name, d_model=D)
     x = rand((2, 5, D), dtype=jnp.float32)
-    y = layer.apply(layer.init(jax.random.PRNGKey(0), x), x)
+    y = jax.jit(lambda x: layer.apply(layer.init(jax.random.PRNGKey(0), x), x))(x)
     assert y.shape == x.shape and y.dtype == jnp.float32 and bool(jnp.isfinite(y).all())
 
 
@@ -97,9 +97,9 @@ def test_h3_matches_float64_recurrence(n, head_dim, method):
     x = rand((2, 13, D))
     layer = ssmjax.layers.get("h3", d_model=D, d_state=n, head_dim=head_dim, discretization=method,
                               param_dtype=jnp.float64)
-    params = layer.init(jax.random.PRNGKey(3), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(3), x)
     expected = h3_reference(params["params"], x, n, head_dim, method)
-    np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), expected, rtol=1e-10, atol=1e-10)
 
 
 def gss_reference(p, x):
@@ -123,8 +123,9 @@ def gss_reference(p, x):
 def test_gss_matches_float64_recurrence():
     x = rand((2, 13, D))
     layer = ssmjax.layers.get("gss", d_model=D, d_state=16, param_dtype=jnp.float64)
-    params = layer.init(jax.random.PRNGKey(4), x)
-    np.testing.assert_allclose(layer.apply(params, x), gss_reference(params["params"], x), rtol=1e-10, atol=1e-10)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(4), x)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), gss_reference(params["params"], x), rtol=1e-10,
+                               atol=1e-10)
 
 
 def test_h3_shift_kernel_is_a_short_causal_memory():
@@ -148,6 +149,6 @@ def test_jit_vmap():
     x = rand((2, 9, D), dtype=jnp.float32)
     for name in ("h3", "gss"):
         layer = ssmjax.layers.get(name, d_model=D, d_state=8)
-        params = layer.init(jax.random.PRNGKey(0), x)
+        params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
         ys = jax.jit(jax.vmap(lambda v, layer=layer, params=params: layer.apply(params, v)))(jnp.stack([x, -x]))
-        np.testing.assert_allclose(ys[1], layer.apply(params, -x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ys[1], jax.jit(layer.apply)(params, -x), rtol=1e-5, atol=1e-5)

@@ -85,14 +85,15 @@ def lmu_reference(p, x, order, theta, segment_ids=None):
 def test_matches_loop(method):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 21, D), jnp.float64)
     layer = ssmjax.layers.get("lmu", d_model=D, order=6, theta=9.0, memory_dim=2, method=method)
-    params = layer.init(jax.random.PRNGKey(1), x)
-    y, state = layer.apply(params, x, return_state=True)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    y, state = jax.jit(lambda p, x: layer.apply(p, x, return_state=True))(params, x)
     y_ref, m_ref = lmu_reference(params["params"], x, 6, 9.0)
     np.testing.assert_allclose(y, y_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(state["m"], m_ref, rtol=1e-9, atol=1e-9)
     segment_ids = jnp.array([[0] * 8 + [1] * 13, [3] * 21])
     y_ref, _ = lmu_reference(params["params"], x, 6, 9.0, segment_ids)
-    np.testing.assert_allclose(layer.apply(params, x, segment_ids=segment_ids), y_ref, rtol=1e-9, atol=1e-9)
+    y_packed = jax.jit(lambda p, x, ids: layer.apply(p, x, segment_ids=ids))(params, x, segment_ids)
+    np.testing.assert_allclose(y_packed, y_ref, rtol=1e-9, atol=1e-9)
 
 
 def test_float32_fft_error():
@@ -101,8 +102,8 @@ def test_float32_fft_error():
     at T = 64)."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 256, D), jnp.float64)
     layer = ssmjax.layers.get("lmu", d_model=D, theta=64.0)
-    params = layer.init(jax.random.PRNGKey(1), x)
-    y32 = layer.apply(params, x.astype(jnp.float32))
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    y32 = jax.jit(layer.apply)(params, x.astype(jnp.float32))
     y_ref, _ = lmu_reference(params["params"], x, D, 64.0)
     err = np.max(np.abs(np.asarray(y32, np.float64) - y_ref)) / np.max(np.abs(y_ref))
     assert err < 1e-5, err

@@ -32,7 +32,7 @@ def as64(params):
 
 def init(name, x, **fields):
     layer = ssmjax.layers.get(name, d_model=x.shape[-1], **fields)
-    return layer, layer.init(jax.random.PRNGKey(1), x)
+    return layer, jax.jit(layer.init)(jax.random.PRNGKey(1), x)
 
 
 def rand(shape, seed=0, dtype=jnp.float64):
@@ -97,9 +97,9 @@ def test_lru_matches_loop(bidirectional):
     layer, params = init("lru", x, d_state=8, bidirectional=bidirectional, r_min=0.5)
     params = as64(params)
     y_ref, h_ref = lru_reference(params["params"], x, bidirectional)
-    np.testing.assert_allclose(layer.apply(params, x), y_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), y_ref, rtol=1e-10, atol=1e-10)
     if not bidirectional:
-        _, state = layer.apply(params, x, return_state=True)
+        _, state = jax.jit(lambda p, x: layer.apply(p, x, return_state=True))(params, x)
         np.testing.assert_allclose(state["h"], h_ref, rtol=1e-10, atol=1e-10)
     else:
         with pytest.raises(ValueError, match="state"):
@@ -177,7 +177,7 @@ def test_rglru_matches_recurrentgemma_equations():
     x = rand((2, 13, D))
     layer, params = init("rglru", x, lru_width=24, num_heads=3)
     params = as64(params)
-    apply = layer.apply
+    apply = jax.jit(layer.apply)  # keyword arrays (segment_ids=, reset=) are traced too
     y = apply(params, x)
     fresh = segment_positions(np.zeros((2, 13), int))
     np.testing.assert_allclose(y, rglru_reference(params["params"], x, fresh), rtol=1e-10, atol=1e-10)
@@ -186,7 +186,7 @@ def test_rglru_matches_recurrentgemma_equations():
     np.testing.assert_allclose(y_packed, rglru_reference(params["params"], x, segment_positions(segment_ids)),
                                rtol=1e-10, atol=1e-10)
     # packed == each document on its own (state and conv taps never cross)
-    np.testing.assert_allclose(y_packed[0, 4:10], layer.apply(params, x[:1, 4:10])[0], rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y_packed[0, 4:10], apply(params, x[:1, 4:10])[0], rtol=1e-10, atol=1e-10)
     # reset= marks the same starts
     reset = jnp.asarray(segment_positions(segment_ids) == 0)
     np.testing.assert_allclose(apply(params, x, reset=reset), y_packed, rtol=1e-12, atol=1e-12)
@@ -198,10 +198,11 @@ def test_rglru_first_token_is_a_document_start():
     layer, params = init("rglru", x)
     state = layer.apply(params, 1, jnp.float64, method="init_state")
     assert bool(state["start"][0])
-    _, after = layer.apply(params, x[:, :3], return_state=True)
+    call = jax.jit(lambda p, x, s: layer.apply(p, x, state=s, return_state=True))
+    _, after = call(params, x[:, :3], None)
     assert not bool(after["start"][0])
     full = rglru_reference(params["params"], x, np.arange(6)[None])
-    y_rest = layer.apply(params, x[:, 3:], state=after)
+    y_rest, _ = call(params, x[:, 3:], after)
     np.testing.assert_allclose(y_rest, full[:, 3:], rtol=1e-10, atol=1e-10)
 
 

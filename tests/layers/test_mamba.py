@@ -148,9 +148,10 @@ SEGMENTS = np.array([[0] * 6 + [1] * 7, [4] * 13])
 def test_mamba_matches_algorithm_2(method):
     x = rand((2, 13, D))
     layer = ssmjax.layers.get("mamba", d_model=D, d_state=4, method=method)
-    params = layer.init(jax.random.PRNGKey(1), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    call = jax.jit(lambda p, x, ids: layer.apply(p, x, return_state=True, segment_ids=ids))
     for ids in (np.zeros((2, 13), int), SEGMENTS):
-        y, state = layer.apply(params, x, return_state=True, segment_ids=jnp.asarray(ids))
+        y, state = call(params, x, jnp.asarray(ids))
         y_ref, h_ref = mamba_reference(params["params"], x, ids)
         np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(state["ssm"], h_ref, rtol=1e-10, atol=1e-10)
@@ -161,9 +162,10 @@ def test_mamba2_matches_ssd_recurrence(chunk_size):
     x = rand((2, 13, D))
     N, G, P = 4, 2, 8
     layer = ssmjax.layers.get("mamba2", d_model=D, d_state=N, ngroups=G, headdim=P, chunk_size=chunk_size)
-    params = layer.init(jax.random.PRNGKey(1), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    call = jax.jit(lambda p, x, ids: layer.apply(p, x, return_state=True, segment_ids=ids))
     for ids in (np.zeros((2, 13), int), SEGMENTS):
-        y, state = layer.apply(params, x, return_state=True, segment_ids=jnp.asarray(ids))
+        y, state = call(params, x, jnp.asarray(ids))
         y_ref, S_ref = mamba2_reference(params["params"], x, ids, N, G, P)
         np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(state["ssm"], S_ref, rtol=1e-10, atol=1e-10)

@@ -70,21 +70,23 @@ def ema_reference(p, x, bidirectional, segment_ids=None):
 def test_matches_loop(bidirectional, method):
     x = rand((2, 13, D))
     layer = ssmjax.layers.get("mega_ema", d_model=D, ndim=3, bidirectional=bidirectional, method=method)
-    params = layer.init(jax.random.PRNGKey(1), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
     y_ref, s_ref = ema_reference(params["params"], x, bidirectional)
-    np.testing.assert_allclose(layer.apply(params, x), y_ref, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), y_ref, rtol=1e-10, atol=1e-10)
     segment_ids = jnp.array([[0] * 5 + [1] * 8, [2] * 13])
     y_seg, _ = ema_reference(params["params"], x, bidirectional, segment_ids)
-    np.testing.assert_allclose(layer.apply(params, x, segment_ids=segment_ids), y_seg, rtol=1e-10, atol=1e-10)
+    y_packed = jax.jit(lambda p, x, ids: layer.apply(p, x, segment_ids=ids))(params, x, segment_ids)
+    np.testing.assert_allclose(y_packed, y_seg, rtol=1e-10, atol=1e-10)
     if bidirectional:
         with pytest.raises(ValueError, match="bidirectional"):
             layer.apply(params, x, return_state=True)
         return
-    _, state = layer.apply(params, x, return_state=True)
+    call = jax.jit(lambda p, x, s: layer.apply(p, x, state=s, return_state=True))
+    _, state = call(params, x, None)
     np.testing.assert_allclose(state["s"], s_ref, rtol=1e-10, atol=1e-10)
     # continuing a carried state (the fft form's closed-form state terms)
-    y1, mid = layer.apply(params, x[:, :6], return_state=True)
-    y2, last = layer.apply(params, x[:, 6:], state=mid, return_state=True)
+    y1, mid = call(params, x[:, :6], None)
+    y2, last = call(params, x[:, 6:], mid)
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_ref, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(last["s"], s_ref, rtol=1e-10, atol=1e-10)
 
@@ -96,7 +98,7 @@ def test_float32_error_vs_float64_loop(method):
     1.7e-7 fft)."""
     x = rand((2, 64, D))
     layer = ssmjax.layers.get("mega_ema", d_model=D, method=method)
-    params = layer.init(jax.random.PRNGKey(1), x[:, :2])
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x[:, :2])
     y32 = jax.jit(layer.apply)(params, x.astype(jnp.float32))
     y_ref, _ = ema_reference(params["params"], x, False)
     err = np.max(np.abs(np.asarray(y32, np.float64) - y_ref)) / np.max(np.abs(y_ref))

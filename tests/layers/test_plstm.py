@@ -117,18 +117,20 @@ def test_2d_row_blocks_continue_with_the_state():
     layer = ssmjax.layers.get("plstm2d", d_model=D, num_heads=H, grid_shape=(5, 3), tile_size=2)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 15, D))
     params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
-    y, state = layer.apply(params, x, return_state=True)
-    y1, mid = layer.apply(params, x[:, :6], return_state=True)  # rows 0-1
-    y2, last = layer.apply(params, x[:, 6:], state=mid, return_state=True)  # rows 2-4
+    call = jax.jit(lambda p, x, s: layer.apply(p, x, state=s, return_state=True))
+    y, state = call(params, x, None)
+    y1, mid = call(params, x[:, :6], None)  # rows 0-1
+    y2, last = call(params, x[:, 6:], mid)  # rows 2-4
     np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(last, state, rtol=2e-5, atol=2e-5)
+    # the errors are raised while tracing: shapes only (eval_shape), nothing is run
     with pytest.raises(ValueError, match="grid rows"):
-        layer.apply(params, x[:, :7])
+        jax.eval_shape(layer.apply, params, x[:, :7])
     with pytest.raises(ValueError, match="step"):
-        layer.apply(params, x[:, 0], state, method="step")
+        jax.eval_shape(lambda p, x, s: layer.apply(p, x, s, method="step"), params, x[:, 0], state)
     bidirectional = ssmjax.layers.get("plstm2d", d_model=D, bidirectional=True)
     with pytest.raises(ValueError, match="state"):
-        bidirectional.init(jax.random.PRNGKey(1), x, return_state=True)
+        jax.eval_shape(lambda key, x: bidirectional.init(key, x, return_state=True), jax.random.PRNGKey(1), x)
 
 
 @pytest.mark.slow

@@ -57,7 +57,7 @@ def test_contract_newton(name):
     (the step is the sequential cell) and split calls agree at the contract's tolerance.
     The solver's iteration count and convergence flag are sown as intermediates."""
     layer, params, x = check_contract(name, method="newton", num_heads=2)
-    _, sown = layer.apply(params, x, mutable=["intermediates"])
+    _, sown = jax.jit(lambda p, x: layer.apply(p, x, mutable=["intermediates"]))(params, x)
     assert int(sown["intermediates"]["newton_iterations"][0]) >= 1
     assert bool(sown["intermediates"]["newton_converged"][0])
 
@@ -75,8 +75,8 @@ def test_contract_with_options(name, fields):
 def test_pallas_method_matches_sequential():
     """method="pallas" (the kernel, interpreted on CPU) == method="sequential" (float32)."""
     layer, params, x = build("gru", num_heads=2)
-    y = layer.apply(params, x)
-    y_pallas = ssmjax.layers.get("gru", d_model=D, num_heads=2, method="pallas").apply(params, x)
+    y = jax.jit(layer.apply)(params, x)
+    y_pallas = jax.jit(ssmjax.layers.get("gru", d_model=D, num_heads=2, method="pallas").apply)(params, x)
     np.testing.assert_allclose(y_pallas, y, rtol=1e-5, atol=1e-6)
 
 

@@ -32,7 +32,7 @@ def rand(shape, seed=0, dtype=jnp.float64):
 
 def init64(name, x, **fields):
     layer = ssmjax.layers.get(name, d_model=x.shape[-1], param_dtype=jnp.float64, **fields)
-    return layer, layer.init(jax.random.PRNGKey(1), x)
+    return layer, jax.jit(layer.init)(jax.random.PRNGKey(1), x)
 
 
 def cplx(p):
@@ -60,7 +60,7 @@ def s4_block(p, y_ssm, u):
 def test_builds_from_d_model_alone(name):
     layer = ssmjax.layers.get(name, d_model=D)
     x = rand((2, 5, D), dtype=jnp.float32)
-    y = layer.apply(layer.init(jax.random.PRNGKey(0), x), x)
+    y = jax.jit(lambda x: layer.apply(layer.init(jax.random.PRNGKey(0), x), x))(x)
     assert y.shape == x.shape and y.dtype == jnp.float32 and bool(jnp.isfinite(y).all())
 
 
@@ -200,7 +200,7 @@ def test_s4_matches_float64_recurrence(bidirectional):
     p = params["params"]
     # move away from the symmetric initialisation so every parameter matters
     p = jax.tree.map(lambda a: a + 0.05 * rand(a.shape, seed=a.size), p)
-    y = layer.apply({"params": p}, x)
+    y = jax.jit(layer.apply)({"params": p}, x)
     np.testing.assert_allclose(y, s4_reference(p, x, bidirectional), rtol=1e-9, atol=1e-10)
 
 
@@ -211,7 +211,8 @@ def test_s4d_matches_float64_recurrence(a_init, method):
     p = params["params"]
     Lambda = -np.exp(np.asarray(p["log_A_real"])) + 1j * np.asarray(p["A_imag"])
     y_ssm = diagonal_reference(Lambda, cplx(p["B"]), cplx(p["C"]), np.exp(np.asarray(p["log_dt"])), x, method, 2.0)
-    np.testing.assert_allclose(layer.apply(params, x), s4_block(p, y_ssm, np.asarray(x)), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), s4_block(p, y_ssm, np.asarray(x)), rtol=1e-9,
+                               atol=1e-10)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -223,7 +224,8 @@ def test_dss_matches_float64_recurrence(bidirectional):
     Lambda = np.tile(Lambda, (D, 1))
     y_ssm = diagonal_reference(Lambda, np.ones_like(Lambda), cplx(p["W"]), np.exp(np.asarray(p["log_dt"])), x,
                                "zoh", 1.0, bidirectional)
-    np.testing.assert_allclose(layer.apply(params, x), s4_block(p, y_ssm, np.asarray(x)), rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), s4_block(p, y_ssm, np.asarray(x)), rtol=1e-9,
+                               atol=1e-10)
 
 
 def test_bidirectional_sees_the_future():
@@ -233,8 +235,9 @@ def test_bidirectional_sees_the_future():
     x_changed = x.at[:, -1].add(1.0)
     for name in ("s4", "s4d", "dss"):
         layer = ssmjax.layers.get(name, d_model=D, d_state=N, bidirectional=True)
-        params = layer.init(jax.random.PRNGKey(0), x)
-        delta = np.abs(layer.apply(params, x_changed)[:, :-1] - layer.apply(params, x)[:, :-1]).max()
+        params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
+        apply = jax.jit(layer.apply)
+        delta = np.abs(apply(params, x_changed)[:, :-1] - apply(params, x)[:, :-1]).max()
         assert delta > 1e-3, (name, delta)
     with pytest.raises(ValueError, match="state"):
         layer.apply(params, x, return_state=True)
@@ -248,16 +251,16 @@ def test_float32_layer_error_and_jit_vmap():
     vmap over an extra leading axis (jit of grad is part of the contract)."""
     x = rand((2, 128, D), dtype=jnp.float32)
     layer = ssmjax.layers.get("s4", d_model=D, d_state=N)
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
     layer64 = ssmjax.layers.get("s4", d_model=D, d_state=N, param_dtype=jnp.float64)
-    y64 = layer64.apply(jax.tree.map(lambda a: a.astype(jnp.float64), params), x.astype(jnp.float64))
+    y64 = jax.jit(layer64.apply)(jax.tree.map(lambda a: a.astype(jnp.float64), params), x.astype(jnp.float64))
     y32 = jax.jit(layer.apply)(params, x)
     err = float(jnp.abs(y32 - y64).max() / jnp.abs(y64).max())
     print(f"s4 float32 relative error at t=128: {err:.1e}")
     assert y32.dtype == jnp.float32 and err < 2e-6
     xs = jnp.stack([x[:, :16], 2 * x[:, :16]])
-    ys = jax.vmap(lambda v: layer.apply(params, v))(xs)
-    np.testing.assert_allclose(ys[1], layer.apply(params, 2 * x[:, :16]), rtol=1e-5, atol=1e-5)
+    ys = jax.jit(jax.vmap(lambda v: layer.apply(params, v)))(xs)
+    np.testing.assert_allclose(ys[1], jax.jit(layer.apply)(params, 2 * x[:, :16]), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["s4d", "h3"])

@@ -42,7 +42,7 @@ def test_contract_bilinear_blocks_full_glu():
 def test_builds_from_d_model_alone():
     layer = ssmjax.layers.get("s5", d_model=D)
     x = rand((2, 5, D), dtype=jnp.float32)
-    y = layer.apply(layer.init(jax.random.PRNGKey(0), x), x)
+    y = jax.jit(lambda x: layer.apply(layer.init(jax.random.PRNGKey(0), x), x))(x)
     assert y.shape == x.shape and y.dtype == jnp.float32 and bool(jnp.isfinite(y).all())
 
 
@@ -61,7 +61,7 @@ def test_eigenvalues_from_hippo_n():
     conjugates form a unitary basis)."""
     x = rand((1, 3, D))
     layer = ssmjax.layers.get("s5", d_model=D, d_state=P, blocks=2, param_dtype=jnp.float64)
-    p = layer.init(jax.random.PRNGKey(0), x)["params"]
+    p = jax.jit(layer.init)(jax.random.PRNGKey(0), x)["params"]
     Lambda = np.asarray(p["Lambda_re"]) + 1j * np.asarray(p["Lambda_im"])
     eig = np.linalg.eigvals(hippo.hippo_n(P // 2))
     block = np.sort(eig.imag[eig.imag > 0])
@@ -127,9 +127,9 @@ def test_matches_float64_recurrence(discretization, activation, bidirectional, b
     x = rand((2, 13, D))
     layer = ssmjax.layers.get("s5", d_model=D, d_state=P, blocks=blocks, discretization=discretization,
                               activation=activation, bidirectional=bidirectional, param_dtype=jnp.float64)
-    params = layer.init(jax.random.PRNGKey(2), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(2), x)
     expected = s5_reference(params["params"], x, discretization, activation, bidirectional)
-    np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-10, atol=1e-11)
+    np.testing.assert_allclose(jax.jit(layer.apply)(params, x), expected, rtol=1e-10, atol=1e-11)
 
 
 def test_bidirectional_sees_the_future_and_causal_does_not():
@@ -137,8 +137,9 @@ def test_bidirectional_sees_the_future_and_causal_does_not():
     x_changed = x.at[:, -1].add(1.0)
     for bidirectional in (False, True):
         layer = ssmjax.layers.get("s5", d_model=D, d_state=P, bidirectional=bidirectional)
-        params = layer.init(jax.random.PRNGKey(0), x)
-        delta = np.abs(layer.apply(params, x_changed)[:, :-1] - layer.apply(params, x)[:, :-1]).max()
+        params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
+        apply = jax.jit(layer.apply)
+        delta = np.abs(apply(params, x_changed)[:, :-1] - apply(params, x)[:, :-1]).max()
         assert (delta > 1e-3) if bidirectional else (delta == 0.0)
     with pytest.raises(ValueError, match="state"):
         layer.apply(params, x, return_state=True)
@@ -149,11 +150,11 @@ def test_bidirectional_sees_the_future_and_causal_does_not():
 def test_jit_vmap_grad_and_bad_input():
     x = rand((2, 9, D), dtype=jnp.float32)
     layer = ssmjax.layers.get("s5", d_model=D, d_state=P)
-    params = layer.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
     xs = jnp.stack([x, -x])
     ys = jax.jit(jax.vmap(lambda v: layer.apply(params, v)))(xs)
-    np.testing.assert_allclose(ys[1], layer.apply(params, -x), rtol=1e-5, atol=1e-6)
-    grads = jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2))(params)
+    np.testing.assert_allclose(ys[1], jax.jit(layer.apply)(params, -x), rtol=1e-5, atol=1e-6)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x) ** 2)))(params)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
     with pytest.raises(ValueError, match="x"):
         layer.apply(params, x[..., :3])
