@@ -56,8 +56,9 @@ notebooks: $(STAMP)
 
 # The quick tier is left out: each of its checks is a smaller case of a per-module test
 # (every layer's contract, every scan method against its oracle) that this run has.
+# worksteal: a worker that runs out of tests takes queued ones from the other (no idle tail).
 test: $(TARGETS_STAMP)
-	$(PY) -m pytest -q -m "not slow and not quick" -n 2
+	$(PY) -m pytest -q -m "not slow and not quick" -n 2 --dist worksteal
 
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m quick -n 2
