@@ -257,12 +257,6 @@ for name in layers:
     layer = ssmjax.layers.get(name, d_model=d_model, chunk_size=4)
     params = to_float64(jax.jit(layer.init)(jax.random.PRNGKey(1), x[:, :1].astype(jnp.float32)))
     y_call = jax.jit(layer.apply)(params, x)
-    step = jax.jit(lambda params, x_t, state, layer=layer: layer.apply(params, x_t, state, method="step"))
-    state = layer.apply(params, x.shape[0], jnp.float64, method="init_state")
-    y_steps = []
-    for t in range(T_layer):
-        y_t, state = step(params, x[:, t], state)
-        y_steps.append(y_t)
-    y_steps = jnp.stack(y_steps, axis=1)
+    y_steps, _ = ssmjax.layers.run_steps(layer, params, x)  # step() token by token from init_state
     np.testing.assert_allclose(y_steps, y_call, rtol=1e-10, atol=1e-10)
     print(f"{name:>14}: call (chunk 4) == {T_layer} steps, max |dy| = {np.max(np.abs(y_steps - y_call)):.1e}")

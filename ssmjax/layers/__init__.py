@@ -1,7 +1,8 @@
 """Flax (Linen) mixer layers; the math lives in :mod:`ssmjax.scan`.
 
 Importing this package registers every mixer: ``ssmjax.layers.get(name, d_model=...)``
-builds one, ``ssmjax.layers.names()`` lists them.
+builds one, ``ssmjax.layers.names()`` lists them, ``ssmjax.layers.run_steps`` feeds a
+sequence through a layer's ``step`` token by token.
 """
 
 from ssmjax.layers import (  # noqa: F401  (imported for their @register side effect)
@@ -26,6 +27,6 @@ from ssmjax.layers import (  # noqa: F401  (imported for their @register side ef
     titans,
     universal_transformer,
 )
-from ssmjax.layers.registry import get, names, register
+from ssmjax.layers.registry import get, names, register, run_steps
 
-__all__ = ["get", "names", "register"]
+__all__ = ["get", "names", "register", "run_steps"]

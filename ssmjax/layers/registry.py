@@ -8,8 +8,11 @@ return_state=False)``, ``init_state(batch_size, dtype)`` and ``step(x_t, state)`
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -35,3 +38,21 @@ def get(name: str, **fields) -> nn.Module:
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def run_steps(layer: nn.Module, params: Any, x: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
+    """Feed ``x [batch, time, d]`` through ``layer.step`` one token at a time, from ``state``
+    (``init_state`` if ``None``): returns ``(y [batch, time, d], final state)``.
+
+    The step form of the layer contract, ``y_t, s_t = step(x_t, s_{t-1})``: it equals
+    ``layer.apply(params, x, state=state, return_state=True)``. The step is compiled once
+    and called per token (a Python loop, so a state may change dtype after its first step).
+    """
+    if state is None:
+        state = layer.apply(params, x.shape[0], x.dtype, method="init_state")
+    step = jax.jit(lambda p, x_t, s: layer.apply(p, x_t, s, method="step"))
+    ys = []
+    for t in range(x.shape[1]):
+        y_t, state = step(params, x[:, t], state)
+        ys.append(y_t)
+    return jnp.stack(ys, 1), state

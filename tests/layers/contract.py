@@ -39,17 +39,6 @@ def build(name: str, d_model: int = 16, dtype=jnp.float32, **fields):
     return layer, cast_floats(params, dtype), x.astype(dtype)
 
 
-def run_steps(layer, params, x):
-    """``T`` calls of ``step`` from ``init_state``: outputs ``[b, t, d]`` and the last state."""
-    state = layer.apply(params, x.shape[0], x.dtype, method="init_state")
-    step = jax.jit(lambda p, x_t, s: layer.apply(p, x_t, s, method="step"))  # compiled once, not op by op
-    ys = []
-    for t in range(x.shape[1]):
-        y, state = step(params, x[:, t], state)
-        ys.append(y)
-    return jnp.stack(ys, 1), state
-
-
 def assert_trees_close(a, b, rtol, atol):
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
@@ -77,7 +66,7 @@ def check_contract(name: str, *, dtype=jnp.float32, rtol=None, atol=None, split=
     assert y.shape == x.shape, f"{name}: output {y.shape} != input {x.shape}"
     assert y.dtype == x.dtype, f"{name}: output {y.dtype} for a {x.dtype} input"
     assert_dtypes(name, state, dtype)
-    y_steps, state_steps = run_steps(layer, params, x)
+    y_steps, state_steps = ssmjax.layers.run_steps(layer, params, x)
     np.testing.assert_allclose(y_steps, y, rtol=rtol, atol=atol)
     assert_trees_close(state_steps, state, rtol, atol)
     # Two equal halves, the first from init_state: one compiled program serves both.

@@ -9,7 +9,8 @@ import pytest
 
 import ssmjax.layers
 import ssmjax.layers.aaren  # noqa: F401  (registers "aaren")
-from tests.layers.contract import check_contract, run_steps
+from ssmjax.layers import run_steps
+from tests.layers.contract import check_contract
 from tests.layers.reference import dense, layer_in_f64, param_count
 
 D, H = 16, 2
