@@ -27,6 +27,6 @@ from ssmjax.layers import (  # noqa: F401  (imported for their @register side ef
     titans,
     universal_transformer,
 )
-from ssmjax.layers.registry import get, names, register, run_steps
+from ssmjax.layers.registry import get, layer_class, names, register, run_steps, ssm_parameter_names
 
-__all__ = ["get", "names", "register", "run_steps"]
+__all__ = ["get", "layer_class", "names", "register", "run_steps", "ssm_parameter_names"]

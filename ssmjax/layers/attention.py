@@ -6,6 +6,8 @@ position embeddings (Su et al., 2021, "RoFormer") and an optional sliding window
     o_i = sum_{j in window(i)} softmax_j(q_i . k_j / sqrt(d_head)) W_v x_j,   y = W_o o
 
 ``window(i) = {j : i - window < j <= i}`` (all ``j <= i`` when ``window`` is ``None``).
+``bidirectional=True`` lets every position attend to every other (the encoder of the LRA
+Transformer baseline and of ViT; no window, no recurrent state).
 The recurrent state is a key/value cache of ``max_len`` slots plus the position of the
 next token, so ``step`` decodes one token at a time and ``__call__`` continues a cached
 prefix. Without a cache the computation is :func:`ssmjax.scan.causal_softmax_attention`
@@ -25,18 +27,20 @@ import jax.numpy as jnp
 from jax import Array
 from jaxtyping import Float
 
-from ssmjax.layers.common import StepByCall, rotary_embedding
+from ssmjax.layers.common import StepByCall, no_state_when_bidirectional, rotary_embedding
 from ssmjax.layers.registry import register
-from ssmjax.scan.softmax_attention import causal_softmax_attention
+from ssmjax.scan.softmax_attention import causal_softmax_attention, causal_softmax_attention_core
 
 
 @register("attention")
 class Attention(StepByCall):
-    """Causal multi-head softmax attention with RoPE and a KV-cache step (module docstring)."""
+    """Multi-head softmax attention with RoPE and a KV-cache step, causal unless
+    ``bidirectional`` (module docstring)."""
 
     d_model: int
     num_heads: int = 4
     window: int | None = None
+    bidirectional: bool = False
     rope_base: float = 10000.0
     max_len: int = 2048
     dtype: Any = None  # computation dtype; None: the input's (promoted with the params')
@@ -58,12 +62,18 @@ class Attention(StepByCall):
 
     def __call__(self, x: Float[Array, "b t d"], *, state: dict | None = None, return_state: bool = False):
         batch, time, _ = x.shape
+        no_state_when_bidirectional("attention", self.bidirectional, state, return_state)
+        if self.bidirectional and self.window is not None:
+            raise ValueError(f"window: a bidirectional attention has no sliding window, got window={self.window}")
         start = jnp.zeros((), jnp.int32) if state is None else state["pos"]
         positions = start + jnp.arange(time)
         q = rotary_embedding(self.q_proj(x), positions, self.rope_base)
         k = rotary_embedding(self.k_proj(x), positions, self.rope_base)
         v = self.v_proj(x)
-        if state is None and not return_state:
+        if self.bidirectional:  # the masked core with every key visible (float64 stays float64)
+            scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+            o = causal_softmax_attention_core(q, k, v, jnp.ones((1, 1, time, time), bool), scale)
+        elif state is None and not return_state:
             o = causal_softmax_attention(q, k, v, window=self.window)
         else:
             if state is None:

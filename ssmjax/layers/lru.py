@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -151,6 +151,8 @@ class LRU(StepByCall):
     deterministic: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
+
+    SSM_PARAMETERS: ClassVar[frozenset[str]] = frozenset({"nu_log", "theta_log", "gamma_log"})
 
     def setup(self):
         make = functools.partial(

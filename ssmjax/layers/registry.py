@@ -40,6 +40,21 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def layer_class(name: str) -> type[nn.Module]:
+    """The class registered as ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"name: unknown layer {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def ssm_parameter_names(name: str) -> frozenset[str]:
+    """The parameters of layer ``name`` that the S4/S5/LRU recipe trains as SSM parameters
+    (own learning rate, no weight decay): its class's ``SSM_PARAMETERS`` (the state
+    matrix, input matrix and step size of S4/S4D/DSS/S5; LRU's ``nu, theta, gamma``),
+    empty for layers that declare none."""
+    return frozenset(getattr(layer_class(name), "SSM_PARAMETERS", ()))
+
+
 def run_steps(layer: nn.Module, params: Any, x: jax.Array, state: Any = None) -> tuple[jax.Array, Any]:
     """Feed ``x [batch, time, d]`` through ``layer.step`` one token at a time, from ``state``
     (``init_state`` if ``None``): returns ``(y [batch, time, d], final state)``.

@@ -52,7 +52,7 @@ else 1; the block adds ``D`` and the GLU output linear, ``2 H^2 + 3 H``)::
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -162,6 +162,8 @@ class S4(ConvSSMBlock):
 
     rank: int = 1
 
+    SSM_PARAMETERS: ClassVar[frozenset[str]] = frozenset({"log_A_real", "A_imag", "P", "B", "log_dt"})
+
     def state_shape(self) -> tuple[int, ...]:
         return (self.d_model, self.d_state // 2)
 
@@ -244,6 +246,8 @@ class S4D(DiagonalConvSSMBlock):
     a_init: str = "lin"
     discretization: str = "zoh"
 
+    SSM_PARAMETERS: ClassVar[frozenset[str]] = frozenset({"log_A_real", "A_imag", "B", "log_dt"})
+
     def state_shape(self) -> tuple[int, ...]:
         return (self.d_model, self.d_state // 2)
 
@@ -276,6 +280,8 @@ def skew_hippo_eigenvalues(n_modes: int) -> np.ndarray:
 class DSS(DiagonalConvSSMBlock):
     """DSS_exp block (module docstring): ``N = d_state`` complex modes shared by the
     channels; parameters ``2 N + 2 c H N + 2 H^2 + 4 H``."""
+
+    SSM_PARAMETERS: ClassVar[frozenset[str]] = frozenset({"Lambda_log_neg_re", "Lambda_im", "log_dt"})
 
     def state_shape(self) -> tuple[int, ...]:
         return (self.d_model, self.d_state)

@@ -34,7 +34,7 @@ Parameters (``P = d_state``, ``c = 2`` if bidirectional else 1; ``a = 0`` for ``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -93,6 +93,8 @@ class S5(StepByCall):
     deterministic: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
+
+    SSM_PARAMETERS: ClassVar[frozenset[str]] = frozenset({"Lambda_re", "Lambda_im", "B", "log_step"})
 
     def setup(self):
         check_choice("discretization", self.discretization, DISCRETISATIONS)

@@ -14,8 +14,9 @@ def test_contract_sliding_window():  # window=None: test_contract.py
     check_contract("attention", window=4, max_len=32)
 
 
-def reference(params, x, num_heads, window=None, base=10000.0):
-    """Per-query loop: softmax over the visible keys of RoPE-rotated projections."""
+def reference(params, x, num_heads, window=None, base=10000.0, bidirectional=False):
+    """Per-query loop: softmax over the visible keys of RoPE-rotated projections (every key
+    when ``bidirectional``)."""
     p = {k: np.asarray(v["kernel"], np.float64) for k, v in params["params"].items()}
     x = np.asarray(x, np.float64)
     b, t, d = x.shape
@@ -34,12 +35,13 @@ def reference(params, x, num_heads, window=None, base=10000.0):
     out = np.zeros((b, t, num_heads, hd))
     for i in range(t):
         lo = 0 if window is None else max(0, i - window + 1)
+        hi = t if bidirectional else i + 1
         qi = rope(q[:, i], i)
-        ks = np.stack([rope(k[:, j], j) for j in range(lo, i + 1)], 1)
+        ks = np.stack([rope(k[:, j], j) for j in range(lo, hi)], 1)
         s = np.einsum("bhe,bjhe->bhj", qi, ks) / np.sqrt(hd)
         w = np.exp(s - s.max(-1, keepdims=True))
         w /= w.sum(-1, keepdims=True)
-        out[:, i] = np.einsum("bhj,bjhe->bhe", w, v[:, lo : i + 1])
+        out[:, i] = np.einsum("bhj,bjhe->bhe", w, v[:, lo:hi])
     return np.einsum("bthe,hed->btd", out, p["out_proj"])
 
 
@@ -50,6 +52,18 @@ def test_matches_reference(window):
     params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
     np.testing.assert_allclose(jax.jit(layer.apply)(params, x), reference(params, x, 4, window), rtol=2e-5, atol=2e-5)
     assert sum(a.size for a in jax.tree.leaves(params)) == 4 * 16 * 16
+
+
+def test_bidirectional_attends_to_every_position_and_has_no_state():
+    layer = ssmjax.layers.get("attention", d_model=16, bidirectional=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 16), jnp.float64)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    np.testing.assert_allclose(layer.apply(params, x), reference(params, x, 4, bidirectional=True), rtol=1e-12,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="no recurrent state"):
+        layer.apply(params, x, return_state=True)
+    with pytest.raises(ValueError, match="window"):
+        ssmjax.layers.get("attention", d_model=16, bidirectional=True, window=3).apply(params, x)
 
 
 def test_bad_heads():
