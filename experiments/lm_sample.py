@@ -70,7 +70,7 @@ def _restore(config, model, directory: Path, make_optimizer) -> Any:
     from ssmjax.train.checkpoint import Checkpointer
 
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))
-    optimizer, _ = make_optimizer(config)
+    optimizer, _ = make_optimizer(config, model.ssm_parameter_mask)  # the state's structure, as train() made it
     like = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
     checkpointer = Checkpointer(directory, keep=config.keep_checkpoints)
     try:

@@ -16,7 +16,16 @@ of pre-norm blocks whose mixers come from a pattern of registry names, and a hea
   mixed with the renormalised top-k router weights, which is exact and fine at CPU
   sizes; load-balancing loss exposed via ``sow('intermediates', 'moe_balance')``).
 * ``head``: ``"lm"`` (next-token logits, ``tie_embeddings`` optional), ``"classify"``
-  (pooled ``mean``/``last`` -> ``num_classes``), ``"regress"`` (per-step ``output_dim``).
+  (pooled ``mean``/``last`` -> ``num_classes``), ``"pool"`` (the pooled features
+  ``[b, d_model]``, for a two-tower model), ``"regress"`` (per-step ``output_dim``). With
+  ``pad_id`` set (token inputs), pooling skips padding: the mean is over the tokens that are
+  not ``pad_id`` and ``last`` takes the last such token (LRA's padded sequences).
+* ``dropout``: residual dropout on each mixer's and MLP's output (Srivastava et al., 2014),
+  active only when the call is given a ``"dropout"`` rng (the training step passes one;
+  evaluation and decoding do not), so one module serves training and evaluation.
+* :meth:`SequenceModel.ssm_parameter_mask`: which parameters are the mixers' SSM
+  parameters (:func:`ssmjax.layers.ssm_parameter_names`), for the S4/S5/LRU optimizer
+  recipe (own learning rate, no weight decay).
 * ``layer_scan``: the pattern group is one ``nn.scan`` body applied ``n_layers / len(group)``
   times, so compile time stays flat in depth.
 
@@ -151,10 +160,12 @@ class Block(nn.Module):
     moe_experts: int = 8
     moe_top_k: int = 2
     norm: str = "rms"
+    dropout: float = 0.0  # residual dropout, active when a "dropout" rng is given
     memory_len: int = 0  # Transformer-XL segment memory (forward_with_memory)
 
     def setup(self):
         self.mixer_norm = _norm(self.norm, "mixer_norm")
+        self.drop = nn.Dropout(self.dropout)
         self.mixer_layer = ssmjax.layers.get(self.mixer, d_model=self.d_model, **dict(self.mixer_fields.get(self.mixer, {})))
         hidden = int(self.mlp_ratio * self.d_model)
         if self.mlp == "gated":
@@ -166,19 +177,22 @@ class Block(nn.Module):
         if self.mlp != "none":
             self.mlp_norm = _norm(self.norm, "mlp_norm")
 
+    def _dropped(self, y):
+        return self.drop(y, deterministic=self.dropout == 0 or not self.has_rng("dropout"))
+
     def _mlp(self, x):
-        return x if self.mlp == "none" else x + self.mlp_layer(self.mlp_norm(x))
+        return x if self.mlp == "none" else x + self._dropped(self.mlp_layer(self.mlp_norm(x)))
 
     def __call__(self, x, state=None):
         y, state = self.mixer_layer(self.mixer_norm(x), state=state, return_state=True)
-        return self._mlp(x + y), state
+        return self._mlp(x + self._dropped(y)), state
 
     def forward(self, x):  # no state: lets mixers use their fastest stateless path
-        return self._mlp(x + self.mixer_layer(self.mixer_norm(x)))
+        return self._mlp(x + self._dropped(self.mixer_layer(self.mixer_norm(x))))
 
     def step(self, x_t, state):
         y, state = self.mixer_layer.step(self.mixer_norm(x_t), state)
-        return self._mlp(x_t + y), state
+        return self._mlp(x_t + self._dropped(y)), state
 
     def forward_with_memory(self, x, memory):
         """Segment recurrence: the mixer runs over ``[stop_grad(memory), x]`` (memory: this
@@ -253,13 +267,16 @@ class SequenceModel(nn.Module):
     num_classes: int | None = None
     output_dim: int | None = None
     pooling: str = "mean"
+    pad_id: int | None = None  # token inputs: pooling skips this id (module docstring)
+    dropout: float = 0.0  # residual dropout (module docstring)
     memory_len: int = 0  # > 0: Transformer-XL segment recurrence via segment_forward (module docstring)
 
     def setup(self):
         pattern = pattern_group(self.mixers)
         self.n_groups = model_depth(self.mixers, self.n_layers) // len(pattern)
         block_fields = dict(d_model=self.d_model, mixer_fields=dict(self.mixer_fields or {}), mlp=self.mlp,
-                            mlp_ratio=self.mlp_ratio, moe_experts=self.moe_experts, moe_top_k=self.moe_top_k, norm=self.norm)
+                            mlp_ratio=self.mlp_ratio, moe_experts=self.moe_experts, moe_top_k=self.moe_top_k, norm=self.norm,
+                            dropout=self.dropout)
         if self.memory_len > 0:
             block_fields["memory_len"] = self.memory_len
         if self.vocab_size is not None:
@@ -279,28 +296,44 @@ class SequenceModel(nn.Module):
                 raise ValueError("vocab_size: required for head='lm'")
             if not self.tie_embeddings:
                 self.lm_head = nn.Dense(self.vocab_size, use_bias=False)
-        elif self.head == "classify":
-            if not self.num_classes:
-                raise ValueError("num_classes: required for head='classify'")
-            self.class_head = nn.Dense(self.num_classes)
+        elif self.head in ("classify", "pool"):
+            if self.pooling not in ("mean", "last"):
+                raise ValueError(f"pooling: expected 'mean' or 'last', got {self.pooling!r}")
+            if self.pad_id is not None and self.vocab_size is None:
+                raise ValueError("pad_id: only token inputs (vocab_size set) have a padding id")
+            if self.head == "classify":
+                if not self.num_classes:
+                    raise ValueError("num_classes: required for head='classify'")
+                self.class_head = nn.Dense(self.num_classes)
         elif self.head == "regress":
             if not self.output_dim:
                 raise ValueError("output_dim: required for head='regress'")
             self.regress_head = nn.Dense(self.output_dim)
         else:
-            raise ValueError(f"head: expected 'lm', 'classify' or 'regress', got {self.head!r}")
+            raise ValueError(f"head: expected 'lm', 'classify', 'pool' or 'regress', got {self.head!r}")
 
     def _inputs(self, inputs):
         return self.embed(inputs) if self.vocab_size is not None else self.input_proj(inputs)
 
-    def _outputs(self, h):
+    def _outputs(self, h, inputs=None):
         h = self.final_norm(h)
         if self.head == "lm":
             return self.embed.attend(h) if self.tie_embeddings else self.lm_head(h)
         if self.head == "regress":
             return self.regress_head(h)
-        pooled = h.mean(-2) if self.pooling == "mean" else h[..., -1, :]
-        return self.class_head(pooled)
+        pooled = self._pool(h, inputs)
+        return pooled if self.head == "pool" else self.class_head(pooled)
+
+    def _pool(self, h: Array, inputs: Array | None) -> Array:
+        """``[b, t, d] -> [b, d]``: mean or last over the tokens that are not padding."""
+        if self.pad_id is None or inputs is None:
+            return h.mean(-2) if self.pooling == "mean" else h[..., -1, :]
+        keep = inputs != self.pad_id  # [b, t]
+        if self.pooling == "mean":
+            weights = keep.astype(h.dtype)[..., None]
+            return jnp.sum(h * weights, -2) / jnp.maximum(jnp.sum(weights, -2), 1)
+        last = jnp.maximum(jnp.max(jnp.where(keep, jnp.arange(keep.shape[-1]), -1), -1), 0)
+        return jnp.take_along_axis(h, last[:, None, None], -2)[:, 0]
 
     def __call__(self, inputs: Array, *, state=None, return_state: bool = False):
         h = self._inputs(inputs)
@@ -310,7 +343,7 @@ class SequenceModel(nn.Module):
             else:
                 for group in self.groups:
                     h, _ = group(h, None)
-            return self._outputs(h)
+            return self._outputs(h, inputs)
         if state is None:
             state = self.init_state(h.shape[0], h.dtype)
         if self.layer_scan:
@@ -321,12 +354,12 @@ class SequenceModel(nn.Module):
                 h, s = group(h, s)
                 new.append(s)
             state = new
-        out = self._outputs(h)
+        out = self._outputs(h, inputs)
         return (out, state) if return_state else out
 
     def step(self, inputs_t: Array, state):
-        if self.head == "classify":
-            raise ValueError("head: 'classify' pools over the whole sequence and has no step form")
+        if self.head in ("classify", "pool"):
+            raise ValueError(f"head: {self.head!r} pools over the whole sequence and has no step form")
         h = self._inputs(inputs_t)
         if self.layer_scan:
             h, state = self.groups.step(h, state)
@@ -362,6 +395,22 @@ class SequenceModel(nn.Module):
                 new.append(m)
             memory = new
         return self._outputs(h), memory
+
+    def ssm_parameter_mask(self, params):
+        """``params`` -> the same tree of bools: ``True`` at the SSM parameters of every
+        block's mixer (its registered class's ``SSM_PARAMETERS``, looked up by the block's
+        place in the pattern). Needs no binding: ``model.ssm_parameter_mask(params)``."""
+        pattern = pattern_group(self.mixers)
+
+        def is_ssm(path, _) -> bool:
+            keys = [str(getattr(k, "key", k)) for k in path]
+            blocks = [i for i, k in enumerate(keys) if k.startswith("block_")]
+            if not blocks or "mixer_layer" not in keys[blocks[-1]:]:
+                return False
+            mixer = pattern[int(keys[blocks[-1]].removeprefix("block_"))]
+            return keys[-1] in ssmjax.layers.ssm_parameter_names(mixer)
+
+        return jax.tree_util.tree_map_with_path(is_ssm, params)
 
     def init_state(self, batch_size: int, dtype=jnp.float32):
         pattern = pattern_group(self.mixers)

@@ -41,7 +41,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -73,6 +73,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    ssm_lr: float = 0.0  # > 0: the model's SSM parameters train at this peak lr without weight decay (S4/S5/LRU)
     seed: int = 0
     log_every: int = 25
     eval_every: int = 500
@@ -135,14 +136,28 @@ class NonFiniteLossError(RuntimeError):
         self.result = result or {}
 
 
-def make_optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(config: TrainConfig, ssm_mask: Callable[[Any], Any] | None = None,
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (Loshchilov & Hutter, 2019) with linear warmup then cosine decay, after
-    global-norm gradient clipping; weight decay on parameters with ``ndim >= 2``."""
-    warmup = max(0, min(config.warmup_steps, config.steps - 1))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, warmup, max(config.steps, warmup + 1), config.lr * config.final_lr_ratio)
+    global-norm gradient clipping; weight decay on parameters with ``ndim >= 2``.
+
+    With ``config.ssm_lr > 0`` and ``ssm_mask`` (``params -> tree of bools``, e.g.
+    :meth:`ssmjax.models.SequenceModel.ssm_parameter_mask`), the SSM parameters form a
+    second group: the same schedule shape at peak ``ssm_lr`` and no weight decay, the
+    recipe of S4 (Gu et al., 2022), S5 (Smith et al., 2023) and the LRU (Orvieto et al.,
+    2023). Returns the optimizer and the schedule of the main group."""
+    def schedule_at(peak: float) -> optax.Schedule:
+        warmup = max(0, min(config.warmup_steps, config.steps - 1))
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(config.steps, warmup + 1),
+                                                  peak * config.final_lr_ratio)
+
+    schedule = schedule_at(config.lr)
     adamw = optax.adamw(schedule, config.beta1, config.beta2, weight_decay=config.weight_decay,
                         mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    if config.ssm_lr > 0 and ssm_mask is not None:
+        ssm = optax.adam(schedule_at(config.ssm_lr), config.beta1, config.beta2)
+        labels = lambda params: jax.tree.map(lambda is_ssm: "ssm" if is_ssm else "other", ssm_mask(params))  # noqa: E731
+        adamw = optax.multi_transform({"other": adamw, "ssm": ssm}, labels)
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     return optax.chain(clip, adamw), schedule
 
@@ -270,7 +285,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer, schedule = make_optimizer(config)
+    optimizer, schedule = make_optimizer(config, getattr(model, "ssm_parameter_mask", None))
     key = jax.random.PRNGKey(config.seed)
     init_key, step_key = jax.random.split(key)
     first = task.train_batch(0)
