@@ -1,5 +1,9 @@
-"""Data for experiments: seeded in-process synthetic tasks (:mod:`ssmjax.data.synthetic`) and
-character-level language modelling on a text file (:mod:`ssmjax.data.text`)."""
+"""Data for experiments: seeded in-process synthetic tasks (:mod:`ssmjax.data.synthetic`),
+character-level language modelling on a text file (:mod:`ssmjax.data.text`), forecasting
+files and chaotic systems (:mod:`~ssmjax.data.forecasting`, :mod:`~ssmjax.data.dynamics`),
+MNIST as pixel sequences (:mod:`~ssmjax.data.images`), the Long Range Arena's generators and
+file readers (:mod:`~ssmjax.data.lra`) and the generated image and video tasks: Pathfinder,
+arrow pointing, Moving MNIST (:mod:`~ssmjax.data.vision`). Nothing is downloaded."""
 
 from ssmjax.data.synthetic import (
     ALGORITHMIC_TASKS,
