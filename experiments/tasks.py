@@ -15,20 +15,25 @@ from collections.abc import Callable
 from typing import Any
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 
 from experiments.configs import (
     AlgorithmicConfig,
+    ArrowPointingConfig,
+    ClassificationConfig,
     BooleanICLConfig,
     ExperimentConfig,
     InductionHeadsConfig,
     LMConfig,
     MQARConfig,
     SelectiveCopyingConfig,
+    SequentialImageConfig,
+    TokenSequenceConfig,
 )
-from ssmjax.data import synthetic
+from ssmjax.data import images, lra, synthetic, vision
 from ssmjax.data.synthetic import Batch
 from ssmjax.data.paths import DATA_ENV, default_data_dir
 from ssmjax.data.text import Corpus, TextTask, load_corpus
@@ -293,6 +298,235 @@ class LMTask:
                     summary={"val loss (nats)": scores["loss"], "bpc": bpc, "val acc": scores["accuracy"]})
 
 
+def epoch_batch_indices(num_rows: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The rows of training batch ``step`` when every epoch visits the ``num_rows`` rows in a
+    fresh order: epoch ``e = step // (num_rows // batch_size)`` shuffles with
+    ``default_rng([seed, e])`` and the batch is its ``step mod that``-th slice (the last
+    partial batch of each epoch is dropped). A pure function of ``step``, so resume is exact."""
+    per_epoch = num_rows // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"batch_size: {batch_size} is larger than the {num_rows} training rows")
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    return order[index * batch_size:(index + 1) * batch_size]
+
+
+def classification_batches(inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> list[Batch]:
+    """Consecutive evaluation batches (the last may be smaller), one label per row."""
+    return [Batch(inputs[i:i + batch_size], labels[i:i + batch_size], np.ones(len(labels[i:i + batch_size]), bool))
+            for i in range(0, len(labels), batch_size)]
+
+
+class ClassificationTask:
+    """One label per sequence from in-memory splits ``{"train", "valid", "test"}`` ->
+    ``(inputs, labels)``: training batches visit the training rows in a fresh order every
+    epoch (:func:`epoch_batch_indices`); the evaluation scores the first ``eval_rows`` (0:
+    all) rows of the validation and test splits. ``accuracy`` (the headline) is the test
+    accuracy, as the papers report; the summary has both."""
+
+    def __init__(self, config: ClassificationConfig, splits: dict[str, tuple[np.ndarray, np.ndarray]], *,
+                 num_classes: int, vocab_size: int | None = None, pad_id: int | None = None, pair: bool = False):
+        missing = {"train", "valid", "test"} - set(splits)
+        if missing:
+            raise ValueError(f"splits: missing {sorted(missing)}")
+        self.config, self.splits = config, splits
+        self.num_classes, self.vocab_size, self.pad_id, self.pair = num_classes, vocab_size, pad_id, pair
+        rows = config.eval_rows or None
+        self.eval_sets = {name: classification_batches(x[:rows], y[:rows], config.eval_batch_size)
+                          for name, (x, y) in splits.items() if name != "train"}
+
+    def train_batch(self, step: int) -> Batch:
+        x, y = self.splits["train"]
+        rows = epoch_batch_indices(len(y), self.config.batch_size, self.config.seed, step)
+        return Batch(x[rows], y[rows], np.ones(len(rows), bool))
+
+    def evaluate(self, model) -> dict[str, Any]:
+        scores = {name: model.loss(batches) for name, batches in self.eval_sets.items()}
+        return dict(accuracy=scores["test"]["accuracy"], loss=scores["valid"]["loss"],
+                    summary={"test acc": scores["test"]["accuracy"], "val acc": scores["valid"]["accuracy"],
+                             "val loss": scores["valid"]["loss"]})
+
+
+def _data_dir(config, what: str) -> Path:
+    if not config.data_dir:
+        raise ValueError(f"data_dir: {what} is not in the repository and is never downloaded; pass the folder "
+                         f"holding it with --set data_dir=DIR")
+    return Path(config.data_dir).expanduser()
+
+
+def _standardised(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Float inputs scaled by the training split's mean and standard deviation (per channel)."""
+    x = splits["train"][0]
+    mean, std = x.mean((0, 1)), x.std((0, 1))
+    return {name: ((x - mean) / np.maximum(std, 1e-8), y) for name, (x, y) in splits.items()}
+
+
+def _split_last(x: np.ndarray, y: np.ndarray, fraction: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The first ``1 - fraction`` of the rows train, the rest validate (LRA's ``train[:90%]``)."""
+    cut = int(round(len(y) * (1 - fraction)))
+    return dict(train=(x[:cut], y[:cut]), valid=(x[cut:], y[cut:]))
+
+
+def image_splits(config: SequentialImageConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The float pixel sequences ``[n, t, c]`` of ``config.dataset``, standardised
+    (:class:`experiments.configs.SequentialImageConfig`)."""
+    if config.dataset == "mnist":
+        order = images.pixel_permutation(seed=config.permutation_seed) if config.permuted else None
+        data = images.load_mnist(config.data_dir or None)
+        splits = {name: (images.pixel_sequences(split.images, order), split.labels) for name, split in data.items()}
+    elif config.dataset in ("cifar10", "cifar10_gray"):
+        folder = _data_dir(config, "CIFAR-10 (the python version, cifar-10-batches-py/)")
+
+        def sequences(split):
+            pixels, labels = lra.load_cifar10(folder, split)
+            if config.dataset == "cifar10":
+                return lra.cifar_sequence(pixels), labels
+            return lra.cifar_grayscale_tokens(pixels)[..., None].astype(np.float32) / 255.0, labels
+
+        splits = dict(_split_last(*sequences("train"), 0.1), test=sequences("test"))
+    elif config.dataset == "pathfinder":
+        splits = pathfinder_splits(config)
+    else:
+        raise ValueError(f"dataset: expected one of {IMAGE_DATASETS}, got {config.dataset!r}")
+    if config.permuted and config.dataset != "mnist":
+        raise ValueError("permuted: only the MNIST dataset has a permuted variant")
+    return _standardised(splits)
+
+
+IMAGE_DATASETS = ("mnist", "cifar10", "cifar10_gray", "pathfinder")
+
+
+def pathfinder_splits(config: SequentialImageConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pathfinder pixel sequences ``[n, res^2, 1]`` in ``[0, 1]``: the released files under
+    ``data_dir`` if set, else ``train_rows`` generated examples plus 10% each to validate and
+    test (cached under ``cache_dir``), LRA's 80/10/10."""
+    if config.data_dir:
+        pixels, labels = vision.load_pathfinder_released(config.data_dir, config.difficulty)
+        n = len(labels)
+        cuts = (int(0.8 * n), int(0.9 * n))
+        parts = dict(train=slice(0, cuts[0]), valid=slice(*cuts), test=slice(cuts[1], n))
+        arrays = {name: (pixels[part], labels[part]) for name, part in parts.items()}
+    else:
+        held_out = max(1, config.train_rows // 8)
+        path = vision.cache_pathfinder(config.cache_dir, config.data_seed, config.train_rows + 2 * held_out,
+                                       resolution=config.resolution, difficulty=config.difficulty,
+                                       workers=os.cpu_count() or 1)
+        pixels, labels = vision.load_pathfinder_cache(path)
+        cut = config.train_rows
+        arrays = dict(train=(pixels[:cut], labels[:cut]), valid=(pixels[cut:cut + held_out], labels[cut:cut + held_out]),
+                      test=(pixels[cut + held_out:], labels[cut + held_out:]))
+    return {name: (x.reshape(len(x), -1, 1).astype(np.float32) / 255.0, y.astype(np.int32))
+            for name, (x, y) in arrays.items()}
+
+
+def image_task(config: SequentialImageConfig) -> ClassificationTask:
+    return ClassificationTask(config, image_splits(config), num_classes=2 if config.dataset == "pathfinder" else 10)
+
+
+TOKEN_DATASETS = ("listops", "imdb", "aan")
+
+
+def token_task(config: TokenSequenceConfig) -> ClassificationTask:
+    """The LRA token tasks (:class:`experiments.configs.TokenSequenceConfig`): int32 ids
+    ``[n, max_length]`` padded with 0 (``[n, 2 max_length]``, the two documents side by
+    side, for the AAN pairs)."""
+    if config.dataset == "listops":
+        folder = Path(config.data_dir).expanduser() if config.data_dir else listops_cache(config)
+        files = dict(zip(("train", "valid", "test"), lra.LISTOPS_FILES))
+        splits = {}
+        for name, file in files.items():
+            tokens, _, labels = lra.load_listops_tsv(folder / file, config.max_length)
+            splits[name] = (tokens, labels)
+        return ClassificationTask(config, splits, num_classes=10, vocab_size=len(lra.LISTOPS_VOCAB),
+                                  pad_id=lra.PAD)
+    if config.dataset == "imdb":
+        folder = _data_dir(config, "IMDb (the aclImdb/ folder)")
+        train, test = (lra.load_imdb(folder, split, config.max_length) for split in ("train", "test"))
+        if config.val_rows >= len(train[2]):
+            raise ValueError(f"val_rows: {config.val_rows} leaves no training rows of the {len(train[2])}")
+        held_out = config.val_rows / len(train[2]) if config.val_rows else 0.0
+        # LRA validates on the test split; with val_rows the last val_rows of a shuffled
+        # training split validate instead (the shuffle is fixed by data_seed).
+        order = np.random.default_rng(config.data_seed).permutation(len(train[2]))
+        splits = _split_last(train[0][order], train[2][order], held_out) if held_out else dict(
+            train=(train[0], train[2]), valid=(test[0], test[2]))
+        return ClassificationTask(config, dict(splits, test=(test[0], test[2])), num_classes=2,
+                                  vocab_size=lra.BYTE_VOCAB_SIZE, pad_id=lra.PAD)
+    if config.dataset == "aan":
+        folder = _data_dir(config, "the AAN pairs (new_aan_pair.{train,eval,test}.tsv)")
+        splits = {}
+        for name, file in dict(train="train", valid="eval", test="test").items():
+            first, second, _, _, labels = lra.load_aan_tsv(folder / f"new_aan_pair.{file}.tsv", config.max_length)
+            splits[name] = (np.concatenate([first, second], 1), labels)
+        return ClassificationTask(config, splits, num_classes=2, vocab_size=lra.BYTE_VOCAB_SIZE,
+                                  pad_id=lra.PAD, pair=True)
+    raise ValueError(f"dataset: expected one of {TOKEN_DATASETS}, got {config.dataset!r}")
+
+
+def image_patches(pictures: np.ndarray, patch_size: int) -> np.ndarray:
+    """``[n, h, w]`` -> ``[n, (h / p) (w / p), p p]`` float32: non-overlapping patches in raster
+    order, each flattened row by row (a ViT's patch tokens before the projection)."""
+    n, h, w = pictures.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"patch_size: {patch_size} does not divide the image size {h} x {w}")
+    grid = pictures.reshape(n, h // patch_size, patch_size, w // patch_size, patch_size)
+    return grid.transpose(0, 1, 3, 2, 4).reshape(n, -1, patch_size * patch_size).astype(np.float32)
+
+
+class ArrowPointingTask:
+    """Arrow pointing (:class:`experiments.configs.ArrowPointingConfig`): training batch
+    ``step`` is items ``step * b ...`` of the training stream (seed ``seed``); each test size
+    has ``eval_rows`` items of stream ``seed + 1`` drawn at that size with the training
+    size's object sizes. ``accuracy`` is the accuracy at the training size; the summary has
+    every size."""
+
+    num_classes, vocab_size = 2, None
+
+    def __init__(self, config: ArrowPointingConfig):
+        self.config = config
+        for size in (config.resolution, *config.eval_resolutions):
+            if size % config.patch_size:
+                raise ValueError(f"patch_size: {config.patch_size} does not divide the image size {size}")
+        rows = config.eval_rows or 1000
+        self.eval_sets = {}
+        for size in config.eval_resolutions:
+            pictures, labels = vision.arrow_pointing_dataset(config.seed + 1, rows, resolution=size,
+                                                             base_resolution=config.resolution)
+            self.eval_sets[size] = classification_batches(image_patches(pictures, config.patch_size), labels,
+                                                          config.eval_batch_size)
+
+    def train_batch(self, step: int) -> Batch:
+        c = self.config
+        pictures, labels = vision.arrow_pointing_dataset(c.seed, c.batch_size, resolution=c.resolution,
+                                                         start=step * c.batch_size)
+        return Batch(image_patches(pictures, c.patch_size), labels, np.ones(len(labels), bool))
+
+    def evaluate(self, model) -> dict[str, Any]:
+        accuracy = {size: model.loss(batches)["accuracy"] for size, batches in self.eval_sets.items()}
+        train_size = self.config.resolution
+        return dict(accuracy=accuracy.get(train_size, next(iter(accuracy.values()))),
+                    summary={f"acc @{size}" + (" (train)" if size == train_size else ""): a
+                             for size, a in accuracy.items()},
+                    curve=dict(xlabel="test image size (px)", ylabel="accuracy", x=list(accuracy),
+                               y=list(accuracy.values()), vline=train_size))
+
+
+def listops_cache(config: TokenSequenceConfig) -> Path:
+    """The folder of generated ListOps files for this config's sizes, lengths and seed (made
+    once): ``train_rows`` / 2k / 2k trees (at most ``train_rows`` each to validate and test) of
+    ``max_length / 4`` to ``max_length`` tokens (LRA's 500 to 2000 at the default)."""
+    held_out = min(lra.LISTOPS_SIZES[1], config.train_rows)  # 2k, or fewer for a tiny training set
+    sizes = (config.train_rows, held_out, held_out)
+    lengths = (config.max_length // 4, config.max_length)
+    folder = Path(config.cache_dir) / (f"listops-seed{config.data_seed}-{'-'.join(map(str, sizes))}"
+                                       f"-len{lengths[0]}-{lengths[1]}")
+    if not all((folder / file).exists() for file in lra.LISTOPS_FILES):
+        print(f"generating ListOps {sizes} into {folder} (once)", flush=True)
+        lra.generate_listops_files(folder, seed=config.data_seed, sizes=sizes, min_length=lengths[0],
+                                   max_length=lengths[1])
+    return folder
+
+
 TASKS = {
     "mqar": MQARTask,
     "selective_copying": SelectiveCopyingTask,
@@ -300,6 +534,16 @@ TASKS = {
     "boolean_icl": BooleanICLTask,
     "algorithmic": AlgorithmicTask,
     "lm": LMTask,
+    "smnist": image_task,
+    "psmnist": image_task,
+    "scifar": image_task,
+    "lra_image": image_task,
+    "pathfinder": image_task,
+    "path_x": image_task,
+    "listops": token_task,
+    "lra_text": token_task,
+    "lra_retrieval": token_task,
+    "arrow_pointing": ArrowPointingTask,
 }
 
 DESCRIPTIONS = {
@@ -309,6 +553,16 @@ DESCRIPTIONS = {
     "boolean_icl": "learn Boolean functions in context; accuracy per prompt position vs the optimal learner",
     "algorithmic": "copy / reverse / addition; train short, test long (Universal Transformers)",
     "lm": "character-level language modelling on tinyshakespeare (nanoGPT shakespeare_char): val nats, bits/char",
+    "smnist": "sequential MNIST: classify a digit from its 784 pixels one per step (test accuracy)",
+    "psmnist": "permuted sequential MNIST: the pixels in one fixed random order (test accuracy)",
+    "scifar": "sequential CIFAR-10: 1024 steps of RGB pixels, causal (S4); needs --set data_dir=DIR",
+    "lra_image": "LRA Image: grayscale CIFAR-10 as 1024 pixels; needs --set data_dir=DIR",
+    "pathfinder": "LRA Pathfinder-32: are the two dots joined by a path? (1024 pixels, generated)",
+    "path_x": "LRA Path-X: Pathfinder at 128 x 128 (16384 pixels, generated)",
+    "listops": "LRA ListOps: evaluate nested MIN/MAX/MED/SM lists, up to 2000 tokens (generated)",
+    "lra_text": "LRA Text: byte-level IMDb sentiment, 4096 bytes; needs --set data_dir=DIR",
+    "lra_retrieval": "LRA Retrieval: do two AAN papers cite each other? 2 x 4000 bytes; needs --set data_dir=DIR",
+    "arrow_pointing": "pLSTM's arrow pointing: does the arrow point at the circle? train at 32 px, test larger",
 }
 
 
