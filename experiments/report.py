@@ -36,6 +36,25 @@ TITLES = {
     "boolean_icl": "In-context learning of Boolean functions",
     "algorithmic": "Algorithmic tasks: train short, test long",
     "lm": "Character-level language modelling (tinyshakespeare)",
+    "smnist": "Sequential MNIST",
+    "psmnist": "Permuted sequential MNIST",
+    "scifar": "Sequential CIFAR-10",
+    "listops": "LRA ListOps",
+    "lra_text": "LRA Text (byte-level IMDb)",
+    "lra_retrieval": "LRA Retrieval (AAN)",
+    "lra_image": "LRA Image (grayscale CIFAR-10)",
+    "pathfinder": "LRA Pathfinder-32",
+    "path_x": "LRA Path-X (Pathfinder-128)",
+    "arrow_pointing": "Arrow pointing: extrapolation to larger images",
+}
+
+#: Test accuracy (%) reported by the papers, per LRA task (Path-X "fail": chance level).
+LRA_TASKS = ("listops", "lra_text", "lra_retrieval", "lra_image", "pathfinder", "path_x")
+LRA_PAPERS = {
+    "LRA Transformer (Tay et al., 2021)": (36.37, 64.27, 57.46, 42.44, 71.40, "fail"),
+    "S4 (Gu et al., 2022)": (59.60, 86.82, 90.90, 88.65, 94.20, 96.35),
+    "S5 (Smith et al., 2023)": (62.15, 89.31, 91.40, 88.00, 95.33, 98.58),
+    "LRU (Orvieto et al., 2023)": (60.2, 89.4, 89.9, 89.0, 95.1, 94.2),
 }
 
 PAPER_FINDINGS = {
@@ -68,6 +87,23 @@ PAPER_FINDINGS = {
         "percent of attention's perplexity at equal parameters and tokens, time-invariant SSMs (S4D, S5, LRU) "
         "and classic RNNs further behind, and decoding with a constant-size state instead of a growing KV cache."),
 }
+
+for _task in ("listops", "lra_text", "lra_retrieval", "lra_image", "pathfinder", "path_x"):
+    PAPER_FINDINGS[_task] = (
+        "Test accuracy (%), " + "; ".join(f"{paper}: {numbers[LRA_TASKS.index(_task)]}"
+                                          for paper, numbers in LRA_PAPERS.items())
+        + ". The SSMs (S4, S5, LRU) beat the Transformer by a wide margin on every task; on Path-X every "
+        "Transformer of the LRA paper stays at chance. The LRA summary table below puts all tasks side by side.")
+PAPER_FINDINGS.update({
+    "smnist": "S5 (Smith et al., 2023): 99.65% test accuracy on sMNIST (784 pixels one per step).",
+    "psmnist": ("psMNIST shuffles the pixel order once, destroying locality: the SSM papers report 98-99% "
+                "for S4/S5/LRU, while LSTMs reach about 90-92%."),
+    "scifar": "sCIFAR (S4, Gu et al., 2022): 1024 RGB pixels one per step, causal; the SSM papers report about 88-91%.",
+    "arrow_pointing": (
+        "pLSTM (Pöppel et al., 2025): trained on small images and tested on larger ones with objects of the "
+        "same pixel size, pLSTM (a 2-D recurrence whose transitions follow the image grid) extrapolates, while "
+        "ViT (attention with 1-D positions over patches) drops toward chance."),
+})
 
 MODEL_ORDER = ("attention", "s4d", "s5", "lru", "mamba", "mamba2", "gla", "gated_deltanet", "mlstm")
 
@@ -176,6 +212,31 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def lra_summary(runs: list[dict[str, Any]]) -> str:
+    """Test accuracy (%) per LRA task: one row per (model, size) of ours (the best finished run
+    of each task; ``*`` marks a run cut short), then the papers' rows (:data:`LRA_PAPERS`)."""
+    best: dict[tuple, dict] = {}
+    for run in runs:
+        accuracy = (run.get("eval") or {}).get("summary", {}).get("test acc")
+        if accuracy is None:
+            continue
+        key = (run.get("model", "?"), run.get("size", "cpu"), run.get("experiment"))
+        if key not in best or accuracy > best[key]["accuracy"]:
+            best[key] = dict(accuracy=accuracy, done=run.get("status") == "done")
+    header = ["model", *(TITLES[t].removeprefix("LRA ") for t in LRA_TASKS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, size in sorted({k[:2] for k in best}, key=lambda k: (_model_key(k[0]), k[1])):
+        cells = []
+        for task in LRA_TASKS:
+            entry = best.get((model, size, task))
+            cells.append("-" if entry is None else f"{100 * entry['accuracy']:.2f}" + ("" if entry["done"] else "*"))
+        label = f"ours: `{model}`" + (" (paper size)" if size == "paper" else " (CPU size)")
+        lines.append("| " + " | ".join([label, *cells]) + " |")
+    for paper, numbers in LRA_PAPERS.items():
+        lines.append("| " + " | ".join([paper, *map(str, numbers)]) + " |")
+    return "\n".join(lines) + "\n\n* run cut short. CPU size: the papers' sequence lengths with a reduced model and budget."
+
+
 def plot_group(runs: list[dict[str, Any]], path: Path, title: str) -> Path:
     """Left: eval accuracy against the training step; right: the task curve per model."""
     import matplotlib
@@ -260,6 +321,9 @@ def build_report(runs_dir: str | Path, out: str | Path, notes_dir: str | Path | 
         if note.exists() and experiment not in seen_notes:
             seen_notes.add(experiment)
             lines += [note.read_text().strip(), ""]
+    lra_runs = [run for key, runs in groups.items() if key[0] in LRA_TASKS for run in runs]
+    if lra_runs:
+        lines += ["## Long Range Arena: summary", "", lra_summary(lra_runs), ""]
     for experiment in [name for name in protocols.PROTOCOLS if protocol_dirs.get(name)]:
         lines += [protocols.load(experiment).report_section(protocol_dirs[experiment], out.parent / "results").strip(), ""]
         note = notes_dir / f"{experiment}.md"

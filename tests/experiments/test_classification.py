@@ -112,3 +112,17 @@ def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["lra_text", "--model", "s4d", "--out", str(tmp_path), "--quiet"])
     assert "data_dir: IMDb" in capsys.readouterr().err
+
+
+def test_lra_summary_puts_our_best_run_beside_the_papers():
+    from experiments.report import LRA_PAPERS, lra_summary
+
+    def run(task, model, accuracy, status="done"):
+        return dict(experiment=task, model=model, size="cpu", status=status, eval=dict(summary={"test acc": accuracy}))
+
+    text = lra_summary([run("listops", "s4d", 0.41), run("listops", "s4d", 0.45), run("pathfinder", "s4d", 0.6, "x"),
+                        run("listops", "attention", 0.3)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert rows["ours: `s4d` (CPU size)"].split(" | ")[1:] == ["45.00", "-", "-", "-", "60.00*", "- |"]
+    assert "30.00" in rows["ours: `attention` (CPU size)"]
+    assert all(paper in rows for paper in LRA_PAPERS) and "59.6" in rows["S4 (Gu et al., 2022)"]
