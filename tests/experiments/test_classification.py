@@ -126,3 +126,31 @@ def test_lra_summary_puts_our_best_run_beside_the_papers():
     assert rows["ours: `s4d` (CPU size)"].split(" | ")[1:] == ["45.00", "-", "-", "-", "60.00*", "- |"]
     assert "30.00" in rows["ours: `attention` (CPU size)"]
     assert all(paper in rows for paper in LRA_PAPERS) and "59.6" in rows["S4 (Gu et al., 2022)"]
+
+
+# (inputs of one row at the paper size, vocabulary or None, classes, pair)
+PAPER_INPUTS = {"smnist": ((784, 1), None, 10, False), "psmnist": ((784, 1), None, 10, False),
+                "scifar": ((1024, 3), None, 10, False), "lra_image": ((1024, 1), None, 10, False),
+                "pathfinder": ((1024, 1), None, 2, False), "path_x": ((16384, 1), None, 2, False),
+                "listops": ((2000,), 16, 10, False), "lra_text": ((4096,), 257, 2, False),
+                "lra_retrieval": ((8000,), 257, 2, True), "arrow_pointing": ((144, 256), None, 2, False)}
+
+
+@pytest.mark.parametrize("experiment", [pytest.param(e, marks=() if e in ("smnist", "listops") else pytest.mark.slow)
+                                        for e in CLASSIFICATION])  # each traces a full-length model: seconds
+def test_paper_size_models_build_at_the_papers_lengths(experiment):
+    """Every paper-size config makes a valid model for S5 (the configs' source) at the task's
+    full length (shapes only: nothing is allocated or compiled)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.runner import build_model
+
+    shape, vocab, classes, pair = PAPER_INPUTS[experiment]
+    config = build_config(experiment, "s5", size="paper")
+    model = build_model(config, vocab, classes, pad_id=0 if vocab else None, pair=pair)
+    inputs = jax.ShapeDtypeStruct((2, *shape), jnp.int32 if vocab else jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), inputs)
+    assert jax.eval_shape(model.apply, params, inputs).shape == (2, classes)
+    assert config.steps >= 10 * config.eval_every
+    assert (config.ssm_lr > 0) == (experiment != "arrow_pointing")  # the S4/S5/LRU recipe, not pLSTM's
