@@ -135,7 +135,8 @@ class LMConfig(ExperimentConfig):
 class ClassificationConfig(ExperimentConfig):
     """One label per sequence (the S4/S5/LRU benchmarks): the backbone's ``"classify"``
     head pools the last layer (``pooling``: ``"mean"`` or ``"last"``); ``bidirectional``
-    sets that field of every mixer in the pattern that has one (the non-causal tasks);
+    makes every mixer see the whole sequence (the backbone's option: a layer's own
+    bidirectional form, else a second copy over the reversed sequence);
     ``dropout`` is the backbone's residual dropout; ``ssm_lr`` (> 0) gives the mixers'
     SSM parameters their own learning rate and no weight decay.
 

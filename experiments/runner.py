@@ -4,7 +4,6 @@ the suite and the tests."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -22,7 +21,6 @@ from experiments.configs import (
     replace,
 )
 from experiments.tasks import build_task
-import ssmjax.layers
 from ssmjax.models import DualEncoderClassifier, SequenceModel, parse_mixers
 from ssmjax.train import NonFiniteLossError, train
 
@@ -35,7 +33,7 @@ def build_model(config: ExperimentConfig, vocab_size: int | None, num_classes: i
     (:class:`experiments.configs.ClassificationConfig`; pooling skips ``pad_id``), or with
     ``pair`` too the two-tower classifier of document pairs
     (:class:`ssmjax.models.DualEncoderClassifier`, head width ``config.mlp_dim``)."""
-    mixers = parse_mixers(config.model, config.n_layers)  # a clear ValueError before any tracing
+    parse_mixers(config.model, config.n_layers)  # a clear ValueError before any tracing
     fields = dict(d_model=config.d_model, n_layers=config.n_layers, mixers=config.model, mlp=config.mlp,
                   norm=config.norm, vocab_size=vocab_size)
     mixer_fields = dict(config.mixer_fields)
@@ -43,9 +41,8 @@ def build_model(config: ExperimentConfig, vocab_size: int | None, num_classes: i
         return SequenceModel(**fields, mixer_fields=mixer_fields, head="lm")
     if not isinstance(config, ClassificationConfig):
         raise ValueError(f"num_classes: a classifier needs a ClassificationConfig, got {type(config).__name__}")
-    if config.bidirectional:
-        mixer_fields = with_bidirectional(mixer_fields, mixers)
-    pooled = dict(fields, mixer_fields=mixer_fields, pooling=config.pooling, pad_id=pad_id, dropout=config.dropout)
+    pooled = dict(fields, mixer_fields=mixer_fields, pooling=config.pooling, pad_id=pad_id, dropout=config.dropout,
+                  bidirectional=config.bidirectional)
     if pair:
         return DualEncoderClassifier(SequenceModel(**pooled, head="pool"), num_classes, config.mlp_dim)
     return SequenceModel(**pooled, head="classify", num_classes=num_classes)
@@ -56,21 +53,6 @@ def task_model(config: ExperimentConfig, task) -> SequenceModel | DualEncoderCla
     its ``num_classes``."""
     return build_model(config, task.vocab_size, getattr(task, "num_classes", None), pad_id=getattr(task, "pad_id", None),
                        pair=getattr(task, "pair", False))
-
-
-def with_bidirectional(mixer_fields: dict, mixers: Sequence[str]) -> dict:
-    """``mixer_fields`` with ``bidirectional=True`` for every mixer of the pattern; a mixer
-    without that field is a ``ValueError`` (it would silently stay causal)."""
-    def has_option(name: str) -> bool:
-        return "bidirectional" in {f.name for f in dataclasses.fields(ssmjax.layers.layer_class(name))}
-
-    out = {name: dict(fields) for name, fields in mixer_fields.items()}
-    for name in sorted(set(mixers)):
-        if not has_option(name):
-            raise ValueError(f"bidirectional: mixer {name!r} has no bidirectional option; layers that have one: "
-                             f"{[n for n in ssmjax.layers.names() if has_option(n)]}")
-        out.setdefault(name, {})["bidirectional"] = True
-    return out
 
 
 def model_slug(model: str) -> str:

@@ -20,6 +20,11 @@ of pre-norm blocks whose mixers come from a pattern of registry names, and a hea
   ``[b, d_model]``, for a two-tower model), ``"regress"`` (per-step ``output_dim``). With
   ``pad_id`` set (token inputs), pooling skips padding: the mean is over the tokens that are
   not ``pad_id`` and ``last`` takes the last such token (LRA's padded sequences).
+* ``bidirectional``: every mixer sees the whole sequence, for non-causal tasks (LRA,
+  images). A layer with its own ``bidirectional`` option (S4, S4D, S5, LRU, attention, ...)
+  uses it; any other (causal) mixer gets a second copy run over the reversed sequence, and
+  the two outputs are summed, ``y = f(x) + flip(g(flip(x)))`` (the bidirectional Mamba of
+  Zhu et al., 2024, "Vision Mamba", without its gate). No recurrent state or ``step``.
 * ``dropout``: residual dropout on each mixer's and MLP's output (Srivastava et al., 2014),
   active only when the call is given a ``"dropout"`` rng (the training step passes one;
   evaluation and decoding do not), so one module serves training and evaluation.
@@ -43,6 +48,7 @@ context, not a mixer state; attention's RoPE keeps relative positions).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 import flax.linen as nn
@@ -161,12 +167,19 @@ class Block(nn.Module):
     moe_top_k: int = 2
     norm: str = "rms"
     dropout: float = 0.0  # residual dropout, active when a "dropout" rng is given
+    bidirectional: bool = False  # see the module docstring
     memory_len: int = 0  # Transformer-XL segment memory (forward_with_memory)
 
     def setup(self):
         self.mixer_norm = _norm(self.norm, "mixer_norm")
         self.drop = nn.Dropout(self.dropout)
-        self.mixer_layer = ssmjax.layers.get(self.mixer, d_model=self.d_model, **dict(self.mixer_fields.get(self.mixer, {})))
+        fields = dict(d_model=self.d_model, **dict(self.mixer_fields.get(self.mixer, {})))
+        own_option = "bidirectional" in {f.name for f in dataclasses.fields(ssmjax.layers.layer_class(self.mixer))}
+        if self.bidirectional and own_option:
+            fields["bidirectional"] = True
+        self.mixer_layer = ssmjax.layers.get(self.mixer, **fields)
+        self.reverse_layer = (ssmjax.layers.get(self.mixer, **fields) if self.bidirectional and not own_option
+                              else None)
         hidden = int(self.mlp_ratio * self.d_model)
         if self.mlp == "gated":
             self.mlp_layer = SwiGLU(self.d_model, hidden)
@@ -183,14 +196,26 @@ class Block(nn.Module):
     def _mlp(self, x):
         return x if self.mlp == "none" else x + self._dropped(self.mlp_layer(self.mlp_norm(x)))
 
+    def _causal_only(self):
+        if self.bidirectional:
+            raise ValueError("bidirectional: a bidirectional model is non-causal and has no recurrent state")
+
     def __call__(self, x, state=None):
+        self._causal_only()
         y, state = self.mixer_layer(self.mixer_norm(x), state=state, return_state=True)
         return self._mlp(x + self._dropped(y)), state
 
+    def _mix(self, x):
+        y = self.mixer_layer(x)
+        if self.reverse_layer is not None:
+            y = y + jnp.flip(self.reverse_layer(jnp.flip(x, -2)), -2)
+        return y
+
     def forward(self, x):  # no state: lets mixers use their fastest stateless path
-        return self._mlp(x + self._dropped(self.mixer_layer(self.mixer_norm(x))))
+        return self._mlp(x + self._dropped(self._mix(self.mixer_norm(x))))
 
     def step(self, x_t, state):
+        self._causal_only()
         y, state = self.mixer_layer.step(self.mixer_norm(x_t), state)
         return self._mlp(x_t + self._dropped(y)), state
 
@@ -198,6 +223,7 @@ class Block(nn.Module):
         """Segment recurrence: the mixer runs over ``[stop_grad(memory), x]`` (memory: this
         block's inputs from earlier segments); returns the output on ``x`` and the new
         memory, the last ``memory_len`` block inputs."""
+        self._causal_only()
         context = jnp.concatenate([jax.lax.stop_gradient(memory).astype(x.dtype), x], axis=1)
         y = self.mixer_layer(self.mixer_norm(context))[:, memory.shape[1]:]
         return self._mlp(x + y), context[:, max(0, context.shape[1] - self.memory_len):]
@@ -269,6 +295,7 @@ class SequenceModel(nn.Module):
     pooling: str = "mean"
     pad_id: int | None = None  # token inputs: pooling skips this id (module docstring)
     dropout: float = 0.0  # residual dropout (module docstring)
+    bidirectional: bool = False  # non-causal mixers (module docstring)
     memory_len: int = 0  # > 0: Transformer-XL segment recurrence via segment_forward (module docstring)
 
     def setup(self):
@@ -276,7 +303,7 @@ class SequenceModel(nn.Module):
         self.n_groups = model_depth(self.mixers, self.n_layers) // len(pattern)
         block_fields = dict(d_model=self.d_model, mixer_fields=dict(self.mixer_fields or {}), mlp=self.mlp,
                             mlp_ratio=self.mlp_ratio, moe_experts=self.moe_experts, moe_top_k=self.moe_top_k, norm=self.norm,
-                            dropout=self.dropout)
+                            dropout=self.dropout, bidirectional=self.bidirectional)
         if self.memory_len > 0:
             block_fields["memory_len"] = self.memory_len
         if self.vocab_size is not None:

@@ -102,10 +102,8 @@ def test_tasks_build_the_models_the_recipe_asks_for(tmp_path):
     task = build_task("lra_retrieval", config)
     model = task_model(config, task)
     assert type(model).__name__ == "DualEncoderClassifier" and model.encoder.pad_id == 0
-    assert model.encoder.mixer_fields["s4d"]["bidirectional"] is True  # LRA configs are bidirectional
+    assert model.encoder.bidirectional  # the LRA configs are non-causal
     assert task.train_batch(0).inputs.shape == (config.batch_size, 32)  # two documents side by side
-    with pytest.raises(ValueError, match="bidirectional: mixer 'mamba' has no bidirectional option"):
-        task_model(build_config("lra_retrieval", "mamba", overrides=[f"data_dir={tmp_path / 'aan'}"]), task)
 
 
 def test_missing_data_is_a_clear_cli_error(tmp_path, capsys):

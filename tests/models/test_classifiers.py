@@ -102,3 +102,31 @@ def test_dual_encoder_scores_pairs_with_one_shared_encoder():
     with pytest.raises(ValueError, match="head='pool'"):
         DualEncoderClassifier(SequenceModel(d_model=8, vocab_size=5, mixers="s4d")).init(
             jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+
+
+def test_bidirectional_uses_a_layers_own_option_else_a_reversed_copy():
+    x = jax.random.normal(jax.random.key(0), (2, 6, 3), jnp.float64)
+    own = SequenceModel(d_model=8, n_layers=1, mixers="s4d", mlp="none", head="regress", output_dim=2,
+                        bidirectional=True)
+    params = jax.eval_shape(own.init, jax.random.key(1), x)
+    assert params["params"]["group_0"]["block_0"]["mixer_layer"]["C"].shape[0] == 2  # S4D's two directions
+    wrapped = SequenceModel(d_model=8, n_layers=1, mixers="gla", mlp="none", head="regress", output_dim=2,
+                            bidirectional=True)
+    params = jax.jit(wrapped.init)(jax.random.key(1), x)
+    block = params["params"]["group_0"]["block_0"]
+    assert set(block) >= {"mixer_layer", "reverse_layer"}
+    apply = jax.jit(wrapped.apply)
+    y = apply(params, x)
+    assert not np.allclose(apply(params, x.at[:, -1].add(1.0))[:, 0], y[:, 0])  # the first position sees the last
+    layer = ssmjax.layers.get("gla", d_model=8)
+    h = flax.linen.RMSNorm().apply({"params": block["mixer_norm"]}, x @ params["params"]["input_proj"]["kernel"]
+                                   + params["params"]["input_proj"]["bias"])
+    layer_apply = jax.jit(layer.apply)
+    mixed = (layer_apply({"params": block["mixer_layer"]}, h)
+             + jnp.flip(layer_apply({"params": block["reverse_layer"]}, jnp.flip(h, 1)), 1))
+    hidden = flax.linen.RMSNorm().apply({"params": params["params"]["final_norm"]}, x @ params["params"]["input_proj"][
+        "kernel"] + params["params"]["input_proj"]["bias"] + mixed)
+    np.testing.assert_allclose(y, hidden @ params["params"]["regress_head"]["kernel"]
+                               + params["params"]["regress_head"]["bias"], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="no recurrent state"):
+        wrapped.apply(params, x, return_state=True)
