@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm-sample": "experiments.lm_sample"}
+PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm-sample": "experiments.lm_sample",
+             "moving_mnist": "experiments.moving_mnist"}
 
 
 def load(name: str) -> ModuleType:

@@ -6,6 +6,7 @@ feedback of its own predictions) against a float64 numpy oracle, and the ValueEr
 
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +17,11 @@ from ssmjax.models.video import (
     ConvLSTMCell,
     GatedStage,
     PredFormer,
+    SameConv,
     check_frames,
     patchify,
     predformer_stages,
+    same_conv_im2col,
     sinusoidal_embedding,
     unpatchify,
 )
@@ -211,6 +214,27 @@ def test_convlstm_feeds_back_its_prediction(convlstm):
         state, prediction = step(params, state, y[:, k - 1])
         np.testing.assert_allclose(prediction, y[:, k], rtol=0, atol=1e-12)
     assert np.abs(y[:, 1] - y[:, 0]).max() > 1e-6
+
+
+def test_same_conv_is_nn_conv_on_every_lowering():
+    """SameConv has nn.Conv's parameters and numbers: its CPU lowering (im2col, a matmul)
+    and XLA's convolution, in float64, values and gradients."""
+    x = uniform((2, 5, 6, 3))
+    conv = SameConv(4, 3, use_bias=True)
+    params = jax.jit(conv.init)(jax.random.key(0), x)
+    params = jax.tree.map(lambda p: p.astype(jnp.float64) + 0.1, params)  # float64, a nonzero bias
+    reference = nn.Conv(4, (3, 3), padding="SAME", use_bias=True)
+    np.testing.assert_allclose(jax.jit(conv.apply)(params, x), reference.apply(params, x), rtol=1e-12, atol=1e-12)
+    kernel = params["params"]["kernel"]
+    xla = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))  # noqa: E731
+    for f in (lambda x, k: jnp.sum(same_conv_im2col(x, k) ** 2), lambda x, k: jnp.sum(xla(x, k) ** 2)):
+        grads = jax.grad(f, argnums=(0, 1))(x, kernel)
+        expected = jax.grad(lambda x, k: jnp.sum(reference.apply({"params": {"kernel": k, "bias": 0 * params[
+            "params"]["bias"]}}, x) ** 2), argnums=(0, 1))(x, kernel)
+        for a, b in zip(grads, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="kernel_size"):
+        SameConv(4, 2).init(jax.random.key(0), x)
 
 
 # ----------------------------------------------------------------------------- errors
