@@ -1,6 +1,6 @@
 """A results report (tables + plots) from the runs on disk.
 
-    python -m experiments.report [--runs runs/] [--out FILE]
+    python -m experiments.report [--runs runs/] [--out FILE] [--keep]
 
 Finds every run folder below ``--runs`` at any depth (``runs/<experiment>/<run>/`` as
 ``python -m experiments`` writes them, ``runs/suite/<experiment>/<run>/`` as the suite
@@ -15,6 +15,8 @@ killed) is listed with status ``incomplete`` and the last step in its ``metrics.
 The report goes to ``<runs>/RESULTS.md`` unless ``--out`` names a file; the committed
 ``experiments/RESULTS.md`` is written only when asked for by name (``make results``). Hand-written commentary belongs in ``experiments/notes/<experiment>.md``,
 which is included verbatim under the section; RESULTS.md itself is never edited by hand.
+``--keep`` keeps the sections of the existing file that the runs on disk do not produce
+(e.g. to add the sequence-classification sections without re-running the synthetic suite).
 """
 
 from __future__ import annotations
@@ -285,8 +287,11 @@ def _section_title(experiment: str, variant: str, size: str) -> str:
     return title + (" (paper size)" if size == "paper" else "")
 
 
-def build_report(runs_dir: str | Path, out: str | Path, notes_dir: str | Path | None = None) -> str:
-    """Write ``out`` (markdown) and its figures; returns the markdown."""
+def build_report(runs_dir: str | Path, out: str | Path, notes_dir: str | Path | None = None,
+                 keep: bool = False) -> str:
+    """Write ``out`` (markdown) and its figures; returns the markdown. ``keep``: the sections
+    of the existing ``out`` that these runs do not produce stay (in their place; new sections
+    go after them), so results from runs no longer on disk are not lost."""
     out = Path(out)
     notes_dir = Path(notes_dir) if notes_dir is not None else out.parent / "notes"
     protocol_dirs: dict[str, list[Path]] = defaultdict(list)
@@ -330,20 +335,40 @@ def build_report(runs_dir: str | Path, out: str | Path, notes_dir: str | Path | 
         if note.exists():
             lines += [note.read_text().strip(), ""]
     text = "\n".join(lines).rstrip() + "\n"
+    if keep and out.exists():
+        text = merge_sections(out.read_text(), text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
+
+
+def _sections(text: str) -> tuple[str, dict[str, str]]:
+    """``(preamble, {"## title": section text})`` of a report, in order."""
+    head, *parts = text.split("\n## ")
+    return head, {"## " + part.split("\n", 1)[0]: "## " + part.rstrip() + "\n" for part in parts}
+
+
+def merge_sections(old: str, new: str) -> str:
+    """``new``'s preamble, then ``old``'s sections in order with those that ``new`` also has
+    replaced by ``new``'s, then ``new``'s other sections."""
+    _, kept = _sections(old)
+    preamble, fresh = _sections(new)
+    merged = [fresh.get(title, section) for title, section in kept.items()]
+    merged += [section for title, section in fresh.items() if title not in kept]
+    return preamble.rstrip() + "\n\n" + "\n".join(merged)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="runs", help="runs directory, searched at any depth (default: runs/)")
     parser.add_argument("--out", default=None, help="markdown file to write (default: <runs>/RESULTS.md)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the sections of the existing --out file that these runs do not produce")
     args = parser.parse_args(argv)
     if not Path(args.runs).is_dir():
         parser.error(f"--runs: {args.runs!r} is not a directory")
     out = Path(args.out) if args.out else Path(args.runs) / "RESULTS.md"
-    build_report(args.runs, out)
+    build_report(args.runs, out, keep=args.keep)
     print(f"wrote {out}")
 
 

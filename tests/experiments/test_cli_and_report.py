@@ -211,3 +211,9 @@ def test_suite_defaults_are_registered_and_settings_valid():
     assert set(SUITE_SETTINGS) <= set(EXPERIMENTS)
     for experiment, settings in SUITE_SETTINGS.items():  # the suite's reduced settings are valid
         parse_overrides(make_config(experiment), settings)
+
+
+def test_report_keep_merges_sections_in_place():
+    old = "# Results\n\nold preamble\n\n## A\n\nold a\n\n## B\n\nold b\n"
+    new = "# Results\n\nnew preamble\n\n## B\n\nnew b\n\n## C\n\nnew c\n"
+    assert report.merge_sections(old, new) == "# Results\n\nnew preamble\n\n## A\n\nold a\n\n## B\n\nnew b\n\n## C\n\nnew c\n"
