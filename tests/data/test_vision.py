@@ -355,6 +355,7 @@ def test_cached_moving_mnist_test_round_trip(tmp_path, monkeypatch):
         vis.cached_moving_mnist_test(tmp_path, digits[::-1], seed=4, n=3, frames=6)
 
 
+@pytest.mark.slow  # spawns two processes
 def test_pathfinder_cache_is_the_same_from_parallel_workers(tmp_path):
     one = vis.load_pathfinder_cache(vis.cache_pathfinder(tmp_path / "a", 3, 8, difficulty="easy"))
     two = vis.load_pathfinder_cache(vis.cache_pathfinder(tmp_path / "b", 3, 8, difficulty="easy", workers=2))

@@ -135,6 +135,7 @@ def test_both_models_end_to_end_and_report(tmp_path, fake_digits):
     assert len(figures) == 1 and f"figures/{figures[0].name}" in section
 
 
+@pytest.mark.slow  # the protocol's own loop; the generic loop's resume is in tests/train
 def test_resume_continues_exactly_and_refuses_changes(tmp_path, fake_digits, capsys):
     four = ["steps=4", "eval_every=0"]  # the cut-short run checkpoints where it stops
     assert mm.main(_args(tmp_path, "convlstm", four, "--max-minutes", "1e-9")) == 0

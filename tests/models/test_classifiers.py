@@ -25,10 +25,10 @@ def test_pooling_skips_padding(pooling):
     # causal attention: position i's output is the same float32 arithmetic whatever follows it
     # (masked keys add exact zeros), so padding that pooling skips changes nothing at all
     padded, plain = pooled_model(pooling, "attention", pad_id=0), pooled_model(pooling, "attention")
-    params = plain.init(jax.random.key(0), tokens)
-    expected = plain.apply(params, tokens[:, :4])
-    np.testing.assert_allclose(padded.apply(params, tokens), expected, rtol=1e-12, atol=1e-12)
-    assert not np.allclose(plain.apply(params, tokens), expected)  # without pad_id the padding counts
+    params = jax.jit(plain.init)(jax.random.key(0), tokens)
+    expected = jax.jit(plain.apply)(params, tokens[:, :4])
+    np.testing.assert_allclose(jax.jit(padded.apply)(params, tokens), expected, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(jax.jit(plain.apply)(params, tokens), expected)  # without pad_id the padding counts
     with pytest.raises(ValueError, match="pad_id"):
         SequenceModel(d_model=8, mixers="s4d", head="pool", pad_id=0).init(jax.random.key(0), jnp.ones((1, 3, 2)))
     with pytest.raises(ValueError, match="pooling"):
@@ -39,16 +39,17 @@ def test_dropout_only_with_a_dropout_rng():
     model = SequenceModel(d_model=8, n_layers=1, mixers="s4d", mixer_fields={"s4d": {"d_state": 4}}, vocab_size=5,
                           head="classify", num_classes=3, dropout=0.5)
     tokens = jnp.array([[1, 2, 3, 4]])
-    params = model.init(jax.random.key(0), tokens)
-    evaluated = model.apply(params, tokens)
-    np.testing.assert_array_equal(model.apply(params, tokens), evaluated)  # deterministic without an rng
-    dropped = [model.apply(params, tokens, rngs={"dropout": jax.random.key(i)}) for i in range(2)]
+    params = jax.jit(model.init)(jax.random.key(0), tokens)
+    apply = jax.jit(model.apply)
+    evaluated = apply(params, tokens)
+    np.testing.assert_array_equal(apply(params, tokens), evaluated)  # deterministic without an rng
+    dropped = [apply(params, tokens, rngs={"dropout": jax.random.key(i)}) for i in range(2)]
     assert not np.allclose(dropped[0], evaluated) and not np.allclose(dropped[0], dropped[1])
 
 
 def test_ssm_parameter_mask_picks_each_layers_declared_parameters():
     model = SequenceModel(d_model=8, mixers="s4d,lru,s5,attention", vocab_size=5, head="classify", num_classes=2)
-    params = model.init(jax.random.key(0), jnp.ones((1, 6), jnp.int32))
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 6), jnp.int32))  # the mask reads names only
     mask = model.ssm_parameter_mask(params)
     chosen = sorted("/".join(str(getattr(k, "key", k)) for k in path)
                     for path, leaf in jax.tree_util.tree_leaves_with_path(mask) if leaf)
@@ -63,7 +64,7 @@ def test_ssm_parameter_mask_picks_each_layers_declared_parameters():
 def test_ssm_group_has_its_own_learning_rate_and_no_weight_decay():
     model = SequenceModel(d_model=8, n_layers=1, mixers="s4d", mixer_fields={"s4d": {"d_state": 4}}, vocab_size=5,
                           head="classify", num_classes=2)
-    params = model.init(jax.random.key(0), jnp.ones((1, 6), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 6), jnp.int32))
     grads = jax.tree.map(lambda p: jnp.ones_like(p), params)
     config = TrainConfig(steps=10, lr=1e-2, ssm_lr=1e-3, weight_decay=0.5, warmup_steps=0, grad_clip=0.0)
     optimizer, _ = make_optimizer(config, model.ssm_parameter_mask)
@@ -88,7 +89,7 @@ def test_dual_encoder_scores_pairs_with_one_shared_encoder():
     encoder = pooled_model("mean", pad_id=0)
     model = DualEncoderClassifier(encoder, num_classes=2, mlp_dim=16)
     first, second = jnp.array([[1, 2, 3, 0]]), jnp.array([[4, 4, 2, 1]])
-    params = model.init(jax.random.key(0), jnp.concatenate([first, second], 1))
+    params = jax.jit(model.init)(jax.random.key(0), jnp.concatenate([first, second], 1))
     assert set(params["params"]) == {"encoder", "hidden", "classifier"}  # one encoder for both documents
     u = encoder.apply({"params": params["params"]["encoder"]}, first)
     v = encoder.apply({"params": params["params"]["encoder"]}, second)
