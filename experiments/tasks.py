@@ -410,7 +410,7 @@ def pathfinder_splits(config: SequentialImageConfig) -> dict[str, tuple[np.ndarr
         held_out = max(1, config.train_rows // 8)
         path = vision.cache_pathfinder(config.cache_dir, config.data_seed, config.train_rows + 2 * held_out,
                                        resolution=config.resolution, difficulty=config.difficulty,
-                                       workers=os.cpu_count() or 1)
+                                       workers=max(1, min(os.cpu_count() or 1, held_out // 500)))  # spawning costs s
         pixels, labels = vision.load_pathfinder_cache(path)
         cut = config.train_rows
         arrays = dict(train=(pixels[:cut], labels[:cut]), valid=(pixels[cut:cut + held_out], labels[cut:cut + held_out]),

@@ -64,9 +64,6 @@ QUICK_VARIANTS = {
     # in tests/experiments/test_classification.py; here the targets and the CLI are checked
     "make mnist": "make -n mnist",
     ".venv/bin/python -m experiments smnist --model s4d": "{py} -m experiments --help",
-    ".venv/bin/python -m experiments listops --model s4d": "{py} -m experiments --help",
-    ".venv/bin/python -m experiments lra_text --model s4d --set data_dir=~/data": "{py} -m experiments --help",
-    ".venv/bin/python -m experiments arrow_pointing --model plstm2d": "{py} -m experiments --help",
     ".venv/bin/python -m experiments mqar --model gla --mesh data=1 --dry-run":
         "{py} -m experiments mqar --model gla --mesh data=1 --dry-run",
     # multi-host: the same command on every host; here one process joins a one-process job
