@@ -67,7 +67,6 @@ import json
 import math
 import shutil
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,6 +84,7 @@ from ssmjax.data import vision
 from ssmjax.models import video
 from ssmjax.train.checkpoint import Checkpointer
 from ssmjax.train.fit import predict_in_batches
+from ssmjax.train.loop import InterruptFlag
 from ssmjax.train.metrics import MetricsLog
 
 DESCRIPTION = ("video prediction on Moving MNIST (PredFormer / OpenSTL protocol): predformer (full, factorised, "
@@ -548,30 +548,6 @@ def plot_predictions(videos: np.ndarray, pred: np.ndarray, config: MovingMNISTCo
 
 # ----------------------------------------------------------------------------- the run
 
-class _Interrupt:
-    """SIGINT / SIGTERM set the flag (the loop saves a checkpoint and stops after the
-    current step); a second signal raises ``KeyboardInterrupt``. Main thread only."""
-
-    def __init__(self):
-        self.name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.name is not None:
-            raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
-        print(f"\n{self.name}: finishing this step, saving a checkpoint (send it again to abort)", flush=True)
-
-    def __exit__(self, *exc):
-        for s, previous in self._previous.items():
-            signal.signal(s, previous)
-
-
 def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -655,7 +631,7 @@ def run(config: MovingMNISTConfig, out: str | Path = "runs", *, name: str | None
                                      elapsed_s=prior_s + time.perf_counter() - start))
 
     try:
-        with _Interrupt() as interrupt:
+        with InterruptFlag(verbose) as interrupt:
             while step < total:
                 params, opt_state, loss = fns.train_step(params, opt_state, data(step))
                 losses.append(loss)

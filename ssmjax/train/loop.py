@@ -213,7 +213,7 @@ def count_params(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-class _InterruptFlag:
+class InterruptFlag:
     """SIGINT or SIGTERM sets the flag (the loop saves and stops); a second signal raises
     ``KeyboardInterrupt`` at once. Handlers are installed only on the main thread."""
 
@@ -377,7 +377,7 @@ def _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_ke
         saved_at, last_save = step, time.perf_counter()
 
     scores: dict[str, Any] = {}
-    with _InterruptFlag(verbose) as interrupted:
+    with InterruptFlag(verbose) as interrupted:
         step = start
         while step < end:
             batch = task.train_batch(step)
