@@ -9,12 +9,15 @@ switch (CPU tests run every kernel with ``interpret=True``) and a ``platform`` o
   forward and reverse (the reverse run is the backward).
 * :mod:`pallas_kernels.selective_scan`: Mamba-1's selective scan fused with
   discretisation and readout; forward emits chunk-boundary states, the backward kernel
-  recomputes each chunk from them.
+  recomputes each chunk from them. Its Mosaic TPU version,
+  :mod:`pallas_kernels.selective_scan_tpu`, tiles time over a sequential grid axis.
 * :mod:`pallas_kernels.chunked_gla`: chunked gated linear attention / SSD (no, per-head
   or per-key-channel log decay); fp32 state carried across chunks, intra-chunk masked
   matmuls with log-space decays; the backward runs the chunks in reverse carrying dS.
 * :mod:`pallas_kernels.chunked_delta`: the (gated) delta rule in the WY/UT form, same
-  structure.
+  structure. Their Mosaic TPU versions, :mod:`pallas_kernels.chunked_gla_tpu` and
+  :mod:`pallas_kernels.chunked_delta_tpu`, take head-major ``(chunk, head dim)`` blocks
+  over a sequential chunk axis with the state in VMEM scratch.
 * :mod:`pallas_kernels.rnn`: the sequential head-wise nonlinear RNN (Elman, LSTM, GRU,
   sLSTM; FlashRNN's idea): one program per (batch block, head) keeps its recurrent
   weights resident and loops over the whole sequence; the backward is a reverse-time
@@ -22,8 +25,8 @@ switch (CPU tests run every kernel with ``interpret=True``) and a ``platform`` o
 
 Shared pieces: :mod:`pallas_kernels._common` (backend selection, int32 block specs,
 the unrolled time loop, dtype checks) and :mod:`pallas_kernels._chunked_common` (layout,
-tiling and helpers of the two chunked attention kernels); no kernel module imports
-another's privates.
+tiling and helpers of the two chunked attention kernels); a family's ``_tpu`` module
+uses its family module's private helpers, and no family imports another's privates.
 
 Ahead-of-time compilation for real accelerators from any host:
 :mod:`pallas_kernels.targets` (named GPU/TPU targets, the per-target default block sizes,

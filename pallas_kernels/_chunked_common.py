@@ -48,15 +48,25 @@ class BlockSizes:
       num_warps: warps per compiled Triton program (power of two). 8 by default, not
         tuned on hardware: a program holds several ``[C, dk]`` and ``[dk, block_v]`` float32
         tiles at once, more than 4 warps' registers hold without spilling.
+      block_k: key channels per step of the forward kernels' ``dk`` contractions (power
+        of two; lowered to the padded ``dk`` when that is smaller). The forward keeps its
+        state as ``dk / block_k`` row blocks ``[block_k, block_v]`` and walks them once per
+        chunk, loading ``q``, ``k`` (and a per-channel decay) ``block_k`` columns at a
+        time: a float32 ``dot`` at ``"highest"`` precision is Triton's FMA path, whose
+        operands sit in registers along the whole contraction, so ``[C, dk] @ [dk, ...]``
+        at ``dk = 128`` spills registers where four ``block_k = 32`` steps do not
+        (compiled for H100 / A100, ``tests/kernels/test_targets.py``). The sums are the
+        same up to rounding order; the backward kernels do not use it.
     """
 
     chunk: int | None = None
     block_v: int = 32
     dot_precision: str = "highest"
     num_warps: int = 8
+    block_k: int = 32
 
     def __post_init__(self):
-        for name in ("chunk", "block_v", "num_warps"):
+        for name in ("chunk", "block_v", "num_warps", "block_k"):
             value = getattr(self, name)
             if value is not None and not is_power_of_two(value):
                 raise ValueError(f"block_sizes.{name}: expected a positive power of two, got {value!r}")
@@ -158,6 +168,12 @@ def reverse_chunk_loop(n_chunks: int, body, carry):
 
 def chunk_rows(c, chunk: int):
     return pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+
+
+def key_blocks(dk_pad: int, block_k: int) -> list:
+    """The column slices ``[block_k]`` (at most ``dk_pad``) that tile the padded key dim."""
+    size = min(block_k, dk_pad)
+    return [pl.ds(i * size, size) for i in range(dk_pad // size)]
 
 
 class Layout(NamedTuple):

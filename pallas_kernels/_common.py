@@ -84,10 +84,6 @@ def sublane_rows(*dtypes) -> int:
     return 8 * max(1, 4 // min(jnp.dtype(d).itemsize for d in dtypes))
 
 
-#: The smallest default scoped VMEM of the TPUs the kernels target (v4, v5e: 16 MiB).
-TPU_SCOPED_VMEM_BYTES = 16 * 1024 * 1024
-
-
 def compiles_for_tpu(platform: str | None, interpret: bool) -> bool:
     return not interpret and (platform or jax.default_backend()) == "tpu"
 

@@ -36,8 +36,12 @@ keys repeat). All exponents are differences ``L_i - L_j`` with ``j <= i`` (or ``
 Kernels (Triton pattern; grid ``(batch, heads, dv_pad / block_v)``, each program carries a
 ``[dk, block_v]`` column block of one head's state in registers, carry dtype >= float32):
 
-* forward: ``fori_loop`` over chunks; per chunk the WY representation, the outputs and
-  the state update above; with ``save_states`` the state entering every chunk is stored,
+* forward: ``fori_loop`` over chunks; per chunk ``T``, then ``Delta`` as ``T diag(beta)
+  (V - diag(exp L) K S)`` (``= U - W S``, the same products grouped so that ``W`` is
+  never formed), the outputs and the state update above, every ``dk`` contraction
+  summed over blocks of ``block_k`` key columns with the state carried as row blocks
+  (``BlockSizes.block_k``; see ``_forward_kernel`` for what stays live across the
+  forward substitution); with ``save_states`` the state entering every chunk is stored,
   ``[b, h, n_chunks, dk, dv]``, the residual of the backward.
 * backward: chunks last to first, carrying ``dS`` (cotangent of the state leaving the
   chunk); each chunk reloads its entry state and recomputes ``D, A, T, W, U, Delta``, then
@@ -63,7 +67,10 @@ Padding (wrappers): ``T`` to a multiple of ``C`` with ``q = k = v = beta = g = 0
 write, no decay), ``dk``/``dv`` to powers of two (>= 16 compiled) with zeros.
 
 Backends: ``interpret=True`` anywhere (the CPU tests); compiled, the Triton lowering of
-``pl.pallas_call`` on NVIDIA GPUs only (no Mosaic TPU / Mosaic GPU version).
+``pl.pallas_call`` on NVIDIA GPUs. With ``platform="tpu"`` (compiled, or interpreted with
+``interpret=True``) the public functions run the Mosaic TPU kernels of
+:mod:`pallas_kernels.chunked_delta_tpu` (the same math, one chunk per sequential grid
+step, the state in VMEM scratch). No Mosaic GPU version.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ from pallas_kernels._chunked_common import (
     chunk_local_cumsum,
     chunk_local_cumsum_transpose,
     chunk_rows,
+    key_blocks,
     masked_exp,
     min_dot_size,
     output_scale,
@@ -101,7 +109,12 @@ __all__ = ["DOT_PRECISIONS", "BlockSizes", "chunked_delta_backward", "chunked_de
 class BlockSizes(_ChunkedBlockSizes):
     """Tiling of the delta-rule kernels: as :class:`pallas_kernels.chunked_gla.BlockSizes`,
     with ``chunk=None`` meaning 32 (the forward substitution costs ``3 C^2`` elementwise
-    operations per token)."""
+    operations per token) and ``block_k`` 16 by default: the forward holds more ``[C, C]``
+    and ``[C, block_v]`` tiles than the GLA one, and with 32 key columns per step it
+    uses all 255 registers (and spills 8 bytes in bfloat16 at head dim 128 on H100)
+    where 16 take about 175 (compiled for H100 / A100, ``tests/kernels/test_targets.py``)."""
+
+    block_k: int = 16
 
     def chunk_for(self, kind: str) -> int:
         return 32 if self.chunk is None else self.chunk
@@ -167,27 +180,64 @@ def _wy(x: _Chunk, chunk: int, dots: Dots) -> _WY:
     return _WY(D, KK, A, T, W, U, P)
 
 
-def _forward_kernel(*refs, n_chunks, chunk, gated, scale, save_states, precision):
+def _forward_kernel(*refs, n_chunks, chunk, gated, scale, save_states, precision, block_k):
+    """The chunk loop, with the state carried as row blocks ``S_b [block_k, block_v]``
+    and every ``dk`` contraction summed over the key blocks (``q_b, k_b [C, block_k]``,
+    see ``BlockSizes.block_k``). Per chunk: ``K K^T`` and ``T``; then ``Q K^T``,
+    ``K S`` and ``Q S``; ``Delta = T diag(beta) (V - diag(exp L) K S)`` (``= U - W S``);
+    the outputs; each ``S_b``'s update.
+
+    Only ``K K^T`` is formed before the forward substitution's loop: a value formed
+    before it and used only after is kept live across it (the compiler moves the
+    ``dot`` to its use, with its operands), and so is a load merged with one before the
+    loop. The loads after the loop use an index expression of their own (without the
+    ``multiple_of`` hint) so they are not merged with those before: measured on H100 /
+    A100, either costs 0.5-1 KB of register spills."""
     q_ref, k_ref, v_ref, beta_ref = refs[:4]
     L_ref = refs[4] if gated else None
     h0_ref, o_ref, last_ref = refs[4 + gated : 7 + gated]
     states_ref = refs[7 + gated] if save_states else None
     dtype = last_ref.dtype
     dots = Dots(dtype, precision)
-    in_refs = (q_ref, k_ref, v_ref, beta_ref, L_ref)
+    blocks = key_blocks(q_ref.shape[-1], block_k)
+    rows_idx, cols_idx = positions(chunk)
+    add = lambda acc, x: x if acc is None else acc + x  # noqa: E731
 
     def body(c, S):
-        if states_ref is not None:
-            states_ref[pl.ds(c, 1), :, :] = S[None].astype(states_ref.dtype)
-        x = _load_chunk(in_refs, c, chunk, gated, dtype)
-        wy = _wy(x, chunk, dots)
-        delta = wy.U - dots.nn(wy.W, S)
-        o = dots.nn(x.q * jnp.exp(x.L), S) + dots.nn(wy.P, delta)
-        o_ref[chunk_rows(c, chunk), :] = (scale * o).astype(o_ref.dtype)
-        return jnp.exp(x.last) * S + dots.tn(x.k * jnp.exp(x.last - x.L), delta)
+        rows = chunk_rows(c, chunk)
+        again = pl.ds(c * chunk, chunk)  # the same rows, loaded anew after the loop
+        beta = beta_ref[rows].astype(dtype)[:, None]
+        if gated:
+            L = L_ref[rows].astype(dtype)[:, None]
+            last = L_ref[pl.ds(c * chunk + chunk - 1, 1)].astype(dtype)[:, None]
+        else:
+            L, last = jnp.zeros((chunk, 1), dtype), jnp.zeros((1, 1), dtype)
+        KK = None
+        for keys, S_b in zip(blocks, S):
+            if states_ref is not None:
+                states_ref[pl.ds(c, 1), keys, :] = S_b[None].astype(states_ref.dtype)
+            k = k_ref[rows, keys].astype(dtype)
+            KK = add(KK, dots.nt(k, k))
+        D = masked_exp(L - L.reshape(1, chunk), rows_idx >= cols_idx)
+        T = unit_lower_inverse(jnp.where(rows_idx > cols_idx, beta * KK * D, 0.0), chunk)
+        QK = KS = QS = None
+        for keys, S_b in zip(blocks, S):
+            q, k = q_ref[again, keys].astype(dtype), k_ref[again, keys].astype(dtype)
+            QK, KS, QS = add(QK, dots.nt(q, k)), add(KS, dots.nn(k, S_b)), add(QS, dots.nn(q, S_b))
+        decay_in = jnp.exp(L)
+        delta = dots.nn(T, beta * (v_ref[again, :].astype(dtype) - decay_in * KS))
+        o = decay_in * QS + dots.nn(QK * D, delta)
+        o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
+        decay_out = jnp.exp(last - L)
+        return tuple(
+            jnp.exp(last) * S_b + dots.tn(k_ref[again, keys].astype(dtype) * decay_out, delta)
+            for keys, S_b in zip(blocks, S)
+        )
 
-    S = jax.lax.fori_loop(i32(0), i32(n_chunks), body, h0_ref[...].astype(dtype))
-    last_ref[...] = S.astype(last_ref.dtype)
+    S = tuple(h0_ref[keys, :].astype(dtype) for keys in blocks)
+    S = jax.lax.fori_loop(i32(0), i32(n_chunks), body, S)
+    for keys, S_b in zip(blocks, S):
+        last_ref[keys, :] = S_b.astype(last_ref.dtype)
 
 
 def _backward_kernel(*refs, n_chunks, chunk, gated, scale, precision):
@@ -319,6 +369,13 @@ def chunked_delta_forward(
     """
     check_attention_inputs(q, k, v, h0)
     _check_beta_g(q, beta, g)
+    if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
+        from pallas_kernels.chunked_delta_tpu import chunked_delta_forward_tpu
+
+        return chunked_delta_forward_tpu(
+            q, k, v, beta, g, h0, scale=scale, block_sizes=block_sizes, save_states=save_states,
+            interpret=interpret, platform=platform,
+        )
     lay, operands = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
     carry = carry_dtype_of(*(x.dtype for x in (q, k, v, beta, g, h0) if x is not None))
     h0 = jnp.zeros(lay.state_shape(carry).shape, carry) if h0 is None else lay.pad_state(h0)
@@ -340,6 +397,7 @@ def chunked_delta_forward(
             scale=output_scale(scale, lay.dk),
             save_states=save_states,
             precision=block_sizes.dot_precision,
+            block_k=block_sizes.block_k,
         ),
         grid=lay.grid,
         in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec(), lay.head_spec()]
@@ -381,6 +439,13 @@ def chunked_delta_backward(
     _check_beta_g(q, beta, g)
     if do.shape != v.shape:
         raise ValueError(f"do: expected shape v.shape = {v.shape}, got {do.shape}")
+    if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
+        from pallas_kernels.chunked_delta_tpu import chunked_delta_backward_tpu
+
+        return chunked_delta_backward_tpu(
+            q, k, v, beta, g, states, do, dh_last, scale=scale, block_sizes=block_sizes,
+            interpret=interpret, platform=platform,
+        )
     lay, operands = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
     check_attention_inputs(q, k, v, None, states, lay)
     carry = states.dtype

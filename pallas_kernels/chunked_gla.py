@@ -43,9 +43,13 @@ its carry in registers; no scratch memory, no cross-program communication):
   ``[C, C]`` decay matrix ``D_ij = exp(L_i - L_j)``; per channel the decay cannot leave the
   ``dk`` contraction, so a loop over the ``C`` key positions ``j`` forms column ``j`` of
   ``A`` from ``q * exp(L - L_j) * k_j``, ``[C, dk]`` per step, as fla's intra-chunk
-  kernels do), writes ``o`` and updates the state. With ``save_states`` it also stores
-  the state entering every chunk, ``states [b, h, n_chunks, dk, dv]`` (carry dtype): the
-  residual of the backward, ``O(b h (T / C) dk dv)`` memory.
+  kernels do), writes ``o`` and updates the state. The ``dk`` contractions (``q k^T``,
+  ``(exp(L) q) S``) are summed over blocks of ``block_k`` key columns and the state is
+  carried as ``[block_k, block_v]`` row blocks, one pass over the blocks per chunk
+  (``BlockSizes.block_k``: whole-``dk`` float32 dots spill registers at ``dk = 128``).
+  With ``save_states`` it also stores the state entering every chunk, ``states [b, h,
+  n_chunks, dk, dv]`` (carry dtype): the residual of the backward, ``O(b h (T / C) dk
+  dv)`` memory.
 * backward: the same grid; chunks are visited last to first, carrying ``dS``, the
   cotangent of the state leaving the chunk, in registers (the reverse-time recurrence
   ``dS_in = diag(exp(L_{C-1})) dS + (exp(L) * q)^T do``). Each chunk reads its stored entry
@@ -69,8 +73,11 @@ tests); everything is computed in the carry dtype.
 Backends: ``interpret=True`` runs anywhere (the CPU tests). Compiled, the kernels target
 the Triton lowering of ``pl.pallas_call`` on NVIDIA GPUs (see
 ``pallas_kernels._common.compiler_params``). They do not follow Mosaic TPU's block rules
-(one head of a ``[b, t, h, d]`` array is a strided block) and there is no Mosaic GPU
-version.
+(one head of a ``[b, t, h, d]`` array is a strided block): with ``platform="tpu"``
+(compiled, or interpreted with ``interpret=True``) the public functions run the Mosaic
+TPU kernels of :mod:`pallas_kernels.chunked_gla_tpu` instead (the same math on a
+head-major layout, one chunk per sequential grid step, the state in VMEM scratch). There
+is no Mosaic GPU version.
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ from pallas_kernels._chunked_common import (
     chunk_local_cumsum,
     chunk_local_cumsum_transpose,
     chunk_rows,
+    key_blocks,
     masked_exp,
     min_dot_size,
     output_scale,
@@ -167,17 +175,18 @@ def _decay_matrix(L, chunk):
     return masked_exp(L - L.reshape(1, chunk), rows >= cols)
 
 
-def _scores_per_channel(x: _Chunk, refs, c, chunk, dtype):
+def _scores_per_channel(q, L, refs, c, chunk, dtype, keys=slice(None)):
     """``A [C, C]``: column ``j`` is ``sum_d q_id k_jd exp(L_id - L_jd)`` (``i >= j``),
-    one ``[C, dk]`` step per key position (``k_j``, ``L_j`` re-read as rows of the refs)."""
+    one ``[C, dk]`` step per key position (``k_j``, ``L_j`` re-read as rows of the refs);
+    the sum over the key columns ``keys`` of the refs (``q``, ``L``: those columns)."""
     _, k_ref, _, L_ref = refs
     rows, cols = positions(chunk)
 
     def column(j, A):
         row = pl.ds(c * chunk + j, 1)
-        k_j = k_ref[row, :].astype(dtype)  # [1, dk]
-        decay = masked_exp(x.L - L_ref[row, :].astype(dtype), rows >= j)  # [C, dk]
-        a_j = jnp.sum(x.q * decay * k_j, axis=1, keepdims=True)  # [C, 1]
+        k_j = k_ref[row, keys].astype(dtype)  # [1, dk]
+        decay = masked_exp(L - L_ref[row, keys].astype(dtype), rows >= j)  # [C, dk]
+        a_j = jnp.sum(q * decay * k_j, axis=1, keepdims=True)  # [C, 1]
         return jnp.where(cols == j, a_j, A)
 
     return jax.lax.fori_loop(i32(0), i32(chunk), column, jnp.zeros((chunk, chunk), dtype))
@@ -186,12 +195,16 @@ def _scores_per_channel(x: _Chunk, refs, c, chunk, dtype):
 def _scores(x: _Chunk, refs, c, chunk, kind, dots: Dots):
     """The intra-chunk scores ``A`` and, for per-head / no decay, the decay matrix."""
     if kind == "channel":
-        return _scores_per_channel(x, refs, c, chunk, dots.dtype), None
+        return _scores_per_channel(x.q, x.L, refs, c, chunk, dots.dtype), None
     D = _decay_matrix(x.L, chunk)
     return dots.nt(x.q, x.k) * D, D
 
 
-def _forward_kernel(*refs, n_chunks, chunk, kind, scale, save_states, precision):
+def _forward_kernel(*refs, n_chunks, chunk, kind, scale, save_states, precision, block_k):
+    """The chunk loop, with the state carried as row blocks ``S_b [block_k, block_v]``:
+    per chunk, one pass over the key blocks loads ``q_b, k_b`` (and ``L_b``) and adds
+    block ``b``'s part of every ``dk`` contraction (``A``, ``(exp(L) q) S``) and writes
+    ``S_b``'s update, so only one block's ``[C, block_k]`` operands are live at a time."""
     has_L = kind != "none"
     q_ref, k_ref, v_ref = refs[:3]
     L_ref = refs[3] if has_L else None
@@ -200,18 +213,47 @@ def _forward_kernel(*refs, n_chunks, chunk, kind, scale, save_states, precision)
     dtype = last_ref.dtype
     dots = Dots(dtype, precision)
     in_refs = (q_ref, k_ref, v_ref, L_ref)
+    blocks = key_blocks(q_ref.shape[-1], block_k)
 
     def body(c, S):
-        if states_ref is not None:
-            states_ref[pl.ds(c, 1), :, :] = S[None].astype(states_ref.dtype)
-        x = _load_chunk(in_refs, c, chunk, kind, dtype)
-        A, _ = _scores(x, in_refs, c, chunk, kind, dots)
-        o = dots.nn(A, x.v) + dots.nn(x.q_from_start, S)
-        o_ref[chunk_rows(c, chunk), :] = (scale * o).astype(o_ref.dtype)
-        return x.through * S + dots.tn(x.k_to_end, x.v)
+        rows = chunk_rows(c, chunk)
+        end = pl.ds(c * chunk + chunk - 1, 1)
+        v = v_ref[rows, :].astype(dtype)
+        if kind == "none":
+            L, last = jnp.zeros((chunk, 1), dtype), jnp.zeros((1, 1), dtype)
+        elif kind == "head":
+            L = L_ref[rows].astype(dtype)[:, None]
+            last = L_ref[end].astype(dtype)[:, None]
+        A = o_state = None
+        if kind == "channel":  # the whole key width per step of its loop (no dot)
+            A = _scores_per_channel(
+                q_ref[rows, :].astype(dtype), L_ref[rows, :].astype(dtype), in_refs, c, chunk, dtype
+            )
+        S_next = []
+        for keys, S_b in zip(blocks, S):
+            if states_ref is not None:
+                states_ref[pl.ds(c, 1), keys, :] = S_b[None].astype(states_ref.dtype)
+            q = q_ref[rows, keys].astype(dtype)
+            k = k_ref[rows, keys].astype(dtype)
+            if kind == "channel":
+                L = L_ref[rows, keys].astype(dtype)
+                last = L_ref[end, keys].astype(dtype)
+            else:
+                A_b = dots.nt(q, k)
+                A = A_b if A is None else A + A_b
+            o_b = dots.nn(q * jnp.exp(L), S_b)
+            o_state = o_b if o_state is None else o_state + o_b
+            S_next.append(jnp.exp(last).reshape(-1, 1) * S_b + dots.tn(k * jnp.exp(last - L), v))
+        if kind != "channel":
+            A = A * _decay_matrix(L, chunk)
+        o = dots.nn(A, v) + o_state
+        o_ref[rows, :] = (scale * o).astype(o_ref.dtype)
+        return tuple(S_next)
 
-    S = jax.lax.fori_loop(i32(0), i32(n_chunks), body, h0_ref[...].astype(dtype))
-    last_ref[...] = S.astype(last_ref.dtype)
+    S = tuple(h0_ref[keys, :].astype(dtype) for keys in blocks)
+    S = jax.lax.fori_loop(i32(0), i32(n_chunks), body, S)
+    for keys, S_b in zip(blocks, S):
+        last_ref[keys, :] = S_b.astype(last_ref.dtype)
 
 
 def _intra_chunk_grads_per_channel(x: _Chunk, dA, refs, c, chunk, dtype):
@@ -352,6 +394,13 @@ def chunked_gla_forward(
       n_chunks, dk_pad, dv_pad]``: pass it unchanged to :func:`chunked_gla_backward`.
     """
     check_attention_inputs(q, k, v, h0)
+    if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
+        from pallas_kernels.chunked_gla_tpu import chunked_gla_forward_tpu
+
+        return chunked_gla_forward_tpu(
+            q, k, v, g, h0, scale=scale, block_sizes=block_sizes, save_states=save_states,
+            interpret=interpret, platform=platform,
+        )
     lay, kind, operands = _prepare(q, k, v, g, block_sizes, interpret, platform)
     dtypes = [x.dtype for x in (q, k, v, g, h0) if x is not None]
     carry = carry_dtype_of(*dtypes)
@@ -370,6 +419,7 @@ def chunked_gla_forward(
             scale=output_scale(scale, lay.dk),
             save_states=save_states,
             precision=block_sizes.dot_precision,
+            block_k=block_sizes.block_k,
         ),
         grid=lay.grid,
         in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec()] + _L_spec(lay, kind) + [lay.state_spec()],
@@ -413,6 +463,13 @@ def chunked_gla_backward(
     check_attention_inputs(q, k, v, dh_last)
     if do.shape != v.shape:
         raise ValueError(f"do: expected shape v.shape = {v.shape}, got {do.shape}")
+    if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
+        from pallas_kernels.chunked_gla_tpu import chunked_gla_backward_tpu
+
+        return chunked_gla_backward_tpu(
+            q, k, v, g, states, do, dh_last, scale=scale, block_sizes=block_sizes,
+            interpret=interpret, platform=platform,
+        )
     lay, kind, operands = _prepare(q, k, v, g, block_sizes, interpret, platform)
     check_attention_inputs(q, k, v, None, states, lay)
     carry = states.dtype

@@ -34,9 +34,13 @@ Forward kernel, grid ``(batch_pad / block_b, heads)``: the program loads ``R[:, 
 ``[gates, dh, dh]`` and the bias once, then for ``t = 0 .. T-1`` (chunks of ``block_t``
 unrolled steps, then the remainder; ``T`` is never padded) computes the ``gates``
 products ``[block_b, dh] @ [dh, dh]`` of the recurrent contribution, the cell's
-point-wise update, and stores ``h_t``. With ``save_states`` it also stores every state
-part at every step, ``states [batch_pad, T, S, heads, dh_pad]`` in the carry dtype: the
-residual of the backward.
+point-wise update, and stores ``h_t``. The state and ``R`` are held in ``block_h``-wide
+column blocks and each product is summed over ``block_h``-long contractions (see
+``BlockSizes.block_h``); where ``R`` is too large to stay resident (LSTM / sLSTM, GRU at
+``dh = 128``) its blocks are re-read from global memory at every step
+(``BlockSizes.resident``). With ``save_states`` it also stores every state part at every
+step, ``states [batch_pad, T, S, heads, dh_pad]`` in the carry dtype: the residual of the
+backward.
 
 Backward kernel (same grid; the strategy of FlashRNN: store the states in the forward,
 run the adjoint as a reverse-time loop): for ``t = T-1 .. 0`` it reads the state entering
@@ -54,10 +58,12 @@ dh]``) and the wrapper sums them: no atomics, deterministic. Memory of the resid
 Padding (wrappers, only when needed): the batch to a multiple of ``block_b`` and ``dh``
 to a power of two (at least 16 when compiled, the smallest Triton ``dot``) with zeros;
 zero weights, inputs and states keep padded units at ``h = c = 0`` (sLSTM: ``n > 0``) and
-give them zero gradients. Register budget: the resident ``R`` is ``gates * dh^2`` floats
-per program (64 KB at ``dh = 64``, LSTM): beyond ``dh ~ 32`` the compiler spills it to
-local memory (L1/L2-cached), which FlashRNN avoids by splitting a head over several
-cooperating programs (not done here).
+give them zero gradients. On-chip budget: the resident ``R`` is ``gates * dh^2`` floats
+per program (64 KiB at ``dh = 64``, LSTM), staged in shared memory; at ``dh = 128`` (256
+KiB for an LSTM) the forward streams it instead, and the backward, which keeps whole
+``[dh, dh]`` blocks, exceeds the shared memory (``pallas_kernels.targets.KNOWN_ISSUES``).
+FlashRNN avoids both by splitting a head over several cooperating programs (not done
+here).
 
 Backends: ``interpret=True`` anywhere (the CPU tests); compiled through Triton on GPUs
 (``platform="gpu"``; the tests check the lowering to Triton IR, no GPU run yet). The
@@ -93,6 +99,8 @@ from pallas_kernels._common import (
 GATES = {"elman": 1, "gru": 3, "lstm": 4, "slstm": 4, "slstm_exp": 4}
 STATE_PARTS = {"elman": 1, "gru": 1, "lstm": 2, "slstm": 4, "slstm_exp": 4}
 CELLS = tuple(GATES)
+#: Largest float32 ``R`` of a head (bytes) the forward keeps resident by default.
+RESIDENT_BYTES = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +115,34 @@ class BlockSizes:
         default: compiled for an A100 / H100 (LSTM, head dim 64), unrolling 4 steps keeps
         4 steps of gate tiles live at once, 164 KiB of shared memory in the forward (A100
         limit 163 KiB) and 304 KiB in the backward (H100 limit 227 KiB); one step per
-        iteration takes 68 and 136 KiB (``tests/kernels/test_targets.py``).
+        iteration takes 66 and 136 KiB (``tests/kernels/test_targets.py``).
+      block_h: columns per block of the forward's recurrent products (power of two;
+        lowered to the padded ``dh`` when that is smaller). The forward keeps the state
+        and the resident ``R`` in ``[block_b, block_h]`` / ``[block_h, block_h]`` blocks
+        and sums each gate's ``h R_g`` over ``dh / block_h`` products with a
+        ``block_h``-long contraction: a float32 ``dot`` at ``HIGHEST`` precision is
+        Triton's FMA path, whose operands sit in registers along the whole contraction,
+        and one ``[16, 64] @ [64, 64]`` product per gate spills registers at ``dh = 64``
+        (LSTM, GRU, sLSTM; H100 and A100) where blocks of 32 do not. The backward keeps
+        whole ``[dh, dh]`` products.
+      resident: whether the forward loads ``R`` once and keeps it resident (in shared
+        memory, as the compiler stages it) or re-reads its blocks from global memory
+        (L1 / L2) at every step. ``None``: resident when the float32 ``R`` of a head,
+        ``gates * dh_pad^2 * 4`` bytes, is at most :data:`RESIDENT_BYTES` (every cell at
+        ``dh = 64``, Elman at 128); LSTM / sLSTM at ``dh = 128`` take 256 KiB, over the
+        shared memory of an H100 (227 KiB) and an A100 (163 KiB), GRU 192 KiB. A
+        streamed forward compiles with 8 warps and one pipeline stage (more stages
+        stage the ``R`` blocks of the coming steps in shared memory); a resident one with
+        4 (at 8 the LSTM spills registers, at 4 a streamed one does).
     """
 
     block_b: int = 16
     block_t: int = 1
+    block_h: int = 32
+    resident: bool | None = None
 
     def __post_init__(self):
-        for name in ("block_b", "block_t"):
+        for name in ("block_b", "block_t", "block_h"):
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(
                     f"block_sizes.{name}: expected a positive power of two, got {getattr(self, name)!r}"
@@ -190,28 +218,54 @@ def _cut(keep_ref, t, parts: list) -> list:
 
 
 # ----------------------------------------------------------------------------- kernels
-def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states):
+def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states, block_h, resident):
+    """The time loop on column blocks: every state part is a tuple of ``[block_b,
+    block_h]`` blocks, ``R_g`` is read as ``[block_h, block_h]`` blocks (once, or at
+    every step unless ``resident``), and column block ``j`` of ``h R_g`` is the sum over
+    row blocks ``i`` of ``h_i R_g[i, j]``, accumulated row block by row block (so one
+    ``h_i`` is a ``dot`` operand at a time; see ``BlockSizes.block_h``); the point-wise
+    cell then runs column block by column block."""
     gx_ref, R_ref, b_ref = refs[:3]
     keep_ref = refs[3] if has_keep else None
     s0_ref, h_ref, last_ref = refs[3 + has_keep : 6 + has_keep]
     states_ref = refs[6 + has_keep] if save_states else None
     dtype = last_ref.dtype
     gates, parts = GATES[cell], STATE_PARTS[cell]
-    weights = _load_weights(R_ref, b_ref, gates, dtype)
+    dh = R_ref.shape[-1]
+    size = min(block_h, dh)
+    cols = [pl.ds(j * size, size) for j in range(dh // size)]
+    R_block = lambda g, i, j: R_ref[g, cols[i], cols[j]].astype(dtype)  # noqa: E731
+    if resident:
+        R = [[[R_block(g, i, j) for j in range(len(cols))] for i in range(len(cols))] for g in range(gates)]
+        R_block = lambda g, i, j: R[g][i][j]  # noqa: E731
+    bias = [[b_ref[pl.ds(g, 1), c].astype(dtype) for c in cols] for g in range(gates)]
 
     def step(t, state):
-        state = _cut(keep_ref, t, list(state))
-        state = _pointwise(cell, _load_gx(gx_ref, t, gates, dtype), weights.recurrent(state[0]), state)
-        h_ref[:, t, :] = state[0].astype(h_ref.dtype)
-        if states_ref is not None:
+        state = [_cut(keep_ref, t, list(part)) for part in state]
+        # r[g][j] = bias + sum_i h_i R_g[i, j], row block by row block (one h_i at a time)
+        r = [[None] * len(cols) for _ in range(gates)]
+        for i, h_i in enumerate(state[0]):
+            for g in range(gates):
+                for j in range(len(cols)):
+                    r_gij = _dot(h_i, R_block(g, i, j))
+                    r[g][j] = r_gij if i == 0 else r[g][j] + r_gij
+        new = [[] for _ in range(parts)]
+        for j, c in enumerate(cols):
+            gx = [gx_ref[:, t, g, c].astype(dtype) for g in range(gates)]
+            r_j = [r[g][j] + bias[g][j] for g in range(gates)]
+            out = _pointwise(cell, gx, r_j, [part[j] for part in state])
+            h_ref[:, t, c] = out[0].astype(h_ref.dtype)
             for k in range(parts):
-                states_ref[:, t, k, :] = state[k]
-        return tuple(state)
+                new[k].append(out[k])
+                if states_ref is not None:
+                    states_ref[:, t, k, c] = out[k]
+        return tuple(tuple(part) for part in new)
 
-    state = tuple(s0_ref[:, k, :].astype(dtype) for k in range(parts))
+    state = tuple(tuple(s0_ref[:, k, c].astype(dtype) for c in cols) for k in range(parts))
     state = time_loop(time, block_t, step, state)
     for k in range(parts):
-        last_ref[:, k, :] = state[k]
+        for c, x in zip(cols, state[k]):
+            last_ref[:, k, c] = x
 
 
 def _backward_kernel(*refs, cell, time, block_t, has_keep):
@@ -370,6 +424,12 @@ def rnn_forward(
     carry = carry_dtype_of(gx.dtype, R.dtype, bias.dtype, state0.dtype)
     out_dtype = jnp.result_type(gx.dtype, R.dtype, bias.dtype)
     lay = _layout(cell, gx, block_sizes, interpret)
+    resident = block_sizes.resident
+    if resident is None:
+        resident = lay.gates * lay.dh_pad**2 * 4 <= RESIDENT_BYTES
+    params = compiler_params(platform, interpret)
+    if params is not None and not resident:
+        params = dataclasses.replace(params, num_warps=8, num_stages=1)
     gx_spec, R_spec, b_spec, keep_spec, state_spec = lay.specs()
     out_specs = [lay.seq_spec(), state_spec]
     out_shape = [
@@ -382,14 +442,15 @@ def rnn_forward(
     outs = pl.pallas_call(
         functools.partial(
             _forward_kernel, cell=cell, time=lay.time, block_t=block_sizes.block_t,
-            has_keep=keep is not None, save_states=save_states,
+            has_keep=keep is not None, save_states=save_states, block_h=block_sizes.block_h,
+            resident=resident,
         ),
         grid=lay.grid,
         in_specs=[gx_spec, R_spec, b_spec] + ([keep_spec] if keep is not None else []) + [state_spec],
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=compiler_params(platform, interpret),
+        compiler_params=params,
         name=f"rnn_{cell}_forward",
     )(*_operands(lay, gx, R, bias, keep), lay.pad(state0.astype(carry), 0, (3,)))
     h, final = outs[0][: lay.batch, ..., : lay.dh], outs[1][: lay.batch, ..., : lay.dh]

@@ -57,10 +57,11 @@ input 0: padded lanes stay zero and get zero gradients). ``T`` is never padded: 
 loop runs full chunks, then the remainder.
 
 Backends: ``interpret=True`` everywhere (CPU tests). Compiled: Triton on GPUs (requested
-explicitly; no scratch memory, no cross-program communication). Mosaic on TPU lowers
-(``block_d`` is raised to 128 lanes there) but stages whole ``[T, block_d]`` blocks in
-VMEM, which bounds ``T``, and grouped B/C with fewer than 128 channels per group do not
-meet its block rule.
+explicitly; no scratch memory, no cross-program communication). With ``platform="tpu"``
+(compiled, or interpreted with ``interpret=True``) the public functions run the Mosaic
+TPU kernels of :mod:`pallas_kernels.selective_scan_tpu` instead (the same per-token math,
+time tiled over a sequential grid axis with the carry in VMEM scratch, so VMEM does not
+grow with ``T``; float32 and bfloat16 inputs).
 """
 
 from __future__ import annotations
@@ -74,11 +75,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import (
-    TPU_SCOPED_VMEM_BYTES,
     block_spec,
     carry_dtype_of,
-    check_tpu_dtypes,
-    compiles_for_tpu,
     compiler_params,
     i32,
     is_power_of_two,
@@ -96,13 +94,18 @@ class BlockSizes:
         count when that is smaller.
       chunk: tokens per chunk (power of two): the forward stores one state per chunk and
         the backward holds ``chunk + 1`` states of ``[n, block_d]`` in registers.
+      block_t_tpu: TPU only (:mod:`pallas_kernels.selective_scan_tpu`): tokens per
+        sequential grid step (power of two); VMEM grows with it, not with ``T``.
+        Lowered to the padded sequence length when that is smaller, raised to a
+        multiple of ``chunk`` and of the sublane tile.
     """
 
     block_d: int = 32
     chunk: int = 16
+    block_t_tpu: int = 256
 
     def __post_init__(self):
-        for name in ("block_d", "chunk"):
+        for name in ("block_d", "chunk", "block_t_tpu"):
             if not is_power_of_two(getattr(self, name)):
                 raise ValueError(
                     f"block_sizes.{name}: expected a positive power of two, "
@@ -330,34 +333,11 @@ def _specs(lay: _Layout):
     return seq, A, bc, keep, state
 
 
-def _tpu_vmem_bytes(lay: _Layout) -> int:
-    """VMEM the compiled TPU kernels stage (the backward's, the larger): every block
-    double-buffered, float32: five ``[time, block_d]`` sequences (u, delta, dy, du,
-    ddelta), four ``[time, n]`` (B, C, dB, dC), the chunk states and three ``[n, block_d]``."""
-    T, n, bd = lay.time, lay.n_pad, lay.block_d
-    return 2 * 4 * (5 * T * bd + 4 * T * n + (lay.n_chunks + 3) * n * bd)
-
-
-def _check_tpu(u, delta, B, C, lay: _Layout, platform, interpret) -> None:
-    """Before any compilation: the TPU version reads single rows (Mosaic proves them
-    aligned for 32-bit dtypes only) and stages whole sequences in VMEM."""
-    check_tpu_dtypes("selective_scan", platform, interpret, (jnp.float32,), u=u, delta=delta, B=B, C=C)
-    if compiles_for_tpu(platform, interpret) and _tpu_vmem_bytes(lay) > TPU_SCOPED_VMEM_BYTES:
-        raise ValueError(
-            f"u: the compiled TPU selective_scan kernel stages whole [time, block_d] blocks in "
-            f"VMEM: {_tpu_vmem_bytes(lay)} bytes at time={lay.time}, n={lay.n_pad}, "
-            f"block_d={lay.block_d}, over the {TPU_SCOPED_VMEM_BYTES} bytes of scoped VMEM; "
-            "use a shorter time (or the chunked XLA method)"
-        )
-
-
 def _prepare(u, delta, A, B, C, keep, block_sizes, platform, interpret):
     """Pad to the kernel layout; returns the layout and the padded kernel operands."""
-    raw_B, raw_C = B, C
     if B.ndim == 3:
         B, C = B[:, :, None, :], C[:, :, None, :]
     lay = _layout(u, A, B, block_sizes, lane_multiple(platform, interpret))
-    _check_tpu(u, delta, raw_B, raw_C, lay, platform, interpret)
     operands = [
         lay.pad_channels(u),
         lay.pad_channels(delta),
@@ -393,10 +373,18 @@ def selective_scan_forward(
       ``(y, x_last, chunk_states)``: ``y`` ``[batch, time, d]`` in
       ``result_type(u, delta, B, C)``; ``x_last`` ``[batch, n, d]`` and the residual
       ``chunk_states`` (``None`` unless ``save_chunk_states``; padded kernel layout
-      ``[batch, ceil(time / chunk), n_pad, d_pad]``, pass it unchanged to
+      ``[batch, ceil(time / chunk), n_pad, d_pad]``; on TPU ``time_pad / chunk`` states,
+      :mod:`pallas_kernels.selective_scan_tpu`; pass it unchanged to
       :func:`selective_scan_backward`) in the carry dtype, at least float32.
     """
     _check_inputs(u, delta, A, B, C, x0, keep)
+    if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
+        from pallas_kernels.selective_scan_tpu import selective_scan_forward_tpu
+
+        return selective_scan_forward_tpu(
+            u, delta, A, B, C, x0, keep, block_sizes=block_sizes,
+            save_chunk_states=save_chunk_states, interpret=interpret, platform=platform,
+        )
     carry_dtype = carry_dtype_of(u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype, *(() if x0 is None else (x0.dtype,)))
     y_dtype = jnp.result_type(u.dtype, delta.dtype, B.dtype, C.dtype)
     lay, operands = _prepare(u, delta, A, B, C, keep, block_sizes, platform, interpret)
@@ -466,6 +454,13 @@ def selective_scan_backward(
       ``x0`` (carry dtype).
     """
     _check_inputs(u, delta, A, B, C, None, keep)
+    if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
+        from pallas_kernels.selective_scan_tpu import selective_scan_backward_tpu
+
+        return selective_scan_backward_tpu(
+            u, delta, A, B, C, keep, chunk_states, dy, dx_last, block_sizes=block_sizes,
+            interpret=interpret, platform=platform,
+        )
     carry_dtype = chunk_states.dtype
     lay, operands = _prepare(u, delta, A, B, C, keep, block_sizes, platform, interpret)
     expected = (lay.batch, lay.n_chunks, lay.n_pad, lay.d_pad)

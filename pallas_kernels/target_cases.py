@@ -5,8 +5,9 @@ dimension, ``jax_enable_x64``) at the shapes of a typical layer; :meth:`Case.bui
 the function and abstract arguments :func:`pallas_kernels.targets.compile_for_target`
 compiles. The matrix is trimmed to what changes the compiled program:
 
-* ``time`` (1k vs 64k tokens) only where a kernel's on-chip memory depends on it (TPU
-  kernels stage ``[time, block]`` slabs; the GPU kernels walk time in a loop);
+* ``time`` (1k vs 64k tokens) only for the TPU linear scan, whose VMEM once grew with
+  ``T``: every kernel now walks time (GPU: a loop; TPU: a sequential grid axis with the
+  carry in scratch), so on-chip memory does not depend on it;
 * head dims 64 and 128 (chunked attention, RNN), state sizes 16 and 64 (selective scan);
 * float32 and bfloat16 inputs; ``jax_enable_x64`` on and off (index-map literals).
 
@@ -47,9 +48,9 @@ DIMS = {
     "rnn": (64, 128),
 }
 #: Kernels with a compiled TPU (Mosaic) version.
-TPU_KERNELS = ("linear_scan", "selective_scan")
+TPU_KERNELS = ("linear_scan", "selective_scan", "chunked_gla", "chunked_delta")
 #: Kernels whose on-chip memory depends on the sequence length, per platform.
-TIME_DEPENDENT = {"tpu": ("linear_scan", "selective_scan"), "gpu": ()}
+TIME_DEPENDENT = {"tpu": ("linear_scan",), "gpu": ()}
 TIMES = (1024, 65536)
 
 HEADS, WIDTH = 8, 1024  # a typical layer: 8 heads, 1024 channels

@@ -341,9 +341,15 @@ KERNEL_MODULES = {
 #: layout depends on the tiling). Measured with ``make test-targets`` /
 #: ``python -m experiments.kernel_report`` (see ``experiments/results/kernels.md``).
 DEFAULT_BLOCK_SIZES: dict[tuple[str, str], Any] = {
-    # (empty: every kernel's own defaults are the ones its targets need; the chunked
-    # kernels' and the RNN's were chosen for the A100 / H100 shared memory, see their
-    # BlockSizes docstrings)
+    # (the other kernels' own defaults are the ones their targets need; the chunked
+    # kernels' and the RNN's were chosen for the A100 / H100 shared memory and registers,
+    # see their BlockSizes docstrings)
+    #
+    # GPUs: 16 channels per program. At 32 the forward spills 32 B of registers on A100 in
+    # bfloat16 at 64 states (ptxas keeps it at 72 registers); at 16 no forward spills, and
+    # the backward, which holds chunk + 1 states of [n, block_d], spills 0.5-0.9 KB at 64
+    # states instead of 3.1-4.5 KB (none at 16 states either way).
+    ("selective_scan", "gpu"): selective_scan.BlockSizes(block_d=16),
 }
 
 
@@ -366,42 +372,26 @@ def default_block_sizes(kernel: str, target: str):
 #: Pallas kernel for these.
 KNOWN_ISSUES: list[tuple[dict[str, Any], str]] = [
     (
-        dict(platform="tpu", kernel="selective_scan", dtype="bfloat16"),
-        "ValueError before compiling: the TPU kernel loads single rows, which Mosaic proves "
-        "aligned for 32-bit dtypes only (E2003 unproven memory access alignment)",
+        dict(platform="gpu", kernel="rnn", direction="fwd", option=("slstm", "slstm_exp"), dim=128),
+        "register spills: 136-200 B (H100, A100; float32 and bfloat16). The float32 R of a "
+        "head (4 x 128 x 128, 256 KiB) does not fit shared memory, so the forward re-reads its "
+        "blocks every step (8 warps, one stage); the sLSTM's four state parts leave too few "
+        "registers. block_h=16: no spills, but 27-31 s to compile",
     ),
     (
-        dict(platform="tpu", kernel="selective_scan", time=65536),
-        "ValueError before compiling: the TPU kernel stages whole [time, block_d] blocks in "
-        "VMEM (at T = 64k: 384 MiB for the forward, limit 16 / 32 MiB); needs the time grid "
-        "axis linear_scan has",
+        dict(platform="gpu", kernel="rnn", direction="bwd", option=("lstm", "gru", "slstm", "slstm_exp"), dim=128),
+        "shared memory exceeded: the backward keeps whole [dh, dh] blocks per gate (R, its "
+        "transpose, the dR sums) on chip, 304-652 KiB at head dim 128 (limits: H100 227, "
+        "A100 163 KiB); the forward fits since it streams R",
     ),
     (
-        dict(target="tpu_v4", kernel="selective_scan", direction="bwd"),
-        "Mosaic: 'Sublane gather not supported by this TPU generation' (tpu.dynamic_gather "
-        "in the backward's per-token reads of its recomputed chunk states)",
+        dict(target="a100", kernel="rnn", direction="bwd", option="elman", dtype="bfloat16", dim=128),
+        "shared memory exceeded: 172 KiB (A100 limit 163 KiB; float32: 128 KiB)",
     ),
     (
-        dict(platform="gpu", kernel="chunked_gla", direction="fwd", dim=128),
-        "register spills at head dim 128 (H100, float32 per-head decay: 1.7 KB at chunk 32, 32 "
-        "value columns, 8 warps; 46 KB at chunk 64 / 64 columns; chunk 16: 1.2 KB; per-channel "
-        "decay: 0.5 KB; no decay: 1.7 KB, A100 10 KB; bfloat16, every decay: ~0.6 KB); none "
-        "at head dim 64",
-    ),
-    (
-        dict(platform="gpu", kernel="chunked_delta", direction="fwd", dim=(64, 128)),
-        "register spills (head dim 128, gated float32: 19 KB at chunk 32, 32 value columns, 8 "
-        "warps; head dim 64, every option and dtype: 24-604 B on H100 and A100)",
-    ),
-    (
-        dict(target="a100", kernel="selective_scan", direction="fwd", dtype="bfloat16", dim=64),
-        "register spills: 32 B at 64 states in bfloat16 (none at 16 states, none on H100)",
-    ),
-    (
-        dict(platform="gpu", kernel="rnn", direction="fwd", option=("lstm", "gru"), dtype="float32", dim=64),
-        "register spills: the resident recurrent blocks (gates x 64 x 64 float32) spill "
-        "0.5 KB (LSTM; GRU 0.2 KB) at one step per iteration (LSTM: 84 KB at block_t = 4); "
-        "needs a head split over several programs (FlashRNN)",
+        dict(target="a100", kernel="rnn", direction="bwd", option=("lstm", "slstm", "slstm_exp"), dtype="bfloat16", dim=64),
+        "shared memory exceeded: 182-198 KiB in bfloat16 (A100 limit 163 KiB; float32: "
+        "136-152 KiB)",
     ),
 ]
 

@@ -138,7 +138,7 @@ def chunk_masks(cut: Bool[Array, "n batch 1 C"] | None, chunk: int) -> ChunkMask
 # ----------------------------------------------------------------------------- dispatch
 def kernel_options(scale: float, block_sizes, platform: str) -> dict:
     """Keyword arguments of the chunked-attention kernels for ``platform`` (``"cpu"``: the
-    Pallas interpreter; GPUs compile them with Triton)."""
+    Pallas interpreter; GPUs compile them with Triton, TPUs with Mosaic)."""
     return dict(scale=scale, block_sizes=block_sizes, interpret=platform == "cpu", platform=platform)
 
 

@@ -141,6 +141,8 @@ class Kernel:
       packed: accepts ``segment_ids`` / ``reset``.
       min_triton_chunk: smallest kernel chunk when compiled by Triton (its smallest
         ``dot`` is 16 wide); any power of two in the interpreter.
+      tpu_sublane_chunk: compiled by Mosaic TPU, a chunk is a block of rows: at least one
+        sublane tile (8 rows of 32-bit inputs, 16 of 16-bit ones).
       dtypes: platform -> the only dtypes its compiled kernel accepts (absent: any); a
         platform that refuses the case's dtype gets no branch (its trace would raise).
     """
@@ -150,6 +152,7 @@ class Kernel:
     complex: bool = False
     packed: bool = True
     min_triton_chunk: int = 1
+    tpu_sublane_chunk: bool = False
     dtypes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
@@ -188,29 +191,46 @@ TABLE: dict[str, Op] = {
     "selective_scan": Op(
         methods=_LINEAR + ("pallas",),
         auto={DEFAULT: "chunked"},
-        kernel=Kernel("selective_scan", platforms=_ANY, dtypes={"tpu": ("float32",)}),
-        # CUDA: float32 (states 16 and 64). Not bfloat16: its forward spills registers on
-        # A100 at 64 states (proven at 16, but a Case does not carry the state size).
-        # Not on TPU: the backward does not lower for v4 (sublane gather), bfloat16 rows
-        # are not provably aligned, T = 64k overflows VMEM (targets.KNOWN_ISSUES).
-        proven=(Proven("cuda", dtypes=("float32",)),),
+        kernel=Kernel("selective_scan", platforms=_ANY, dtypes={"tpu": ("float32", "bfloat16")}),
+        # CUDA: float32 and bfloat16, states 16 and 64, x64 on and off, with the GPU
+        # tiling of pallas_kernels.targets.DEFAULT_BLOCK_SIZES (16 channels per program; at
+        # 32 the bfloat16 forward spilled registers on A100 at 64 states).
+        # TPU (pallas_kernels.selective_scan_tpu, time tiles on a sequential grid axis):
+        # float32 and bfloat16, shared and grouped B/C, states 16 and 64 (larger:
+        # unmeasured), x64 on and off, on v4, v5e and v6e; VMEM (< 4 MiB) independent of
+        # T (compiled at 1k and 64k tokens).
+        proven=(Proven("cuda"), Proven("tpu")),
     ),
     "gated_linear_attention": Op(
         methods=("auto", "sequential", "parallel", "chunked", "pallas"),
         auto={DEFAULT: "chunked"},
-        kernel=Kernel("chunked_gla", platforms=_GPU_ONLY, packed=False, min_triton_chunk=16),
-        # Head dim <= 64: every decay, both dtypes. At 128 the backward now fits the
-        # H100 / A100 shared memory (chunk 32), but the forward spills registers (every
-        # decay; float32: 0.5-10 KB, bfloat16: ~0.6 KB). No TPU lowering.
-        proven=(Proven("cuda", max_head_dim=64),),
+        kernel=Kernel(
+            "chunked_gla", platforms=_ANY, packed=False, min_triton_chunk=16,
+            tpu_sublane_chunk=True, dtypes={"tpu": ("float32", "bfloat16")},
+        ),
+        # CUDA: head dims 64 and 128, every decay, both dtypes, x64 on and off (at 128 the
+        # forward sums its dk contractions over blocks of 32 key columns, BlockSizes.block_k;
+        # before that it spilled registers; larger head dims: unmeasured).
+        # TPU (pallas_kernels.chunked_gla_tpu, one chunk per sequential grid step): every
+        # decay, float32 and bfloat16, head dims 64 and 128 (larger: unmeasured), x64 on
+        # and off, on v4, v5e and v6e; VMEM (< 1 MiB) independent of T (compiled at 1k
+        # and 64k tokens).
+        proven=(Proven("cuda", max_head_dim=128), Proven("tpu", max_head_dim=128)),
     ),
     "delta_rule": Op(
         methods=("auto", "sequential", "chunked", "pallas"),
         auto={DEFAULT: "chunked"},
-        kernel=Kernel("chunked_delta", platforms=_GPU_ONLY, packed=False, min_triton_chunk=16),
-        # Nothing proven: the forward spills registers on H100 and A100 at head dim 64
-        # (24-600 bytes, float32 and bfloat16, gated or not) and 128 (19 KB).
-        proven=(),
+        kernel=Kernel(
+            "chunked_delta", platforms=_ANY, packed=False, min_triton_chunk=16,
+            tpu_sublane_chunk=True, dtypes={"tpu": ("float32", "bfloat16")},
+        ),
+        # CUDA: gated and not, float32 and bfloat16, head dims 64 and 128 (larger:
+        # unmeasured), x64 on and off (the forward sums its dk contractions over blocks of
+        # 16 key columns, BlockSizes.block_k; before that it spilled registers).
+        # TPU (pallas_kernels.chunked_delta_tpu): gated and not, float32 and bfloat16,
+        # head dims 64 and 128 (larger: unmeasured), x64 on and off, on v4, v5e and v6e;
+        # VMEM (< 1 MiB) independent of T (compiled at 1k and 64k tokens).
+        proven=(Proven("cuda", max_head_dim=128), Proven("tpu", max_head_dim=128)),
     ),
     "prefix_softmax_attention": Op(
         methods=("auto", "sequential", "associative"),
@@ -242,12 +262,21 @@ def _xla_auto(op: Op, platform: str) -> str:
 
 def _kernel_platforms(name: str, c: Case) -> tuple[str, ...]:
     """Where ``method="pallas"`` can run for ``c``: the kernel's platforms, less those
-    whose compiled kernel refuses ``c.dtype`` and the Triton ones when the chunk asked
-    for is below Triton's smallest dot."""
+    whose compiled kernel refuses ``c.dtype`` and those whose smallest chunk
+    (:func:`min_chunk`) is above the chunk asked for."""
     kernel = TABLE[name].kernel
-    small = c.chunk is not None and c.chunk < kernel.min_triton_chunk
+    small = lambda p: c.chunk is not None and c.chunk < min_chunk(kernel, p, c.dtype)  # noqa: E731
     return tuple(p for p in kernel.platforms
-                 if not (small and p in TRITON) and c.dtype in kernel.dtypes.get(p, (c.dtype,)))
+                 if not small(p) and c.dtype in kernel.dtypes.get(p, (c.dtype,)))
+
+
+def min_chunk(kernel: Kernel, platform: str, dtype: str) -> int:
+    """The smallest chunk ``kernel`` takes on ``platform`` for inputs of ``dtype``."""
+    if platform in TRITON:
+        return kernel.min_triton_chunk
+    if platform == "tpu" and kernel.tpu_sublane_chunk:
+        return 8 * max(1, 4 // jax.numpy.dtype(dtype).itemsize)
+    return 1
 
 
 def plan(name: str, method: str, c: Case) -> dict[str, str]:
@@ -314,8 +343,8 @@ def check_pallas(name: str, c: Case, inputs: str) -> None:
         )
     if host not in _kernel_platforms(name, c):
         raise ValueError(
-            f"chunk_size: method 'pallas' needs a power of two >= {kernel.min_triton_chunk} "
-            f"when compiled, got {c.chunk}"
+            f"chunk_size: method 'pallas' needs a power of two >= {min_chunk(kernel, host, c.dtype)} "
+            f"when compiled, got {c.chunk} (compiled for {host}, {c.dtype} inputs)"
         )
 
 

@@ -45,7 +45,8 @@ Evaluations (``method=``):
   kernel walks the chunks in reverse carrying ``dS``, recomputing each chunk's WY
   representation. Inputs keep their dtype (computed in float32). ``chunk_size`` (a power
   of two) is the kernel's chunk; no packed sequences (``ValueError``). Compiled on GPUs
-  (Triton lowering), interpreted on CPU (slow: for tests), no TPU kernel.
+  (Triton lowering) and TPUs (Mosaic: :mod:`pallas_kernels.chunked_delta_tpu`, float32 /
+  bfloat16 inputs), interpreted on CPU (slow: for tests).
 * ``"auto"``: ``"pallas"`` on a platform where :data:`ssmjax.scan._dispatch.TABLE` lists
   the kernel as proven for the dtype and head dim (never for packed sequences; the
   platform is the one the program is lowered for, the kernel runs with its per-target

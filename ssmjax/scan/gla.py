@@ -45,7 +45,9 @@ Evaluations (``method=``):
   states, the backward kernel walks the chunks in reverse carrying ``dS``). Inputs keep
   their dtype (bf16 is read as bf16, computed in float32). ``chunk_size`` (a power of two)
   is the kernel's chunk; no packed sequences (``segment_ids`` / ``reset``: ``ValueError``).
-  Compiled on GPUs (Triton lowering), interpreted on CPU (slow: for tests), no TPU kernel.
+  Compiled on GPUs (Triton lowering) and TPUs (Mosaic: :mod:`pallas_kernels.chunked_gla_tpu`,
+  float32 / bfloat16 inputs, one chunk per sequential grid step with the state in VMEM),
+  interpreted on CPU (slow: for tests).
 * ``"auto"``: ``"pallas"`` on a platform where :data:`ssmjax.scan._dispatch.TABLE` lists
   the kernel as proven for the dtype, decay kind and head dim (never for packed
   sequences; the platform is the one the program is lowered for, and the kernel runs

@@ -11,6 +11,8 @@ jitted kernels compile once per variant (DeltaNet / gated) and dtype (the wiring
 reuses the gated kernels). Keys are L2-normalised, as DeltaNet uses them.
 
 Errors are max |err| / max |ref| per output, float32 kernels against the float64 oracle.
+The TPU kernels (``platform="tpu"``, :mod:`pallas_kernels.chunked_delta_tpu`) are checked
+the same way under the interpreter; their compiles are tests/kernels/test_targets.py's.
 """
 
 import functools
@@ -32,8 +34,9 @@ B, T, H, DK, DV = 2, 37, 2, 5, 6
 #: for a traced scale (folded into q), so the wiring test reuses these compiled kernels.
 SMALL = BlockSizes(chunk=8)
 SCALE = 1.0
-#: Two value blocks (dv = 6 -> 8 in blocks of 4) and a non-trivial static scale.
-SPLIT_V = BlockSizes(chunk=8, block_v=4)
+#: Two value blocks (dv = 6 -> 8 in blocks of 4), two key blocks in the forward (dk = 5
+#: -> 8 in blocks of 4) and a non-trivial static scale.
+SPLIT_V = BlockSizes(chunk=8, block_v=4, block_k=4)
 SPLIT_V_SCALE = 0.7
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dbeta", "dg", "dh0")
 
@@ -80,8 +83,8 @@ def oracle(q, k, v, beta, g, h0, do, dh_last, scale=SCALE):
     return _oracle(*map(up, (q, k, v, beta, g, h0, do, dh_last)), scale=scale)
 
 
-def run_kernels(q, k, v, beta, g, h0, do, dh_last, block_sizes=SMALL, scale=SCALE):
-    kw = dict(scale=scale, block_sizes=block_sizes, interpret=True)
+def run_kernels(q, k, v, beta, g, h0, do, dh_last, block_sizes=SMALL, scale=SCALE, interpret=True, platform=None):
+    kw = dict(scale=scale, block_sizes=block_sizes, interpret=interpret, platform=platform)
     o, h_last, states = chunked_delta_forward(q, k, v, beta, g, h0, **kw)
     return (o, h_last) + chunked_delta_backward(q, k, v, beta, g, states, do, dh_last, **kw)
 
@@ -157,6 +160,19 @@ def test_bfloat16_inputs_keep_float32_state():
     compare(got[1:], want[1:], 2e-6, NAMES[1:])
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_forward_in_key_blocks_matches_oracle(gated):
+    """The forward kernel sums its dk contractions over key blocks (``block_k = 4``: dk =
+    5 -> 8 in two blocks) and carries the state as two row blocks: o and the final state
+    against the float64 oracle as in the float32 test (asserted < 2e-6)."""
+    q, k, v, beta, g, h0 = make_inputs(0, gated)
+    do, dh_last = cotangents(1)
+    o, h_last, _ = chunked_delta_forward(
+        q, k, v, beta, g, h0, scale=SCALE, block_sizes=BlockSizes(chunk=8, block_k=4), interpret=True
+    )
+    compare((o, h_last), oracle(q, k, v, beta, g, h0, do, dh_last)[:2], 2e-6, NAMES[:2])
+
+
 def test_kernel_bad_arguments():
     q, k, v, beta, g, _ = make_inputs(8, True)
     with pytest.raises(ValueError, match="beta: expected shape"):
@@ -166,7 +182,7 @@ def test_kernel_bad_arguments():
     with pytest.raises(ValueError, match="k: expected shape"):
         chunked_delta_forward(q, k[..., :-1], v, beta, interpret=True)
     with pytest.raises(ValueError, match="GPUs"):
-        chunked_delta_forward(q, k, v, beta, platform="tpu")
+        chunked_delta_forward(q, k, v, beta, platform="mosaic_gpu")
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -183,6 +199,79 @@ def test_kernels_lower_for_gpu(gated):
     bwd = jax.jit(functools.partial(chunked_delta_backward, platform="gpu"))
     lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
     assert "triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ----------------------------------------------------------------------------- TPU layout
+#: The TPU kernels (pallas_kernels.chunked_delta_tpu: head-major blocks, the chunk a
+#: sequential grid axis, the state in VMEM scratch, beta and g as rows of eight chunks)
+#: run by the interpreter on CPU; T = 75 is ten chunks of 8 (the last padded), so the
+#: per-token rows span two blocks of eight chunks.
+TPU = dict(interpret=True, platform="tpu")
+TPU_SHAPE = (B, 75, H, DK, DV)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-13), (jnp.float32, 2e-6)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_tpu_kernels_match_sequential_oracle(gated, dtype, tol):
+    """The TPU kernels' bodies (forward and backward; beta and the chunk-local sums of g
+    as rows, dbeta and dg written back as rows) against autodiff of the float64
+    sequential scan. float64 measured <= 6.4e-16 (asserted 1e-13: exact up to rounding);
+    float32 measured <= 3.3e-7 (asserted 2e-6, as the GPU layout)."""
+    q, k, v, beta, g, h0 = make_inputs(14, gated, dtype, shape=TPU_SHAPE)
+    do, dh_last = cotangents(15, TPU_SHAPE, dtype)
+    got = run_kernels(q, k, v, beta, g, h0, do, dh_last, **TPU)
+    assert all(x.dtype == dtype for x in got if x is not None)
+    compare(got, oracle(q, k, v, beta, g, h0, do, dh_last), tol)
+
+
+def test_tpu_kernels_strong_decay_repeated_keys_bfloat16():
+    """bf16 inputs at chunk 16 (the compiled kernels' smallest for 16-bit rows), gated
+    with log-decays down to -30 per token, every key the same unit vector and beta = 1
+    (the forward substitution's hardest case), a static scale of 0.7: o in bf16 to one
+    bf16 rounding (measured 2.1e-3, asserted 2^-8), the state and every gradient in
+    float32, finite, against the float64 oracle on the same bf16 values (asserted
+    C * 30 * 2^-24 * 1.05 = 3e-5 as the strong decay test above; measured <= 9.1e-7,
+    on dg)."""
+    q, k, v, beta, g, h0 = make_inputs(16, True, jnp.bfloat16, strength=30.0)
+    k = jnp.broadcast_to(k[:, :1, :1], k.shape)
+    beta = jnp.ones_like(beta)
+    do, dh_last = cotangents(17)
+    bs = BlockSizes(chunk=16)
+    got = run_kernels(q, k, v, beta, g, h0, do, dh_last, bs, SPLIT_V_SCALE, **TPU)
+    assert got[0].dtype == jnp.bfloat16 and all(x.dtype == jnp.float32 for x in got[1:] if x is not None)
+    assert all(bool(jnp.isfinite(x).all()) for x in got)
+    want = oracle(q, k, v, beta, g, h0, do, dh_last, SPLIT_V_SCALE)
+    assert rel_err(got[0], want[0]) < 2**-8
+    compare(got[1:], want[1:], bs.chunk * 30.0 * 2**-24 * 1.05, NAMES[1:])
+
+
+def test_tpu_kernel_refusals_name_the_argument():
+    """Compiled for a TPU: no float64 (Mosaic) and chunks of whole sublane tiles (16 rows
+    of bfloat16); both found while tracing."""
+    q, k, v, beta, _, _ = make_inputs(8, False, jnp.float64)
+    shapes = lambda *xs: [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in xs]  # noqa: E731
+    with pytest.raises(ValueError, match=r"^q: the compiled TPU chunked_delta kernel supports dtypes \('float32', 'bfloat16'\), got float64"):
+        jax.eval_shape(lambda *x: chunked_delta_forward(*x, platform="tpu"), *shapes(q, k, v, beta))
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, beta)]
+    with pytest.raises(ValueError, match=r"^block_sizes\.chunk: .* multiple of 16 rows .*got 8"):
+        jax.eval_shape(lambda *x: chunked_delta_forward(*x, block_sizes=SMALL, platform="tpu"), *shapes(*bf16))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_kernels_lower_for_tpu(gated):
+    """Both TPU kernels lower to Mosaic (``tpu_custom_call``) from this CPU host at a
+    realistic tile (bf16, dk = dv = 128, default chunk 32, T not a multiple of it);
+    compiling them for TPU v4 / v5e / v6e is tests/kernels/test_targets.py's."""
+    b, t, h, d = 2, 100, 3, 128
+    spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+    ins = (spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h), spec(b, t, h) if gated else None)
+    state = spec(b, h, d, d, dt=jnp.float32)
+    fwd = jax.jit(functools.partial(chunked_delta_forward, platform="tpu"))
+    assert "tpu_custom_call" in fwd.trace(*ins, state).lower(lowering_platforms=("tpu",)).as_text()
+    n_chunks = -(-t // BlockSizes().chunk_for("head"))
+    bwd = jax.jit(functools.partial(chunked_delta_backward, platform="tpu"))
+    lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
+    assert "tpu_custom_call" in lowered.lower(lowering_platforms=("tpu",)).as_text()
 
 
 # ----------------------------------------------------------------------------- ssmjax wiring
@@ -222,13 +311,16 @@ def test_ssmjax_pallas_errors_per_backend(monkeypatch):
     with pytest.raises(ValueError, match="^method"):
         delta_rule(q, k, v, beta, method="parallel")
     # What 'auto' picks per platform: tests/scan/test_dispatch.py; here the kernel's
-    # errors where it is compiled (GPU: Triton's smallest dot) or has none (TPU).
+    # errors where it is compiled (GPU: Triton's smallest dot; TPU: no float64, whole
+    # sublane tiles).
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(ValueError, match="chunk_size: method 'pallas' needs a power of two >= 16"):
         delta_rule(q, k, v, beta, method="pallas", chunk_size=8)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with pytest.raises(ValueError, match="no TPU kernel for delta_rule"):
-        delta_rule(q, k, v, beta, method="pallas")
+    with pytest.raises(ValueError, match=r"q, k, v, beta: the compiled tpu kernel of delta_rule supports dtypes \('float32', 'bfloat16'\), got float64"):
+        delta_rule(*(x.astype(jnp.float64) for x in (q, k, v, beta)), method="pallas")
+    with pytest.raises(ValueError, match=r"chunk_size: method 'pallas' needs a power of two >= 16 when compiled, got 8 \(compiled for tpu, bfloat16"):
+        delta_rule(*(x.astype(jnp.bfloat16) for x in (q, k, v, beta)), method="pallas", chunk_size=8)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled kernels need a GPU "

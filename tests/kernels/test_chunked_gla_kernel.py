@@ -10,6 +10,8 @@ sums). Tests reuse those shapes, so the jitted kernels compile once per decay ki
 dtype (the wiring test reuses the per-head kernels).
 
 Errors are max |err| / max |ref| per output, float32 kernels against the float64 oracle.
+The TPU kernels (``platform="tpu"``, :mod:`pallas_kernels.chunked_gla_tpu`) are checked
+the same way under the interpreter; their compiles are tests/kernels/test_targets.py's.
 """
 
 import functools
@@ -32,8 +34,9 @@ B, T, H, DK, DV = 2, 37, 2, 5, 6
 #: these compiled kernels.
 SMALL = BlockSizes(chunk=8)
 SCALE = 1.0
-#: Two value blocks (dv = 6 -> 8 in blocks of 4) and a non-trivial static scale.
-SPLIT_V = BlockSizes(chunk=8, block_v=4)
+#: Two value blocks (dv = 6 -> 8 in blocks of 4), two key blocks in the forward (dk = 5
+#: -> 8 in blocks of 4) and a non-trivial static scale.
+SPLIT_V = BlockSizes(chunk=8, block_v=4, block_k=4)
 SPLIT_V_SCALE = 0.7
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dh0")
 
@@ -78,8 +81,8 @@ def oracle(q, k, v, g, h0, do, dh_last, scale=SCALE):
     return _oracle(*map(up, (q, k, v, g, h0, do, dh_last)), scale=scale)
 
 
-def run_kernels(q, k, v, g, h0, do, dh_last, block_sizes=SMALL, scale=SCALE):
-    kw = dict(scale=scale, block_sizes=block_sizes, interpret=True)
+def run_kernels(q, k, v, g, h0, do, dh_last, block_sizes=SMALL, scale=SCALE, interpret=True, platform=None):
+    kw = dict(scale=scale, block_sizes=block_sizes, interpret=interpret, platform=platform)
     o, h_last, states = chunked_gla_forward(q, k, v, g, h0, **kw)
     return (o, h_last) + chunked_gla_backward(q, k, v, g, states, do, dh_last, **kw)
 
@@ -148,6 +151,19 @@ def test_bfloat16_inputs_keep_float32_state():
     compare(got[1:], want[1:], 2e-6, "channel", NAMES[1:])
 
 
+@pytest.mark.parametrize("kind", ["none", "head", "channel"])
+def test_forward_in_key_blocks_matches_oracle(kind):
+    """The forward kernel sums its dk contractions over key blocks (``block_k = 4``: dk =
+    5 -> 8 in two blocks) and carries the state as two row blocks: o and the final state
+    against the float64 oracle as in the float32 test (asserted < 2e-6)."""
+    q, k, v, g, h0 = make_inputs(0, kind)
+    do, dh_last = cotangents(1)
+    o, h_last, _ = chunked_gla_forward(
+        q, k, v, g, h0, scale=SCALE, block_sizes=BlockSizes(chunk=8, block_k=4), interpret=True
+    )
+    compare((o, h_last), oracle(q, k, v, g, h0, do, dh_last)[:2], 2e-6, kind, NAMES[:2])
+
+
 def test_kernel_bad_arguments():
     q, k, v, g, h0 = make_inputs(6, "head")
     with pytest.raises(ValueError, match="g: expected shape"):
@@ -161,7 +177,7 @@ def test_kernel_bad_arguments():
     with pytest.raises(ValueError, match="dot_precision"):
         BlockSizes(dot_precision="tf32")
     with pytest.raises(ValueError, match="GPUs"):
-        chunked_gla_forward(q, k, v, g, platform="tpu")
+        chunked_gla_forward(q, k, v, g, platform="mosaic_gpu")
     with pytest.raises(ValueError, match="chunk >= 16"):
         chunked_gla_forward(q, k, v, g, block_sizes=BlockSizes(chunk=8), platform="gpu")
     _, _, states = chunked_gla_forward(q, k, v, g, h0, scale=SCALE, block_sizes=SMALL, interpret=True)
@@ -185,6 +201,87 @@ def test_kernels_lower_for_gpu(kind):
     bwd = jax.jit(functools.partial(chunked_gla_backward, platform="gpu"))
     lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
     assert "triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+# ----------------------------------------------------------------------------- TPU layout
+#: The TPU kernels (pallas_kernels.chunked_gla_tpu, head-major blocks, the chunk a
+#: sequential grid axis, the state in VMEM scratch) run by the interpreter on CPU; T = 75
+#: is ten chunks of 8 (the last padded), so per-head decays, kept as rows of eight
+#: chunks, span two blocks.
+TPU = dict(interpret=True, platform="tpu")
+TPU_SHAPE = (B, 75, H, DK, DV)
+
+
+def run_tpu_kernels(q, k, v, g, h0, do, dh_last, block_sizes=SMALL, scale=SCALE):
+    return run_kernels(q, k, v, g, h0, do, dh_last, block_sizes, scale, **TPU)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-13), (jnp.float32, 2e-6)])
+@pytest.mark.parametrize("kind", ["none", "head", "channel"])
+def test_tpu_kernels_match_sequential_oracle(kind, dtype, tol):
+    """The TPU kernels' bodies (forward and backward, one chunk per grid step, the state
+    and dS carried in scratch across the sequential chunk axis, the backward's chunks in
+    reverse through its index maps, the chunk-local sums of g formed in the kernels)
+    against autodiff of the float64 sequential scan (T = 75: ten chunks of 8, the last
+    padded; dk = 5 and dv = 6 padded to 8). float64 measured <= 6.4e-16 (asserted 1e-13:
+    exact up to rounding); float32 measured <= 2.3e-7 (asserted 2e-6, as the GPU layout)."""
+    q, k, v, g, h0 = make_inputs(14, kind, dtype, shape=TPU_SHAPE)
+    do, dh_last = cotangents(15, TPU_SHAPE, dtype)
+    got = run_tpu_kernels(q, k, v, g, h0, do, dh_last)
+    assert all(x.dtype == dtype for x in got if x is not None)
+    compare(got, oracle(q, k, v, g, h0, do, dh_last), tol, kind)
+
+
+@pytest.mark.parametrize("kind", ["head", "channel"])
+def test_tpu_kernels_strong_decay_and_bfloat16(kind):
+    """bf16 inputs at chunk 16 (the compiled kernels' smallest for 16-bit rows: two
+    chunks and a padded one at T = 37), log-decays down to -30 per token, a static scale
+    of 0.7: o in bf16 to one bf16 rounding (measured 2.9e-3, asserted 2^-8), the state
+    and every gradient in float32, finite, against the float64 oracle on the same bf16
+    values (a chunk of 16 spans exp(-480); asserted C * 30 * 2^-24 * 1.05 = 3e-5 as the
+    strong decay test above, measured <= 8.7e-7)."""
+    q, k, v, g, h0 = make_inputs(12, kind, dtype=jnp.bfloat16, strength=30.0)
+    do, dh_last = cotangents(13)
+    bs = BlockSizes(chunk=16)
+    got = run_tpu_kernels(q, k, v, g, h0, do, dh_last, bs, SPLIT_V_SCALE)
+    assert got[0].dtype == jnp.bfloat16 and all(x.dtype == jnp.float32 for x in got[1:])
+    assert all(bool(jnp.isfinite(x).all()) for x in got)
+    want = oracle(q, k, v, g, h0, do, dh_last, SPLIT_V_SCALE)
+    assert rel_err(got[0], want[0]) < 2**-8
+    compare(got[1:], want[1:], bs.chunk * 30.0 * 2**-24 * 1.05, kind, NAMES[1:])
+
+
+def _trace(fn, *arrays):
+    return jax.eval_shape(fn, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in arrays))
+
+
+def test_tpu_kernel_refusals_name_the_argument():
+    """Compiled for a TPU: no float64 (Mosaic), and chunks of whole sublane tiles (8 rows
+    of float32, 16 of bfloat16); both found while tracing."""
+    q, k, v, g, _ = make_inputs(6, "head", jnp.float64)
+    with pytest.raises(ValueError, match=r"^q: the compiled TPU chunked_gla kernel supports dtypes \('float32', 'bfloat16'\), got float64"):
+        _trace(lambda q, k, v: chunked_gla_forward(q, k, v, platform="tpu"), q, k, v)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v, g)]
+    with pytest.raises(ValueError, match=r"^block_sizes\.chunk: .* multiple of 16 rows .*got 8"):
+        _trace(lambda *x: chunked_gla_forward(*x, block_sizes=SMALL, platform="tpu"), *bf16)
+
+
+@pytest.mark.parametrize("kind", ["none", "head", "channel"])
+def test_kernels_lower_for_tpu(kind):
+    """Both TPU kernels lower to Mosaic (``tpu_custom_call``) from this CPU host at a
+    realistic tile (bf16, dk = dv = 128, T not a multiple of the chunk); compiling them for
+    TPU v4 / v5e / v6e is tests/kernels/test_targets.py's."""
+    b, t, h, d = 2, 100, 3, 128
+    spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+    g = {"none": None, "head": spec(b, t, h, dt=jnp.float32), "channel": spec(b, t, h, d, dt=jnp.float32)}[kind]
+    ins = (spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d), g)
+    state = spec(b, h, d, d, dt=jnp.float32)
+    fwd = jax.jit(functools.partial(chunked_gla_forward, platform="tpu"))
+    assert "tpu_custom_call" in fwd.trace(*ins, state).lower(lowering_platforms=("tpu",)).as_text()
+    n_chunks = -(-t // BlockSizes().chunk_for(kind))
+    bwd = jax.jit(functools.partial(chunked_gla_backward, platform="tpu"))
+    lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
+    assert "tpu_custom_call" in lowered.lower(lowering_platforms=("tpu",)).as_text()
 
 
 # ----------------------------------------------------------------------------- ssmjax wiring
@@ -230,13 +327,15 @@ def test_ssmjax_pallas_errors_per_backend(monkeypatch):
     with pytest.raises(ValueError, match="method"):
         f(q, k, v, method="associative")
     # What 'auto' picks per platform: tests/scan/test_dispatch.py; here the kernel's
-    # errors where the program would be compiled (GPU) or has no kernel (TPU, others).
+    # errors where the program would be compiled (GPU; TPU: no float64) or has no kernel.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(ValueError, match="chunk_size: method 'pallas' needs a power of two >= 16"):
         f(q, k, v, method="pallas", chunk_size=8)
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    with pytest.raises(ValueError, match="no TPU kernel for gated_linear_attention"):
-        f(q, k, v, method="pallas")
+    with pytest.raises(ValueError, match=r"q, k, v: the compiled tpu kernel of gated_linear_attention supports dtypes \('float32', 'bfloat16'\), got float64"):
+        f(*(x.astype(jnp.float64) for x in (q, k, v)), method="pallas")
+    with pytest.raises(ValueError, match=r"chunk_size: method 'pallas' needs a power of two >= 16 when compiled, got 8 \(compiled for tpu, bfloat16"):
+        f(*(x.astype(jnp.bfloat16) for x in (q, k, v)), method="pallas", chunk_size=8)
     monkeypatch.setattr(jax, "default_backend", lambda: "metal")
     with pytest.raises(ValueError, match="no kernel for the 'metal' backend"):
         f(q, k, v, method="pallas")

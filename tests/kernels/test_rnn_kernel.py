@@ -113,11 +113,20 @@ def test_backward_kernel_direct_without_keep():
         assert_close(x, y, 1e-11)
 
 
-@pytest.mark.parametrize("block_sizes", [BlockSizes(block_b=1, block_t=4), BlockSizes(block_b=4, block_t=8)])
+@pytest.mark.parametrize(
+    "block_sizes",
+    [
+        BlockSizes(block_b=1, block_t=4),
+        BlockSizes(block_b=4, block_t=8),
+        BlockSizes(block_b=2, block_h=2),
+        BlockSizes(block_b=2, block_h=2, resident=False),
+    ],
+)
 def test_block_size_invariance(block_sizes):
     """One row per batch block with T = 7 = one unrolled chunk of 4 + a remainder of 3; a
-    batch block bigger than the batch with a time block longer than T (remainder only):
-    the same result as block_t = 1."""
+    batch block bigger than the batch with a time block longer than T (remainder only);
+    the forward's state and R in two column blocks (dh = 3 -> 4 in blocks of 2), R kept
+    resident or re-read every step: the same result as block_t = 1 with one block."""
     gx, R, bias, state = inputs("gru", seed=5)
     keep = jnp.ones((Bt, T), bool).at[1, 3].set(False)
     want = rnn_forward(gx, R, bias, state, keep, cell="gru", block_sizes=SMALL, interpret=True)

@@ -104,18 +104,40 @@ def test_auto_takes_a_kernel_only_where_proven():
     assert plan("matrix_scan")["cuda"] == "chunked"
     assert plan("selective_scan")["cpu"] == "chunked"
     assert plan("selective_scan")["cuda"] == "pallas"
-    assert plan("selective_scan", dtype="bfloat16")["cuda"] == "chunked"  # A100 fwd spills
-    assert plan("selective_scan")["tpu"] == "chunked"  # v4 backward, bf16 rows, VMEM
-    # GLA / SSD: at dk 128 the forward spills registers (the backward fits since chunk 32).
+    assert plan("selective_scan", dtype="bfloat16", x64=True)["cuda"] == "pallas"  # block_d 16
+    # TPU: tiled over time (VMEM independent of T), float32 and bfloat16, x64 on and off.
+    assert plan("selective_scan", time=65536, x64=True)["tpu"] == "pallas"
+    assert plan("selective_scan", dtype="bfloat16", packed=True)["tpu"] == "pallas"
+    assert plan("selective_scan", dtype="float64")["tpu"] == "chunked"  # Mosaic has no float64
+    # GLA / SSD on CUDA: every decay, both dtypes, head dims 64 and 128 (the forward sums
+    # its dk contractions over key blocks), x64 on and off; larger head dims unmeasured.
     gla = "gated_linear_attention"
     for decay in _dispatch.DECAYS:
-        assert plan(gla, head_dim=64, decay=decay)["cuda"] == "pallas"
-        assert plan(gla, head_dim=128, decay=decay)["cuda"] == "chunked"
+        for head_dim in (64, 128):
+            assert plan(gla, head_dim=head_dim, decay=decay, x64=True)["cuda"] == "pallas"
+            assert plan(gla, "bfloat16", head_dim=head_dim, decay=decay)["cuda"] == "pallas"
+    assert plan(gla, head_dim=256)["cuda"] == "chunked"
     assert plan(gla, head_dim=64, packed=True)["cuda"] == "chunked"
-    assert plan(gla, head_dim=64)["tpu"] == "chunked"  # no TPU lowering
-    # delta rule: the forward spills registers at dk 64 and 128: never the kernel.
+    # TPU (one chunk per sequential grid step, VMEM independent of T): every decay, both
+    # dtypes, head dims 64 and 128, x64 on and off; larger head dims unmeasured.
+    for decay in _dispatch.DECAYS:
+        for head_dim in (64, 128):
+            assert plan(gla, head_dim=head_dim, decay=decay, x64=True)["tpu"] == "pallas"
+            assert plan(gla, "bfloat16", head_dim=head_dim, decay=decay, time=65536)["tpu"] == "pallas"
+    assert plan(gla, head_dim=256)["tpu"] == "chunked"
+    assert plan(gla, head_dim=64, packed=True)["tpu"] == "chunked"
+    assert plan(gla, "float64", head_dim=64)["tpu"] == "chunked"  # Mosaic has no float64
+    # delta rule, CUDA and TPU: gated and not, both dtypes, head dims up to 128, x64 on
+    # and off.
     for head_dim in (16, 64, 128):
-        assert "pallas" not in plan("delta_rule", head_dim=head_dim).values()
+        assert plan("delta_rule", head_dim=head_dim, x64=True)["cuda"] == "pallas"
+        assert plan("delta_rule", "bfloat16", head_dim=head_dim, decay="head")["cuda"] == "pallas"
+        assert plan("delta_rule", head_dim=head_dim, x64=True)["tpu"] == "pallas"
+        assert plan("delta_rule", "bfloat16", head_dim=head_dim, decay="head", time=65536)["tpu"] == "pallas"
+    assert plan("delta_rule", head_dim=256)["tpu"] == "chunked"
+    assert plan("delta_rule", head_dim=256)["cuda"] == "chunked"
+    assert plan("delta_rule", head_dim=64, packed=True)["tpu"] == "chunked"
+    assert plan("delta_rule", head_dim=64, packed=True)["cuda"] == "chunked"
     assert plan("prefix_softmax_attention")["cpu"] == "sequential"
     assert plan("prefix_softmax_attention")["tpu"] == "associative"
     for p in plan("plstm_1d").values():
@@ -159,16 +181,21 @@ def test_proven_rows_avoid_every_known_issue():
 def test_explicit_methods():
     c = _dispatch.Case(dtype="float32", chunk=8)
     assert _dispatch.plan("selective_scan", "sequential", c) == {"default": "sequential"}
-    # Triton's smallest dot is 16: a chunk of 8 is interpreter-only.
-    assert _dispatch.plan("gated_linear_attention", "pallas", c) == {"cpu": "pallas"}
+    # Triton's smallest dot is 16: a chunk of 8 is interpreter-only on GPUs. Mosaic TPU
+    # takes whole sublane tiles: 8 rows of float32, 16 of bfloat16.
+    assert _dispatch.plan("gated_linear_attention", "pallas", c) == {"cpu": "pallas", "tpu": "pallas"}
     c16 = _dispatch.Case(dtype="float32", chunk=16)
-    assert set(_dispatch.plan("gated_linear_attention", "pallas", c16)) == {"cpu", "cuda", "rocm"}
+    assert set(_dispatch.plan("gated_linear_attention", "pallas", c16)) == {"cpu", "cuda", "rocm", "tpu"}
+    bf16_8 = _dispatch.Case(dtype="bfloat16", chunk=8)
+    assert _dispatch.plan("gated_linear_attention", "pallas", bf16_8) == {"cpu": "pallas"}
+    assert "tpu" in _dispatch.plan("gated_linear_attention", "pallas", _dispatch.Case("bfloat16", chunk=16))
     assert set(_dispatch.plan("linear_scan", "pallas", c)) == {"cpu", "cuda", "rocm", "tpu"}
     # The compiled TPU kernels refuse float64: no TPU branch is traced for it.
     c64 = _dispatch.Case(dtype="float64")
     assert set(_dispatch.plan("linear_scan", "pallas", c64)) == {"cpu", "cuda", "rocm"}
     assert set(_dispatch.plan("selective_scan", "pallas", c)) == {"cpu", "cuda", "rocm", "tpu"}
-    assert "tpu" not in _dispatch.plan("selective_scan", "pallas", _dispatch.Case(dtype="bfloat16"))
+    assert "tpu" in _dispatch.plan("selective_scan", "pallas", _dispatch.Case(dtype="bfloat16"))
+    assert set(_dispatch.plan("selective_scan", "pallas", c64)) == {"cpu", "cuda", "rocm"}
 
 
 def test_explicit_pallas_in_float64_compiles_on_the_host():
@@ -219,8 +246,9 @@ def test_auto_decides_the_platform_at_lowering_time(op):
         assert TRITON not in cpu and MOSAIC not in cpu
         assert TRITON in lowered_text(f, args, "cuda")
         tpu = lowered_text(f, args, "tpu")
-    # Only linear_scan has a TPU kernel that auto may pick (proven with x64 too).
-    assert (MOSAIC in tpu) == (op == "linear_scan")
+    # linear_scan, the selective scan and GLA have TPU kernels that auto may pick
+    # (proven with x64 too).
+    assert (MOSAIC in tpu) == (op in ("linear_scan", "selective_scan", "gated_linear_attention"))
 
 
 def test_tpu_kernel_through_jax_export():
