@@ -43,7 +43,6 @@ and bfloat16 inputs (Mosaic has no float64); the interpreter (``interpret=True``
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +67,7 @@ from pallas_kernels._common import (
     next_power_of_two,
     sublane_rows,
 )
-from pallas_kernels.chunked_gla import _decay_kind
+from pallas_kernels.chunked_gla import _Chunk, _decay_kind
 
 __all__ = ["TPU_DTYPES", "TpuLayout", "chunked_gla_backward_tpu", "chunked_gla_forward_tpu"]
 
@@ -212,24 +211,6 @@ class Triangles:
 
 
 # ----------------------------------------------------------------------------- kernel math
-class _Chunk(NamedTuple):
-    """One chunk's operands in the carry dtype, with its decays."""
-
-    q: jax.Array  # [C, dk]
-    k: jax.Array  # [C, dk]
-    v: jax.Array  # [C, dv]
-    L: jax.Array  # [C, 1] (none / head) or [C, dk] (channel): chunk-local cumulative log-decay
-    last: jax.Array  # [1, 1] or [1, dk]: L at the chunk's last row
-
-    @property
-    def q_from_start(self):
-        return self.q * jnp.exp(self.L)
-
-    @property
-    def k_to_end(self):
-        return self.k * jnp.exp(self.last - self.L)
-
-
 def _scores_per_channel(x: _Chunk, k_ref, L_ref, chunk: int, dtype):
     """``A [C, C]``: column ``j`` is ``sum_d q_id k_jd exp(L_id - L_jd)`` (``i >= j``), one
     ``[C, dk]`` step per key position, ``k_j`` and ``L_j`` read as rows of the chunk's
