@@ -27,7 +27,8 @@ Checkpoints are written every ``checkpoint_every`` steps and every
 ``checkpoint_every_minutes`` of wall time, whichever comes first.
 
 Outputs in ``run_dir``: ``config.json``, ``metrics.jsonl``, ``checkpoints/<step>/``,
-``result.json`` and ``learning_curves.png``. In a multi-process job
+``result.json``, ``evals.json`` (every evaluation in full: ``result.json`` reports the newest
+even when a resumed run stops before evaluating again) and ``learning_curves.png``. In a multi-process job
 (:func:`ssmjax.distributed.launch.initialize`) every process trains and checkpoints (orbax
 coordinates them); process 0 alone writes the other files.
 """
@@ -259,6 +260,23 @@ def nonfinite_message(step: int, loss: float, grad_norm: float, last_checkpoint:
             "grad_clip and train(..., resume=True) from the checkpoint, or start again.")
 
 
+#: Every evaluation in full, by step (``metrics.jsonl`` keeps only their scalars), so that a
+#: run resumed and stopped again before its next evaluation still reports one in ``result.json``.
+EVALS = "evals.json"
+
+
+def _evals(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / EVALS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _newest_eval(run_dir: Path, step: int) -> dict[str, Any]:
+    """The scores of the newest evaluation at or before ``step`` (``{}`` if none); those
+    after it (made before a kill, past the checkpoint a run resumes from) are for redone steps."""
+    done = {int(k): v for k, v in _evals(run_dir).items() if int(k) <= step}
+    return done[max(done)] if done else {}
+
+
 def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n")
@@ -368,6 +386,8 @@ def _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_ke
     def evaluate(params, step):
         scores = task.evaluate(evaluator.at(params))
         log.write(dict(split="eval", step=step, **{**_scalars(scores.get("summary", {})), **_scalars(scores)}))
+        if log.writes:
+            _write_json(run_dir / EVALS, _jsonable({**_evals(run_dir), str(step): scores}))
         progress.eval(step, scores["accuracy"], scores.get("loss"))
         return scores
 
@@ -376,7 +396,7 @@ def _run(model, task, config, spec, run_dir, state, optimizer, schedule, step_ke
         checkpoints.save(step, state)
         saved_at, last_save = step, time.perf_counter()
 
-    scores: dict[str, Any] = {}
+    scores = _newest_eval(run_dir, start)
     with InterruptFlag(verbose) as interrupted:
         step = start
         while step < end:

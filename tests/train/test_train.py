@@ -139,6 +139,23 @@ def test_stop_then_resume_equals_one_run(straight_run, tmp_path):
     assert_same_run(straight_run, tmp_path)
 
 
+def test_a_resumed_run_stopped_before_its_next_eval_reports_the_last_eval(straight_run, tmp_path):
+    at_4 = train(tiny_model(), TinyTask(), CONFIG, tmp_path, stop_at=4, verbose=False).results["eval"]
+    assert at_4["accuracy"] == [r for r in read_metrics(straight_run / "metrics.jsonl") if r["split"] == "eval"][0]["acc"]
+    stopped = train(tiny_model(), TinyTask(), CONFIG, tmp_path, resume=True, stop_at=6, verbose=False).results
+    assert stopped["status"] == "stopped" and stopped["eval"] == at_4
+
+
+def test_an_eval_past_the_resumed_checkpoint_is_not_reported(straight_run, tmp_path):
+    # A kill after step 8's evaluation but before its checkpoint: the resumed run redoes steps 5-8.
+    shutil.copytree(straight_run, tmp_path, dirs_exist_ok=True)
+    shutil.rmtree(tmp_path / "checkpoints" / "8")
+    evals = json.loads((tmp_path / "evals.json").read_text())
+    assert sorted(evals) == ["4", "8"]
+    stopped = train(tiny_model(), TinyTask(), CONFIG, tmp_path, resume=True, stop_at=5, verbose=False).results
+    assert stopped["status"] == "stopped" and stopped["eval"] == evals["4"]
+
+
 def test_sigint_saves_and_resume_is_exact(straight_run, tmp_path):
     def interrupt_then_batch():
         os.kill(os.getpid(), signal.SIGINT)  # arrives while batch 5 is being made: update 6 completes
