@@ -49,10 +49,12 @@ forward: ``gates`` small matmuls), differentiates the point-wise update with ``j
 traced inside the kernel (element-wise ops only), and propagates::
 
     (dgx_t, dr_t, d state_prev) = vjp(pointwise)(d state_t + [dh_t, 0, ...])
-    dh_prev += sum_g dr_g R_g^T,   dR_g += h_prev^T dr_g,   db_g += sum_batch dr_g
+    dh_prev += sum_g dr_g R_g^T
 
-``dR`` and ``db`` come out per batch block (``[batch_pad / block_b, gates, heads, dh,
-dh]``) and the wrapper sums them: no atomics, deterministic. Memory of the residual:
+It works on ``block_h``-wide column blocks in loops (``_backward_kernel``), keeps the
+running state cotangent in its output ref and writes ``dr`` for every step; the wrapper
+then forms ``dR_g = sum_{b,t} h_prev^T dr_g`` and ``db_g = sum_{b,t} dr_g`` as one
+matmul / sum over (batch, time): no atomics, deterministic. Memory of the residual:
 ``S`` times the outputs, in float32.
 
 Padding (wrappers, only when needed): the batch to a multiple of ``block_b`` and ``dh``
@@ -60,10 +62,10 @@ to a power of two (at least 16 when compiled, the smallest Triton ``dot``) with 
 zero weights, inputs and states keep padded units at ``h = c = 0`` (sLSTM: ``n > 0``) and
 give them zero gradients. On-chip budget: the resident ``R`` is ``gates * dh^2`` floats
 per program (64 KiB at ``dh = 64``, LSTM), staged in shared memory; at ``dh = 128`` (256
-KiB for an LSTM) the forward streams it instead, and the backward, which keeps whole
-``[dh, dh]`` blocks, exceeds the shared memory (``pallas_kernels.targets.KNOWN_ISSUES``).
-FlashRNN avoids both by splitting a head over several cooperating programs (not done
-here).
+KiB for an LSTM) the forward streams it instead, and the backward always streams its
+``[block_h, block_h]`` blocks (6 KiB of shared memory for every cell at ``dh = 64`` and
+``128``, ``tests/kernels/test_targets.py``). FlashRNN splits a head over several
+cooperating programs instead (not done here).
 
 Backends: ``interpret=True`` anywhere (the CPU tests); compiled through Triton on GPUs
 (``platform="gpu"``; the tests check the lowering to Triton IR, no GPU run yet). The
@@ -90,6 +92,7 @@ from pallas_kernels._common import (
     carry_dtype_of,
     check_triton_platform,
     compiler_params,
+    i32,
     is_power_of_two,
     next_power_of_two,
     time_loop,
@@ -114,8 +117,8 @@ class BlockSizes:
       block_t: time steps per unrolled chunk of the time loop (power of two). 1 by
         default: compiled for an A100 / H100 (LSTM, head dim 64), unrolling 4 steps keeps
         4 steps of gate tiles live at once, 164 KiB of shared memory in the forward (A100
-        limit 163 KiB) and 304 KiB in the backward (H100 limit 227 KiB); one step per
-        iteration takes 66 and 136 KiB (``tests/kernels/test_targets.py``).
+        limit 163 KiB); one step per iteration takes 66 KiB
+        (``tests/kernels/test_targets.py``).
       block_h: columns per block of the forward's recurrent products (power of two;
         lowered to the padded ``dh`` when that is smaller). The forward keeps the state
         and the resident ``R`` in ``[block_b, block_h]`` / ``[block_h, block_h]`` blocks
@@ -123,8 +126,8 @@ class BlockSizes:
         ``block_h``-long contraction: a float32 ``dot`` at ``HIGHEST`` precision is
         Triton's FMA path, whose operands sit in registers along the whole contraction,
         and one ``[16, 64] @ [64, 64]`` product per gate spills registers at ``dh = 64``
-        (LSTM, GRU, sLSTM; H100 and A100) where blocks of 32 do not. The backward keeps
-        whole ``[dh, dh]`` products.
+        (LSTM, GRU, sLSTM; H100 and A100) where blocks of 32 do not. The backward
+        loops over the same blocks (``_backward_kernel``).
       resident: whether the forward loads ``R`` once and keeps it resident (in shared
         memory, as the compiler stages it) or re-reads its blocks from global memory
         (L1 / L2) at every step. ``None``: resident when the float32 ``R`` of a head,
@@ -188,27 +191,6 @@ def _dot(a, b):
     return jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=a.dtype)
 
 
-class _Weights(NamedTuple):
-    """One head's resident weights, in the carry dtype."""
-
-    R: list  # gates x [dh, dh]
-    b: list  # gates x [1, dh]
-
-    def recurrent(self, h):
-        return [_dot(h, R) + b for R, b in zip(self.R, self.b)]
-
-
-def _load_weights(R_ref, b_ref, gates: int, dtype) -> _Weights:
-    return _Weights(
-        [R_ref[g].astype(dtype) for g in range(gates)],
-        [b_ref[pl.ds(g, 1), :].astype(dtype) for g in range(gates)],
-    )
-
-
-def _load_gx(gx_ref, t, gates: int, dtype) -> list:
-    return [gx_ref[:, t, g, :].astype(dtype) for g in range(gates)]
-
-
 def _cut(keep_ref, t, parts: list) -> list:
     """Zero the state entering ``t`` where ``keep`` is 0 (``[block_b, 1]`` per row)."""
     if keep_ref is None:
@@ -268,49 +250,111 @@ def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states, block_h, 
             last_ref[:, k, c] = x
 
 
-def _backward_kernel(*refs, cell, time, block_t, has_keep):
+def _blocks(n: int, body, carry=()):
+    """``carry = body(j, carry)`` for the column blocks ``j = 0 .. n-1``: a ``fori_loop``
+    (an ``scf.for`` in the Triton lowering: one copy of ``body`` in the program), or one
+    static call when there is one block."""
+    if n == 1:
+        return body(0, carry)
+    return jax.lax.fori_loop(i32(0), i32(n), body, carry)
+
+
+def _backward_kernel(*refs, cell, time, block_t, has_keep, block_h, sync):
+    """The reverse-time loop with every ``[dh]``-wide quantity in refs and the column
+    blocks in loops. Per step ``t``, with ``n = dh / block_h`` column blocks and ``R_g``
+    read as ``[block_h, block_h]`` blocks from global memory (L1 / L2):
+
+    A. for each column block ``j`` (a loop): ``r_g[j] = b_g[j] + sum_i h_prev[i] R_g[i,
+       j]`` (an inner loop over ``i``), then the point-wise adjoint of column block ``j``,
+       which writes ``dr_g[j]`` (output ``dr``, also this step's scratch), ``dgx`` (GRU)
+       and the cut ``d state_prev[j]`` over ``d state_t[j]`` in ``ds`` (the running
+       cotangent of the state; at the end, that of ``state0``).
+    B. for each row block ``i`` (a loop): ``ds[0][i] += cut(sum_j sum_g dr_g[j] R_g[i,
+       j]^T)`` (an inner loop over ``j``).
+
+    The program holds one column block of each quantity at a time, and its code is one
+    copy of each loop body whatever ``dh``, so neither shared memory nor compile time
+    grows with ``(dh / block_h)^2`` (unrolled, the LSTM at ``dh = 128`` took 45-94 s to
+    compile). Phase B reads blocks that other threads wrote in phase A, and phase A those
+    of the previous step's B: compiled, a barrier (``bar.sync``, which also orders the
+    program's global memory accesses) separates the phases (``sync``; the interpreter runs
+    in order). ``dR`` and ``db`` are not accumulated here: the wrapper computes them from
+    ``dr`` and the stored states as one matmul over (batch, time)."""
     gx_ref, R_ref, b_ref = refs[:3]
     keep_ref = refs[3] if has_keep else None
-    s0_ref, states_ref, dh_ref, dlast_ref, dgx_ref, dR_ref, db_ref, ds0_ref = refs[3 + has_keep :]
-    dtype = ds0_ref.dtype
+    s0_ref, states_ref, dh_ref, dlast_ref, dr_ref, ds_ref = refs[3 + has_keep : 9 + has_keep]
+    dgx_ref = refs[9 + has_keep] if cell == "gru" else None
+    dtype = ds_ref.dtype
     gates, parts = GATES[cell], STATE_PARTS[cell]
-    weights = _load_weights(R_ref, b_ref, gates, dtype)
-    R_T = [R.T for R in weights.R]
+    rows, dh = ds_ref.shape[0], R_ref.shape[-1]
+    size = min(block_h, dh)
+    n = dh // size
+    if sync:
+        from jax.experimental.pallas import triton as pltriton
 
-    def step_backward(t, prev, carry):
-        """Adjoint of step ``t`` given the (uncut) state entering it."""
-        d_state, dR, db = carry
-        prev = _cut(keep_ref, t, prev)
-        gx = _load_gx(gx_ref, t, gates, dtype)
-        r = weights.recurrent(prev[0])
+        barrier = pltriton.debug_barrier
+    else:
+        barrier = lambda: None  # noqa: E731
+
+    def col(j):
+        return pl.ds(j * size if isinstance(j, int) else pl.multiple_of(j * size, size), size)
+
+    def R_block(g, i, j):
+        return R_ref[g, col(i), col(j)].astype(dtype)
+
+    def prev_block(t, k, c):
+        """Column block ``c`` of state part ``k`` entering step ``t`` (cut)."""
+        if isinstance(t, int):
+            x = s0_ref[:, k, c] if t == 0 else states_ref[:, t - 1, k, c]
+        else:
+            x = jnp.where(t == 0, s0_ref[:, k, c], states_ref[:, jnp.maximum(t - 1, 0), k, c])
+        return _cut(keep_ref, t, [x.astype(dtype)])[0]
+
+    def adjoint(t, j, carry):
+        c = col(j)
+
+        def recurrent(i, r):
+            h_i = prev_block(t, 0, col(i))
+            return tuple(r[g] + _dot(h_i, R_block(g, i, j)) for g in range(gates))
+
+        r = _blocks(n, recurrent, (jnp.zeros((rows, size), dtype),) * gates)
+        r = [r[g] + b_ref[pl.ds(g, 1), c].astype(dtype) for g in range(gates)]
+        gx = [gx_ref[:, t, g, c].astype(dtype) for g in range(gates)]
+        prev = [prev_block(t, k, c) for k in range(parts)]
         _, pullback = jax.vjp(lambda gx, r, prev: _pointwise(cell, gx, r, prev), gx, r, prev)
-        d_new = list(d_state)
-        d_new[0] = d_new[0] + dh_ref[:, t, :].astype(dtype)
+        d_new = [ds_ref[:, k, c] for k in range(parts)]
+        d_new[0] = d_new[0] + dh_ref[:, t, c].astype(dtype)
         dgx, dr, d_prev = pullback(d_new)
         for g in range(gates):
-            dgx_ref[:, t, g, :] = dgx[g].astype(dgx_ref.dtype)
-        h_prev_T = prev[0].T
-        d_prev[0] = d_prev[0] + sum(_dot(dr[g], R_T[g]) for g in range(gates))
-        dR = [dR[g] + _dot(h_prev_T, dr[g]) for g in range(gates)]
-        db = [db[g] + jnp.sum(dr[g], axis=0, keepdims=True) for g in range(gates)]
-        return tuple(_cut(keep_ref, t, d_prev)), dR, db
+            dr_ref[:, t, g, c] = dr[g]
+            if dgx_ref is not None:
+                dgx_ref[:, t, g, c] = dgx[g].astype(dgx_ref.dtype)
+        for k, x in enumerate(_cut(keep_ref, t, d_prev)):
+            ds_ref[:, k, c] = x
+        return carry
 
-    def body(k, carry):
-        t = time - 1 - k  # t >= 1: the state entering t is stored at t - 1
-        prev = [states_ref[:, t - 1, j, :] for j in range(parts)]
-        return step_backward(t, prev, carry)
+    def propagate(t, i, carry):
+        def transposed(j, acc):
+            for g in range(gates):
+                acc = acc + _dot(dr_ref[:, t, g, col(j)], R_block(g, i, j).T)
+            return acc
 
-    d_state = tuple(dlast_ref[:, j, :].astype(dtype) for j in range(parts))
-    dR = [jnp.zeros_like(R) for R in weights.R]
-    db = [jnp.zeros_like(b) for b in weights.b]
-    carry = time_loop(time - 1, block_t, body, (d_state, dR, db))
-    prev0 = [s0_ref[:, j, :].astype(dtype) for j in range(parts)]
-    d_state, dR, db = step_backward(0, prev0, carry)
-    for j in range(parts):
-        ds0_ref[:, j, :] = d_state[j]
-    for g in range(gates):
-        dR_ref[g] = dR[g]
-        db_ref[pl.ds(g, 1), :] = db[g]
+        acc = _blocks(n, transposed, jnp.zeros((rows, size), dtype))
+        c = col(i)
+        ds_ref[:, 0, c] = ds_ref[:, 0, c] + _cut(keep_ref, t, [acc])[0]
+        return carry
+
+    def step(k, carry):
+        t = time - 1 - k
+        barrier()
+        _blocks(n, functools.partial(adjoint, t))
+        barrier()
+        _blocks(n, functools.partial(propagate, t))
+        return carry
+
+    for k in range(parts):
+        ds_ref[:, k, :] = dlast_ref[:, k, :].astype(dtype)
+    time_loop(time, block_t, step, ())
 
 
 # ----------------------------------------------------------------------------- wrappers
@@ -457,6 +501,14 @@ def rnn_forward(
     return h, final, outs[2] if save_states else None
 
 
+def _backward_params(platform, interpret):
+    """The backward's compiler parameters: one pipeline stage. Its loops read blocks the
+    program itself wrote earlier in the step (after a barrier); more stages would have
+    Triton prefetch the loop's loads asynchronously into shared memory."""
+    params = compiler_params(platform, interpret)
+    return params if params is None else dataclasses.replace(params, num_stages=1)
+
+
 @functools.partial(jax.jit, static_argnames=("cell", "block_sizes", "interpret", "platform"))
 def rnn_backward(
     gx: jax.Array,
@@ -493,26 +545,22 @@ def rnn_backward(
     if dh.shape != gx.shape[:2] + gx.shape[3:]:
         raise ValueError(f"dh: expected shape [batch, time, heads, dh] = {gx.shape[:2] + gx.shape[3:]}, got {dh.shape}")
     gx_spec, R_spec, b_spec, keep_spec, state_spec = lay.specs()
-    n_blocks = lay.grid[0]
-    dR_spec = block_spec((None, lay.gates, None, lay.dh_pad, lay.dh_pad), lambda i, j: (i, 0, j, 0, 0))
-    db_spec = block_spec((None, lay.gates, None, lay.dh_pad), lambda i, j: (i, 0, j, 0))
-    dgx, dR, db, ds0 = pl.pallas_call(
+    gru = cell == "gru"  # the one cell whose dgx differs from dr (the reset gate scales r_n)
+    outs = pl.pallas_call(
         functools.partial(
             _backward_kernel, cell=cell, time=lay.time, block_t=block_sizes.block_t,
-            has_keep=keep is not None,
+            has_keep=keep is not None, block_h=block_sizes.block_h, sync=not interpret,
         ),
         grid=lay.grid,
         in_specs=[gx_spec, R_spec, b_spec] + ([keep_spec] if keep is not None else [])
         + [state_spec, lay.seq_spec(lay.parts), lay.seq_spec(), state_spec],
-        out_specs=[gx_spec, dR_spec, db_spec, state_spec],
+        out_specs=[gx_spec, state_spec] + ([gx_spec] if gru else []),
         out_shape=[
-            jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.gates, lay.heads, lay.dh_pad), gx.dtype),
-            jax.ShapeDtypeStruct((n_blocks, lay.gates, lay.heads, lay.dh_pad, lay.dh_pad), carry),
-            jax.ShapeDtypeStruct((n_blocks, lay.gates, lay.heads, lay.dh_pad), carry),
+            jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.gates, lay.heads, lay.dh_pad), carry),
             jax.ShapeDtypeStruct((lay.batch_pad, lay.parts, lay.heads, lay.dh_pad), carry),
-        ],
+        ] + ([jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.gates, lay.heads, lay.dh_pad), gx.dtype)] if gru else []),
         interpret=interpret,
-        compiler_params=compiler_params(platform, interpret),
+        compiler_params=_backward_params(platform, interpret),
         name=f"rnn_{cell}_backward",
     )(
         *_operands(lay, gx, R, bias, keep),
@@ -521,10 +569,15 @@ def rnn_backward(
         lay.pad(dh, 0, (3,)),
         lay.pad(dfinal.astype(carry), 0, (3,)),
     )
-    d = lay.dh
-    return (
-        dgx[: lay.batch, ..., :d],
-        dR.sum(0)[..., :d, :d].astype(R.dtype),
-        db.sum(0)[..., :d].astype(bias.dtype),
-        ds0[: lay.batch, ..., :d].astype(state0.dtype),
+    b, d = lay.batch, lay.dh
+    dr, ds0 = outs[0][:b, ..., :d], outs[1][:b, ..., :d]
+    dgx = outs[2][:b, ..., :d] if gru else dr.astype(gx.dtype)
+    # dR_g = sum over (batch, time) of h_prev^T dr_g: one matmul (h_prev: the state
+    # entering each step, cut where keep is False; state0 at t = 0)
+    h_prev = jnp.concatenate([state0[:, None, 0].astype(carry), states[:b, :-1, 0, :, :d]], axis=1)
+    if keep is not None:
+        h_prev = jnp.where(keep[:, :, None, None], h_prev, jnp.zeros_like(h_prev))
+    dR = jnp.einsum(
+        "bthk,btghj->ghkj", h_prev, dr, precision=jax.lax.Precision.HIGHEST, preferred_element_type=carry
     )
+    return dgx, dR.astype(R.dtype), dr.sum((0, 1)).astype(bias.dtype), ds0.astype(state0.dtype)

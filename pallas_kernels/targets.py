@@ -378,21 +378,6 @@ KNOWN_ISSUES: list[tuple[dict[str, Any], str]] = [
         "blocks every step (8 warps, one stage); the sLSTM's four state parts leave too few "
         "registers. block_h=16: no spills, but 27-31 s to compile",
     ),
-    (
-        dict(platform="gpu", kernel="rnn", direction="bwd", option=("lstm", "gru", "slstm", "slstm_exp"), dim=128),
-        "shared memory exceeded: the backward keeps whole [dh, dh] blocks per gate (R, its "
-        "transpose, the dR sums) on chip, 304-652 KiB at head dim 128 (limits: H100 227, "
-        "A100 163 KiB); the forward fits since it streams R",
-    ),
-    (
-        dict(target="a100", kernel="rnn", direction="bwd", option="elman", dtype="bfloat16", dim=128),
-        "shared memory exceeded: 172 KiB (A100 limit 163 KiB; float32: 128 KiB)",
-    ),
-    (
-        dict(target="a100", kernel="rnn", direction="bwd", option=("lstm", "slstm", "slstm_exp"), dtype="bfloat16", dim=64),
-        "shared memory exceeded: 182-198 KiB in bfloat16 (A100 limit 163 KiB; float32: "
-        "136-152 KiB)",
-    ),
 ]
 
 

@@ -44,9 +44,9 @@ def inputs(cell, seed=0, dtype=jnp.float64, batch=Bt, time=T):
     return tuple(jnp.asarray(a, dtype) for a in (gx, R, bias, state))
 
 
-def sequential(cell, gx, R, bias, state, segment_ids=None):
+def sequential(cell, gx, R, bias, state, segment_ids=None, reset=None):
     parts = tuple(state[:, k] for k in range(state.shape[1]))
-    h, final = nonlinear_rnn(cell, gx, R, bias, parts, segment_ids=segment_ids)
+    h, final = nonlinear_rnn(cell, gx, R, bias, parts, segment_ids=segment_ids, reset=reset)
     return h, jnp.stack(final, axis=1)
 
 
@@ -110,6 +110,33 @@ def test_backward_kernel_direct_without_keep():
     got = rnn_backward(gx, R, bias, state, None, states, dh, dfinal, cell=cell, interpret=True)
     _, pullback = jax.vjp(functools.partial(sequential, cell), gx, R, bias, state)
     for x, y in zip(got, pullback((dh, dfinal)), strict=True):
+        assert_close(x, y, 1e-11)
+
+
+@pytest.mark.parametrize(
+    "cell, block_sizes",
+    [
+        ("gru", BlockSizes(block_b=2, block_t=1, block_h=2)),
+        ("slstm", BlockSizes(block_b=2, block_t=4, block_h=2)),
+        ("lstm", BlockSizes(block_b=2, block_t=1, block_h=1)),
+    ],
+)
+def test_backward_kernel_column_blocks(cell, block_sizes):
+    """The backward kernel's loops over column blocks (dh = 3 -> 4 in blocks of 2, or 4
+    blocks of 1), with a keep mask and cuts at t = 0 and later: == jax.vjp of the scan (GRU:
+    the reset gate scales r_n, dgx != dr; sLSTM: four state parts, block_t = 4: an unrolled
+    chunk and a remainder of three steps)."""
+    gx, R, bias, state = inputs(cell, seed=6)
+    keep = jnp.ones((Bt, T), bool).at[1, 3].set(False).at[2, 5].set(False).at[0, 0].set(False)
+    h, final, states = rnn_forward(gx, R, bias, state, keep, cell=cell, block_sizes=block_sizes, interpret=True)
+    rng = np.random.default_rng(7)
+    dh, dfinal = jnp.asarray(rng.standard_normal(h.shape)), jnp.asarray(rng.standard_normal(final.shape))
+    got = rnn_backward(
+        gx, R, bias, state, keep, states, dh, dfinal, cell=cell, block_sizes=block_sizes, interpret=True
+    )
+    _, pullback = jax.vjp(lambda *a: sequential(cell, *a, reset=~keep), gx, R, bias, state)
+    for x, y in zip(got, pullback((dh, dfinal)), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
         assert_close(x, y, 1e-11)
 
 
