@@ -111,9 +111,12 @@ MODEL_ORDER = ("attention", "s4d", "s5", "lru", "mamba", "mamba2", "gla", "gated
 
 
 def _run_dirs(runs_dir: Path) -> list[Path]:
-    """Folders below ``runs_dir`` (any depth) holding a run's ``config.json`` or ``result.json``."""
+    """Folders below ``runs_dir`` (any depth) holding a run's ``config.json`` or
+    ``result.json``, outermost only: a run's own sub-folders (its checkpoints, the per-fit
+    folders of an LTSF run) are part of it, not runs."""
     found = {p.parent for name in ("config.json", "result.json") for p in runs_dir.rglob(name)}
-    return sorted(d for d in found if "checkpoints" not in d.relative_to(runs_dir).parts)
+    return sorted(d for d in found if "checkpoints" not in d.relative_to(runs_dir).parts
+                  and not any(parent in found for parent in d.parents))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
