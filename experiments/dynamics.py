@@ -410,8 +410,11 @@ def _fmt(v, spec=".3f"):
 def report_section(run_dirs: list[Path], figures_dir: Path) -> str:
     """The dynamics section of ``experiments/RESULTS.md``: one table (system, model, VPT mean +-
     std over the test initial conditions, NRMSE, spectrum error, size, wall time), the paper's
-    finding and one NRMSE-vs-time figure per system; figures are copied into ``figures_dir`` and
-    linked as ``<figures_dir name>/<file>`` (relative to the report next to that folder)."""
+    finding, one NRMSE-vs-time figure per system and the rollout plot of each system's best
+    model (by VPT); figures are written or copied into ``figures_dir`` and linked as
+    ``<figures_dir name>/<file>`` (relative to the report next to that folder). Every run's
+    own plots stay in its run folder (the table names it), so the report does not copy a
+    few hundred kB per run."""
     rows = []
     for d in run_dirs:
         d = Path(d)
@@ -434,10 +437,11 @@ def report_section(run_dirs: list[Path], figures_dir: Path) -> str:
              "mean +- std over the test initial conditions (pooled over seeds). NRMSE: mean over the horizon; "
              "NRMSE@1: over the first Lyapunov time. Spectrum error: RMSE of the spatial power spectra, dB.", "",
              "| system | model | VPT (Lyapunov times) | NRMSE | NRMSE@1 | spectrum err (dB) | params | seeds | "
-             "settings (d_model, window, epochs, train trajectories x steps) | wall (s) | plots |",
+             "settings (d_model, window, epochs, train trajectories x steps) | wall (s) | run folder |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     curves: dict[str, dict[str, np.ndarray]] = {}
     lyap_dt: dict[str, float] = {}
+    best: dict[str, tuple[Path, float, str]] = {}  # system -> (run folder, VPT, model)
     for d, cfg, res in rows:
         system, model = cfg.get("system", "?"), cfg.get("model", "?")
         settings = (f"d{cfg.get('d_model')} w{cfg.get('window')} ep{cfg.get('epochs')} "
@@ -445,23 +449,24 @@ def report_section(run_dirs: list[Path], figures_dir: Path) -> str:
         if res is None:
             lines.append(f"| {system} | `{model}` | incomplete | | | | | | {settings} | | |")
             continue
-        plots = []
-        for name in ("rollout.png", "nrmse.png"):
-            if (d / name).exists():
-                target = figures_dir / f"dynamics-{d.name}-{name}"
-                shutil.copyfile(d / name, target)
-                plots.append(f"[{name[:-4]}]({figures_dir.name}/{target.name})")
         lines.append(f"| {system} | `{model}` | {res['vpt_mean']:.2f} +- {res['vpt_std']:.2f} | "
                      f"{_fmt(res.get('nrmse_mean'))} | {_fmt(res.get('nrmse_1lyap'))} | "
                      f"{_fmt(res.get('spectrum_error'), '.2f')} | {res.get('params', 0):,} | "
-                     f"{len(res.get('seeds', []))} | {settings} | {res.get('wall_s', 0):.0f} | {' '.join(plots)} |")
+                     f"{len(res.get('seeds', []))} | {settings} | {res.get('wall_s', 0):.0f} | `{d.name}` |")
         curves.setdefault(system, {})[model] = np.asarray(res["nrmse_curve"])
         lyap_dt[system] = res["dt"] * res["lyapunov"]
+        if res["vpt_mean"] > best.get(system, (None, -np.inf))[1]:
+            best[system] = (d, res["vpt_mean"], model)
     lines.append("")
     for system, per_model in curves.items():
         path = plot_nrmse(per_model, lyap_dt[system], figures_dir / f"dynamics-{system}-nrmse.png",
                           f"{system}: mean NRMSE over the test initial conditions")
         lines.append(f"![{system} NRMSE vs time]({figures_dir.name}/{path.name})")
+        d, _, model = best[system]
+        if (d / "rollout.png").exists():
+            target = figures_dir / f"dynamics-{system}-best-rollout.png"
+            shutil.copyfile(d / "rollout.png", target)
+            lines += ["", f"![{system}: rollout of the best model, {model}]({figures_dir.name}/{target.name})"]
     lines.append("")
     return "\n".join(lines)
 

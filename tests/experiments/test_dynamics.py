@@ -37,6 +37,10 @@ def test_tiny_run_writes_result_plots_and_report(tmp_path):
     section = dynamics.report_section([run_dir], tmp_path / "figures")
     assert "| lorenz96 | `elman` |" in section and "Heidenreich" in section
     assert (tmp_path / "figures" / "dynamics-lorenz96-nrmse.png").exists()
+    # the best model's rollout is copied (here the only one); per-run plots stay in the run
+    assert "figures/dynamics-lorenz96-best-rollout.png" in section and "`lorenz96-elman`" in section
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "dynamics-lorenz96-best-rollout.png", "dynamics-lorenz96-nrmse.png"]
 
 
 @pytest.mark.slow
