@@ -3,6 +3,7 @@ the decode state's size, training throughput; a table sorted by loss and a
 loss-vs-wall-time figure.
 
     python -m experiments.lm_bench [--runs runs/lm] [--out experiments/results] [--tokens 200]
+    python -m experiments.lm_bench --runs runs/lm_hybrid --name lm_hybrid --hybrid
 
 For every finished run under ``--runs`` (its ``config.json`` and ``result.json``):
 
@@ -14,10 +15,15 @@ For every finished run under ``--runs`` (its ``config.json`` and ``result.json``
 * ``state B/token``: bytes of the decode state (``init_state`` at batch 1, attention's
   cache sized to a context of ``n = seq_len`` tokens) divided by ``n``;
 * ``train tok/s``: the run's mean logged training throughput (wall clock on a shared CPU,
-  so only a rough comparison between runs made in the same sitting).
+  so only a rough comparison between runs made in the same sitting);
+* ``copy acc``: the recall probe on the trained model (:func:`copy_probe`): top-1 accuracy
+  on the second copy of a validation passage repeated twice (``seq_len / 2`` characters
+  each), beside the accuracy on the same characters in the first copy.
 
-Writes ``<out>/lm_table.md`` (sorted by validation loss), ``<out>/lm_bench.json`` and
-``<out>/lm_loss_vs_time.png`` (validation loss against training wall time). Speeds are
+Writes ``<out>/<name>_table.md`` (sorted by validation loss), ``<out>/<name>_bench.json``
+and ``<out>/<name>_loss_vs_time.png`` (validation loss against training wall time); with
+``--hybrid`` also ``<out>/<name>_ratio_table.md``, the hybrid-ratio study (:func:`hybrid_markdown`:
+validation loss and copy accuracy per linear family and linear:full ratio). Speeds are
 measured on random parameters: they do not depend on the trained values.
 """
 
@@ -33,6 +39,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from ssmjax.models.backbone import parse_mixers
 
 
 def tree_bytes(tree: Any) -> int:
@@ -92,6 +100,36 @@ def decode_speeds(config, vocab_size: int, tokens: int = 200, seed: int = 0) -> 
                 state_bytes_per_token=bytes_at_n / n)
 
 
+def repeated_passages(tokens: np.ndarray, length: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` passages of ``length`` tokens at seeded random offsets of ``tokens``, each
+    written twice: ``[count, 2 length]`` rows ``p p``."""
+    if len(tokens) < length + count:
+        raise ValueError(f"tokens: {len(tokens)} tokens are too few for {count} passages of {length}")
+    starts = np.random.default_rng(seed).choice(len(tokens) - length, size=count, replace=False)
+    passages = np.stack([tokens[s:s + length] for s in starts])
+    return np.concatenate([passages, passages], axis=1)
+
+
+def copy_probe(model, params, rows: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+    """Exact-repeat recall of a trained LM on rows ``p p`` (:func:`repeated_passages`, passage
+    length ``L``): the predictions of ``p[1:]`` in the second copy (positions ``L .. 2L-2``,
+    where the answer is ``L`` tokens back in context) against the same targets in the first
+    copy (positions ``0 .. L-2``, plain language modelling). Returns ``copy_acc`` /
+    ``copy_loss`` (second copy, nats) and ``first_acc`` / ``first_loss``."""
+    length = rows.shape[1] // 2
+    forward = jax.jit(lambda p, x: jax.nn.log_softmax(model.apply(p, x).astype(jnp.float32), axis=-1))
+    sums = dict(copy_acc=0.0, copy_loss=0.0, first_acc=0.0, first_loss=0.0)
+    for i in range(0, len(rows), batch_size):
+        x = rows[i:i + batch_size]
+        logp = np.asarray(forward(params, jnp.asarray(x)))
+        targets = x[:, 1:length]
+        for name, offset in (("first", 0), ("copy", length)):
+            lp = logp[:, offset:offset + length - 1]
+            sums[f"{name}_loss"] -= np.take_along_axis(lp, targets[..., None], axis=-1).sum()
+            sums[f"{name}_acc"] += (lp.argmax(-1) == targets).sum()
+    return {k: float(v) / (len(rows) * (length - 1)) for k, v in sums.items()}
+
+
 def loss_curve(metrics: list[dict]) -> tuple[list[float], list[float]]:
     """(training wall seconds, validation loss) at every evaluation of a run."""
     elapsed = {r["step"]: r["elapsed_s"] for r in metrics if r.get("split") == "train" and "elapsed_s" in r}
@@ -100,26 +138,37 @@ def loss_curve(metrics: list[dict]) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def trained_copy_probe(run_dir: str | Path, valid: np.ndarray, passages: int = 256) -> dict[str, float]:
+    """:func:`copy_probe` of the run in ``run_dir`` (restored from its newest checkpoint) on
+    ``passages`` validation passages of half its context."""
+    from experiments.lm_sample import load_run
+
+    config, _, model, params = load_run(run_dir)
+    return copy_probe(model, params, repeated_passages(valid, config.seq_len // 2, passages))
+
+
 def collect(runs_dir: Path, tokens: int) -> list[dict[str, Any]]:
     from experiments.configs import config_from_dict
     from experiments.report import load_runs
     from experiments.tasks import lm_corpus
 
-    rows, vocab = [], {}
+    rows, corpora = [], {}
     for run in load_runs(runs_dir):
         if run.get("experiment") != "lm" or run.get("status") != "done" or not run.get("eval"):
             continue
         config = config_from_dict("lm", run["config"])
         key = (config.data_dir, config.data_file, config.format, config.unknown)
-        if key not in vocab:
-            vocab[key] = lm_corpus(config).tokenizer.vocab_size
-        print(f"{run['run']}: decoding {tokens} tokens ...", flush=True)
-        try:
-            speeds = decode_speeds(config, vocab[key], tokens)
-        except Exception as error:  # one failing model does not end the table
+        if key not in corpora:
+            corpora[key] = lm_corpus(config)
+        print(f"{run['run']}: decoding {tokens} tokens, copy probe ...", flush=True)
+        speeds = {}
+        try:  # one failing model does not end the table
+            speeds = decode_speeds(config, corpora[key].tokenizer.vocab_size, tokens)
+            speeds.update(trained_copy_probe(run["dir"], corpora[key].valid))
+        except Exception as error:
             print(f"  {type(error).__name__}: {error}", flush=True)
-            speeds = {}
         rows.append(dict(run=run["run"], model=run["model"], d_model=config.d_model, n_layers=config.n_layers,
+                         mixers=list(parse_mixers(config.model, config.n_layers)),
                          seed=config.seed, params=run.get("params"), steps=run.get("step"),
                          val_loss=run["eval"].get("val_loss", run["eval"].get("loss")),
                          bpc=run["eval"].get("bpc"), train_tok_s=run.get("tokens_per_s"), wall_s=run.get("wall_s"),
@@ -131,16 +180,59 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _copy_cell(row: dict[str, Any]) -> str:
+    if row.get("copy_acc") is None:
+        return "-"
+    return f"{row['copy_acc']:.3f} ({row['first_acc']:.3f})"
+
+
+def hybrid_ratio(mixers: list[str]) -> tuple[str, str]:
+    """``(family, ratio)`` of a model's layers: the linear mixer's name (``"attention"`` for an
+    all-attention model) and ``"linear:full"`` reduced to lowest terms (``"all linear"``,
+    ``"all attention"``)."""
+    full = sum(m == "attention" for m in mixers)
+    linear = {m for m in mixers if m != "attention"}
+    if len(linear) > 1:
+        raise ValueError(f"mixers: a hybrid of one linear family and attention expected, got {sorted(linear)}")
+    if not full:
+        return linear.pop(), "all linear"
+    if not linear:
+        return "attention", "all attention"
+    g = math.gcd(len(mixers) - full, full)
+    return linear.pop(), f"{(len(mixers) - full) // g}:{full // g}"
+
+
+def hybrid_markdown(rows: list[dict[str, Any]]) -> str:
+    """The hybrid-ratio study: one row per linear family, one column per ratio, each cell
+    ``val loss / copy acc``; the all-attention model is every family's last column."""
+    cells, families, ratios = {}, [], ["all linear"]
+    for r in sorted(rows, key=lambda r: -len(r["mixers"]) + sum(m == "attention" for m in r["mixers"])):
+        family, ratio = hybrid_ratio(r["mixers"])
+        if family not in families and family != "attention":
+            families.append(family)
+        if ratio not in ratios and ratio != "all attention":
+            ratios.append(ratio)
+        cells[family, ratio] = f"{r['val_loss']:.3f} / " + ("-" if r.get("copy_acc") is None else f"{r['copy_acc']:.2f}")
+    ratios.append("all attention")
+    attention = cells.get(("attention", "all attention"), "-")
+    lines = ["| family | " + " | ".join(ratios) + " |", "|" + "---|" * (len(ratios) + 1)]
+    for family in families:
+        row = [cells.get((family, ratio), "-") for ratio in ratios[:-1]] + [attention]
+        lines.append(f"| {family} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     header = ["rank", "run", "model", "d_model", "params", "val loss (nats)", "bpc", "train tok/s",
-              "decode tok/s (step)", "decode tok/s (re-run)", "state B/token @64", "train time"]
+              "decode tok/s (step)", "decode tok/s (re-run)", "state B/token @64", "copy acc (1st copy)",
+              "train time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for i, r in enumerate(rows, 1):
         lines.append("| " + " | ".join([
             str(i), f"`{r['run']}`", f"`{r['model']}`", str(r["d_model"]), f"{r['params'] / 1e6:.3f}M",
             _fmt(r["val_loss"], ".4f"), _fmt(r["bpc"], ".3f"), _fmt(r["train_tok_s"], ".0f"),
             _fmt(r.get("decode_tok_s"), ".0f"), _fmt(r.get("rerun_tok_s"), ".0f"),
-            _fmt(r.get("state_bytes_per_token"), ".0f"),
+            _fmt(r.get("state_bytes_per_token"), ".0f"), _copy_cell(r),
             "-" if r["wall_s"] is None else f"{r['wall_s'] / 60:.1f} min"]) + " |")
     return "\n".join(lines)
 
@@ -172,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/lm", help="lm runs (default: runs/lm)")
     parser.add_argument("--out", default="experiments/results", help="output folder (default: experiments/results)")
     parser.add_argument("--tokens", type=int, default=200, help="decoded tokens per measurement (default 200)")
+    parser.add_argument("--name", default="lm", help="output file prefix (default: lm)")
+    parser.add_argument("--hybrid", action="store_true", help="also write <name>_ratio_table.md (hybrid-ratio study)")
     args = parser.parse_args(argv)
     if not Path(args.runs).is_dir():
         parser.error(f"--runs: {args.runs!r} is not a directory")
@@ -179,10 +273,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    (out / "lm_table.md").write_text(table + "\n")
-    (out / "lm_bench.json").write_text(json.dumps(rows, indent=1) + "\n")
-    plot(rows, out / "lm_loss_vs_time.png")
+    (out / f"{args.name}_table.md").write_text(table + "\n")
+    (out / f"{args.name}_bench.json").write_text(json.dumps(rows, indent=1) + "\n")
+    plot(rows, out / f"{args.name}_loss_vs_time.png")
     print(table)
+    if args.hybrid:
+        ratios = hybrid_markdown(rows)
+        (out / f"{args.name}_ratio_table.md").write_text(ratios + "\n")
+        print(ratios)
     return 0
 
 

@@ -84,3 +84,21 @@ def test_layer_speed_one_layer(capsys):
                              "--hybrid", ""])
     assert rows[0]["layer"] == "attention" and rows[0]["fwd_bwd_ms"] > 0 and "unknown layer" in rows[1]["error"]
     assert "| attention |" in capsys.readouterr().out
+
+
+def test_pararnn_speed_config_and_errors(capsys):
+    """The ParaRNN benchmark times the ``lm`` cpu model with only the method, length and
+    batch changed; unknown cells and lengths are argument errors."""
+    from experiments import pararnn_speed
+    from experiments.configs import SIZES
+
+    config = pararnn_speed.lm_config("gru", "newton", 256, 3)
+    cpu = SIZES["lm"]["cpu"]
+    assert (config.model, config.d_model, config.seq_len, config.batch_size) == ("gru", 104, 256, 3)
+    assert (config.n_layers, config.lr, config.weight_decay, config.grad_clip) == (
+        cpu.n_layers, cpu.lr, cpu.weight_decay, cpu.grad_clip)
+    assert config.mixer_fields == {"gru": {"method": "newton"}}
+    for args, message in ((["--cells", "rnn"], "--cells"), (["--lengths", "1k"], "--lengths")):
+        with pytest.raises(SystemExit):
+            pararnn_speed.main(args)
+        assert message in capsys.readouterr().err

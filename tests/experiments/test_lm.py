@@ -89,3 +89,53 @@ def test_decode_state_bytes_of_attention_is_its_kv_cache():
     model = build_model(with_context(config, 8), 5)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     assert state_bytes(model, params) == 2 * (2 * 8 * 16 * 4 + 4)
+
+
+def test_copy_probe_scores_a_perfect_copier_exactly():
+    """A fake LM that, from position L on, puts logit 10 on the token L - 1 back (the answer
+    of an exact repeat) and logit 10 on token 0 before: copy accuracy 1 and the loss of
+    ``log_softmax([10, 0, ..])``; the first copy is right only where the target is 0."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments.lm_bench import copy_probe, repeated_passages
+
+    vocab, length = 5, 6
+    tokens = np.random.default_rng(0).integers(0, vocab, 400)
+    rows = repeated_passages(tokens, length, count=20, seed=1)
+    assert rows.shape == (20, 2 * length) and (rows[:, :length] == rows[:, length:]).all()
+
+    def apply(params, x):
+        guess = jnp.concatenate([jnp.zeros_like(x[:, :length]), x[:, 1:length + 1]], axis=1)
+        return 10.0 * jax.nn.one_hot(guess, vocab)
+
+    scores = copy_probe(types.SimpleNamespace(apply=apply), None, rows, batch_size=7)
+    right = 10.0 - np.log(np.exp(10.0) + vocab - 1)
+    wrong = -np.log(np.exp(10.0) + vocab - 1)
+    first_hits = (rows[:, 1:length] == 0).mean()
+    f32 = dict(abs=1e-6)  # the probe's log-softmax is float32 (logits near 10: ulp ~1e-6)
+    assert scores["copy_acc"] == 1.0 and scores["copy_loss"] == pytest.approx(-right, **f32)
+    assert scores["first_acc"] == pytest.approx(first_hits)
+    assert scores["first_loss"] == pytest.approx(-(first_hits * right + (1 - first_hits) * wrong), **f32)
+
+
+def test_hybrid_ratio_table_pivots_family_by_ratio():
+    from experiments.lm_bench import hybrid_markdown, hybrid_ratio
+    from ssmjax.models.backbone import parse_mixers
+
+    assert hybrid_ratio(parse_mixers("gla*7,attention", 8)) == ("gla", "7:1")
+    assert hybrid_ratio(parse_mixers("gla*3,attention", 8)) == ("gla", "3:1")
+    assert hybrid_ratio(parse_mixers("gla,attention", 8)) == ("gla", "1:1")
+    assert hybrid_ratio(parse_mixers("gla", 8)) == ("gla", "all linear")
+    assert hybrid_ratio(parse_mixers("attention", 8)) == ("attention", "all attention")
+    with pytest.raises(ValueError, match="one linear family"):
+        hybrid_ratio(["gla", "mamba2", "attention"])
+    rows = [dict(mixers=list(parse_mixers(m, 8)), val_loss=v, copy_acc=c) for m, v, c in
+            [("attention", 1.5, 0.9), ("gla", 1.7, 0.2), ("gla*3,attention", 1.6, 0.8), ("mlstm", 1.8, None)]]
+    lines = hybrid_markdown(rows).splitlines()
+    assert lines[0] == "| family | all linear | 3:1 | all attention |"
+    assert lines[2] == "| gla | 1.700 / 0.20 | 1.600 / 0.80 | 1.500 / 0.90 |"
+    assert lines[3] == "| mlstm | 1.800 / - | - | 1.500 / 0.90 |"
