@@ -140,6 +140,25 @@ def random_windows(tokens: Int[np.ndarray, " n"], seed: int, step: int, *, batch
     return windows(tokens, batch_rng(seed, step, stream).integers(0, count, batch_size), seq_len)
 
 
+def repeat_passages(batch: Batch, fraction: float, seed: int, step: int, *, stream: int = 1) -> Batch:
+    """``batch`` with a ``fraction`` of its rows (drawn by ``batch_rng(seed, step, stream)``)
+    turned into an exact repeat: the row's tokens ``u = inputs + last target`` (``T + 1``)
+    become ``u[:L] u[:T + 1 - L]``, ``L = (T + 1) // 2``, so the second half copies the first
+    (and then continues it). Mixed into language-model training, this teaches in-context
+    copying, which a character model does not learn from a short context of natural text
+    alone; the rows stay ordinary next-token targets."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction: expected a value in [0, 1], got {fraction}")
+    tokens = np.concatenate([batch.inputs, batch.targets[:, -1:]], axis=1)
+    rows = batch_rng(seed, step, stream).random(len(tokens)) < fraction
+    if not rows.any():
+        return batch
+    half = tokens.shape[1] // 2
+    tokens = tokens.copy()
+    tokens[rows] = np.concatenate([tokens[rows, :half], tokens[rows, :tokens.shape[1] - half]], axis=1)
+    return Batch(tokens[:, :-1], tokens[:, 1:], batch.mask)
+
+
 def sequential_windows(tokens: Int[np.ndarray, " n"], *, seq_len: int, batch_size: int,
                        max_windows: int | None = None) -> list[Batch]:
     """The consecutive non-overlapping windows ``0, T, 2T, ...`` of ``tokens`` (at most

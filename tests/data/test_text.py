@@ -201,3 +201,24 @@ def test_loss_in_nats_matches_a_hand_computed_cross_entropy(tmp_path):
     expected = -np.mean(log_probs[val[:-1], val[1:]])
     assert scores["loss"] == pytest.approx(expected, rel=1e-5)  # float32 logits in the evaluator
     assert scores["bits_per_char"] == pytest.approx(expected / math.log(2), rel=1e-5)
+
+
+def test_repeat_passages_turns_the_chosen_rows_into_exact_repeats():
+    from ssmjax.data.synthetic import Batch
+    from ssmjax.data.text import repeat_passages
+
+    tokens = np.arange(8 * 9).reshape(8, 9)  # 8 rows of T + 1 = 9 tokens
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], np.ones((8, 8), bool))
+    out = repeat_passages(batch, 0.5, seed=0, step=3)
+    full = np.concatenate([out.inputs, out.targets[:, -1:]], axis=1)
+    assert (out.inputs[:, 1:] == out.targets[:, :-1]).all(), "still next-token targets"
+    changed = (full != tokens).any(axis=1)
+    assert 0 < changed.sum() < 8
+    for row, u in zip(full[changed], tokens[changed]):
+        assert list(row) == list(u[:4]) + list(u[:5]), "L = 9 // 2 = 4: u[:4] then u[:5]"
+    assert (full[~changed] == tokens[~changed]).all()
+    again = repeat_passages(batch, 0.5, seed=0, step=3)
+    assert (again.inputs == out.inputs).all(), "a pure function of (seed, step)"
+    assert repeat_passages(batch, 0.0, seed=0, step=3) is batch
+    with pytest.raises(ValueError, match="fraction"):
+        repeat_passages(batch, 1.5, seed=0, step=3)
