@@ -5,6 +5,7 @@ against the sequence length.
 
     python -m experiments.pararnn_speed [--cells lstm,gru] [--lengths 128,256,...,4096]
                                         [--batch 2] [--reps 5] [--out experiments/results]
+    python -m experiments.pararnn_speed --curves runs/lm_pararnn
 
 The step is exactly what ``python -m experiments lm --model lstm`` runs (the cpu size's
 model: 4 layers, the ``d_model`` of the ``lm`` table's 0.8M-parameter rows; forward,
@@ -20,6 +21,10 @@ times the work of one sequential pass.
 
 Prints and writes ``<out>/pararnn_speed.md`` (and ``.json``): median ms per training step
 of both methods, tokens/s, and ``newton / sequential`` time (below 1: Newton faster).
+
+``--curves DIR`` instead compares the training curves of ``lm`` runs under ``DIR`` named
+``<cell>-<method>-seed<k>`` (:func:`curve_gaps`): Newton against sequential at the same
+seed, beside sequential at another seed (the noise a curve difference is judged against).
 """
 
 from __future__ import annotations
@@ -87,6 +92,49 @@ def measure(cell: str, t: int, batch: int, reps: int) -> dict:
     return row
 
 
+def train_losses(run: dict) -> dict[int, float]:
+    """``{step: training loss}`` of a run loaded by :func:`experiments.report.load_run`."""
+    return {r["step"]: r["loss"] for r in run["metrics"] if r.get("split") == "train" and "loss" in r}
+
+
+def curve_gaps(runs: list[dict]) -> list[dict]:
+    """Per cell, the largest and the mean absolute difference of the training loss over the
+    steps both runs logged, for ``newton`` vs ``sequential`` at seed 0 and for ``sequential``
+    at seed 1 vs seed 0, with each run's final validation loss. ``runs``: loaded runs whose
+    names are ``<cell>-<method>-seed<k>``."""
+    by_name = {run["run"]: run for run in runs}
+    rows = []
+    for cell in sorted({name.split("-")[0] for name in by_name}):
+        reference = by_name.get(f"{cell}-sequential-seed0")
+        if reference is None:
+            continue
+        base = train_losses(reference)
+        for other, label in ((f"{cell}-newton-seed0", "newton vs sequential (seed 0)"),
+                             (f"{cell}-sequential-seed1", "sequential seed 1 vs seed 0 (noise)")):
+            if other not in by_name:
+                continue
+            losses = train_losses(by_name[other])
+            gaps = np.abs([losses[s] - base[s] for s in sorted(set(base) & set(losses))])
+            rows.append(dict(cell=cell, compared=label, steps=len(gaps), max_gap=float(gaps.max()),
+                             mean_gap=float(gaps.mean()), val_loss=by_name[other].get("eval", {}).get("val_loss"),
+                             reference_val_loss=reference.get("eval", {}).get("val_loss"),
+                             wall_s=by_name[other].get("wall_s"), reference_wall_s=reference.get("wall_s")))
+    return rows
+
+
+CURVE_COLUMNS = (
+    Column("cell", "cell"),
+    Column("compared", "compared"),
+    Column("steps", "steps"),
+    Column("max_gap", "max |Δ train loss|", "{:.4f}"),
+    Column("mean_gap", "mean |Δ train loss|", "{:.4f}"),
+    Column("val_loss", "val loss", "{:.4f}"),
+    Column("reference_val_loss", "val loss (seq, seed 0)", "{:.4f}"),
+    Column("wall_s", "wall s", "{:.0f}"),
+    Column("reference_wall_s", "wall s (seq, seed 0)", "{:.0f}"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.pararnn_speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cells", default="lstm,gru")
@@ -94,7 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--curves", metavar="DIR", help="compare the training curves of the lm runs under DIR instead")
     args = parser.parse_args(argv)
+    if args.curves:
+        from experiments.report import load_runs
+
+        if not Path(args.curves).is_dir():
+            parser.error(f"--curves: {args.curves!r} is not a directory")
+        rows = curve_gaps([run for run in load_runs(args.curves) if run.get("experiment") == "lm"])
+        print(markdown_table(rows, CURVE_COLUMNS))
+        return 0
     cells = args.cells.split(",")
     for cell in cells:
         if cell not in D_MODEL:

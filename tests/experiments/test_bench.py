@@ -102,3 +102,19 @@ def test_pararnn_speed_config_and_errors(capsys):
         with pytest.raises(SystemExit):
             pararnn_speed.main(args)
         assert message in capsys.readouterr().err
+
+
+def test_pararnn_curve_gaps_against_the_seed_noise():
+    from experiments.pararnn_speed import curve_gaps
+
+    def run(name, losses, val):
+        metrics = [dict(split="train", step=i + 1, loss=v) for i, v in enumerate(losses)]
+        return dict(run=name, metrics=metrics + [dict(split="eval", step=3, loss=val)], eval=dict(val_loss=val),
+                    wall_s=10.0)
+
+    rows = curve_gaps([run("gru-sequential-seed0", [3.0, 2.0, 1.5], 1.6), run("gru-newton-seed0", [3.0, 2.01, 1.5], 1.61),
+                       run("gru-sequential-seed1", [3.2, 2.1, 1.4], 1.5), run("lstm-newton-seed0", [1.0], 1.0)])
+    assert [r["compared"] for r in rows] == ["newton vs sequential (seed 0)", "sequential seed 1 vs seed 0 (noise)"]
+    assert rows[0]["max_gap"] == pytest.approx(0.01) and rows[0]["mean_gap"] == pytest.approx(0.01 / 3)
+    assert rows[1]["max_gap"] == pytest.approx(0.2) and rows[1]["val_loss"] == 1.5
+    assert rows[0]["reference_val_loss"] == 1.6 and rows[0]["steps"] == 3
