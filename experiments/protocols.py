@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 
 PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm-sample": "experiments.lm_sample",
-             "moving_mnist": "experiments.moving_mnist"}
+             "lm-depth": "experiments.lm_depth", "moving_mnist": "experiments.moving_mnist"}
 
 
 def load(name: str) -> ModuleType:
