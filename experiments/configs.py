@@ -119,7 +119,9 @@ class LMConfig(ExperimentConfig):
     ``wiki.{train,valid,test}.tokens``, read as bytes); see :mod:`ssmjax.data.text`.
     ``unknown``: what a validation character outside the training vocabulary does,
     ``"error"`` or ``"map"`` (to a reserved id). ``eval_windows``: consecutive
-    validation windows scored at each evaluation (``0``: all of them).
+    validation windows scored at each evaluation (``0``: all of them). ``repeat_fraction``:
+    the share of training windows made exact repeats (:func:`ssmjax.data.text.repeat_passages`,
+    the recall training of the hybrid-ratio study; ``0``: nanoGPT's plain protocol).
     """
 
     data_file: str = "tinyshakespeare.txt"
@@ -129,6 +131,7 @@ class LMConfig(ExperimentConfig):
     seq_len: int = 64
     val_fraction: float = 0.1
     eval_windows: int = 0
+    repeat_fraction: float = 0.0
 
 
 @dataclasses.dataclass
@@ -212,6 +215,25 @@ class ArrowPointingConfig(ClassificationConfig):
     resolution: int = 32
     eval_resolutions: tuple = (32, 48, 64)
     patch_size: int = 4
+
+
+@dataclasses.dataclass
+class URPEConfig(ExperimentConfig):
+    """Luo et al., 2022, "Your Transformer May Not be as Powerful as You Expect" (URPE):
+    position-sensitive targets (``task``: ``"position"``, the position index, or
+    ``"parity"``, its parity) from random tokens of ``num_tokens`` symbols, ``seq_len``
+    long, a ``constant_fraction`` of the rows repeating one token, with no absolute
+    position input (:mod:`experiments.urpe`). Compare
+    ``urpe_attention`` with ``mixer_fields={"urpe_attention": {"urpe": False}}``."""
+
+    task: str = "position"
+    seq_len: int = 32
+    num_tokens: int = 4
+    constant_fraction: float = 0.5  # rows that repeat one token (where RPE-only attention is position-blind)
+
+    @property
+    def variant(self) -> str:
+        return self.task
 
 
 _CPU_TRAIN = dict(lr=3e-3, warmup_steps=50, weight_decay=0.1, log_every=25, checkpoint_every=250)
@@ -368,6 +390,15 @@ SIZES["arrow_pointing"] = {
                                  d_model=192, n_layers=12, resolution=192, eval_resolutions=(192, 384), patch_size=16,
                                  eval_rows=2000, eval_every=5000, eval_batch_size=50, log_every=100,
                                  checkpoint_every=5000),
+}
+
+# URPE (Luo et al., 2022): at CPU size a 2-layer d = 64 model, 32 positions, ~1-2 min per
+# model (experiments/notes/urpe.md). Paper size: approx. (the paper's synthetic protocol
+# is not restated here): 128 positions, 4 layers, d = 128, 20k steps.
+SIZES["urpe"] = {
+    "cpu": URPEConfig(steps=600, batch_size=32, n_layers=2, eval_every=200, eval_batches=2, **_CPU_TRAIN),
+    "paper": URPEConfig(steps=20_000, batch_size=64, lr=1e-3, warmup_steps=500, seq_len=128, d_model=128, n_layers=4,
+                        eval_every=2000, checkpoint_every=2000, log_every=100, eval_batches=8),
 }
 
 EXPERIMENTS = tuple(SIZES)

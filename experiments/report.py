@@ -48,6 +48,7 @@ TITLES = {
     "pathfinder": "LRA Pathfinder-32",
     "path_x": "LRA Path-X (Pathfinder-128)",
     "arrow_pointing": "Arrow pointing: extrapolation to larger images",
+    "urpe": "URPE vs RPE-only attention: position-sensitive targets",
 }
 
 #: Test accuracy (%) reported by the papers, per LRA task (Path-X "fail": chance level).
@@ -80,6 +81,10 @@ PAPER_FINDINGS = {
         "Dehghani et al. (2019, Universal Transformers): standard Transformers fit copy, reverse and "
         "addition at the training lengths but fail at longer test lengths; sequence accuracy drops "
         "sharply beyond the training length."),
+    "urpe": (
+        "Luo et al. (2022, URPE): attention with relative positions only in the logits is row-stochastic, so it "
+        "maps a sequence of identical tokens to identical outputs and cannot fit position-dependent targets; "
+        "multiplying the attention probabilities by a learned Toeplitz matrix after the softmax (URPE) can."),
     "lm": (
         "nanoGPT (Karpathy, shakespeare_char, README): the CPU baby GPT (4 layers, 4 heads, n_embd 128, "
         "context 64, batch 12, 2000 iterations, ~0.8M parameters) reaches a validation loss of about 1.88 "

@@ -36,7 +36,8 @@ from experiments.configs import (
 from ssmjax.data import images, lra, synthetic, vision
 from ssmjax.data.synthetic import Batch
 from ssmjax.data.paths import DATA_ENV, default_data_dir
-from ssmjax.data.text import Corpus, TextTask, load_corpus
+from ssmjax.data.text import Corpus, TextTask, load_corpus, repeat_passages
+from experiments.urpe import URPETask
 
 EVAL_STREAM = 1
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -288,7 +289,10 @@ class LMTask:
         self.tokenizer, self.vocab_size = corpus.tokenizer, corpus.tokenizer.vocab_size
 
     def train_batch(self, step: int) -> Batch:
-        return self.text.train_batch(step)
+        batch = self.text.train_batch(step)
+        if self.config.repeat_fraction:
+            batch = repeat_passages(batch, self.config.repeat_fraction, self.config.seed, step)
+        return batch
 
     def evaluate(self, model) -> dict[str, Any]:
         scores = model.loss(self.text.val_batches)
@@ -544,6 +548,7 @@ TASKS = {
     "lra_text": token_task,
     "lra_retrieval": token_task,
     "arrow_pointing": ArrowPointingTask,
+    "urpe": URPETask,
 }
 
 DESCRIPTIONS = {
@@ -563,6 +568,7 @@ DESCRIPTIONS = {
     "lra_text": "LRA Text: byte-level IMDb sentiment, 4096 bytes; needs --set data_dir=DIR",
     "lra_retrieval": "LRA Retrieval: do two AAN papers cite each other? 2 x 4000 bytes; needs --set data_dir=DIR",
     "arrow_pointing": "pLSTM's arrow pointing: does the arrow point at the circle? train at 32 px, test larger",
+    "urpe": "URPE: predict each token's position (random and constant rows); RPE-only attention cannot (Luo 2022)",
 }
 
 

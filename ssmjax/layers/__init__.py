@@ -8,6 +8,7 @@ sequence through a layer's ``step`` token by token.
 from ssmjax.layers import (  # noqa: F401  (imported for their @register side effect)
     aaren,
     attention,
+    combiner,
     deltanet,
     fsmn,
     h3,
@@ -26,6 +27,7 @@ from ssmjax.layers import (  # noqa: F401  (imported for their @register side ef
     tcnca,
     titans,
     universal_transformer,
+    urpe_attention,
 )
 from ssmjax.layers.registry import get, layer_class, names, register, run_steps, ssm_parameter_names
 

@@ -21,6 +21,7 @@ TINY_TASK = {
     "induction_heads": ["seq_len=8", "eval_multiples=(1, 2)"],
     "boolean_icl": ["num_bits=3", "num_examples=4"],
     "algorithmic": ["train_max_len=3", "eval_lengths=(2, 5)", "task=addition"],
+    "urpe": ["seq_len=8"],
 }
 
 

@@ -26,6 +26,7 @@ NO_STEP = {
 #: states was the slowest contract test), a 4-deep dilated TCN (2 levels keep a dilation).
 SMALL = {
     "attention": dict(max_len=32),
+    "combiner": dict(span=4, max_len=24),
     "dss": dict(d_state=8),
     "fsmn": dict(inner_channels=8, memory_order=3, memory_layers=3, conv_size=5),
     "gss": dict(d_state=8),
@@ -37,6 +38,7 @@ SMALL = {
     "s5": dict(d_state=8),
     "tcnca": dict(tcn_depth=2),
     "universal_transformer": dict(max_len=16, max_steps=3),
+    "urpe_attention": dict(max_len=32),
 }
 
 
