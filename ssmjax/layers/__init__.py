@@ -16,6 +16,8 @@ from ssmjax.layers import (  # noqa: F401  (imported for their @register side ef
     lightnet,
     linear_attention,
     lmu,
+    lmuformer,
+    longvq,
     lru,
     mamba,
     mega_ema,

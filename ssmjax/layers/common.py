@@ -21,6 +21,7 @@ No recurrence lives here: the layers call :mod:`ssmjax.scan`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +32,7 @@ from jax.typing import ArrayLike
 from jaxtyping import Float
 
 from ssmjax.checks import check_ndim, check_shape
-from ssmjax.scan.conv import causal_conv1d
+from ssmjax.scan.conv import causal_conv1d, fft_causal_convolution
 from ssmjax.scan.delta import delta_rule
 from ssmjax.scan.gla import gated_linear_attention
 from ssmjax.scan.linear import linear_scan
@@ -171,6 +172,95 @@ class RecurrentMixer(StepByCall):
         y, new_state = self.mix(x, state)
         y = output_dropout(self, y)
         return (y, new_state) if return_state else y
+
+
+def alternating_sign_init(std: float = 0.02):
+    """``N(s_i, std)`` with ``s_i = +1, -1, +1, ...`` along the last axis (Mega's ``beta``)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        signs = jnp.where(jnp.arange(shape[-1]) % 2 == 0, 1.0, -1.0)
+        return (signs + std * jax.random.normal(key, shape)).astype(dtype)
+
+    return init
+
+
+class DampedEMA(nn.Module):
+    """One direction of Mega's multi-dimensional damped EMA (Ma et al., 2023; the equations
+    are in :mod:`ssmjax.layers.mega_ema`), ``x [b, t, d] -> ema [b, t, d]``, by a linear scan or
+    an FFT convolution; shared by ``mega_ema`` and ``longvq``."""
+
+    d_model: int
+    ndim: int
+    param_dtype: Any = jnp.float32
+
+    def setup(self):
+        shape = (self.d_model, self.ndim)
+        logits = nn.initializers.normal(0.2)
+        self.alpha = self.param("alpha", logits, shape, self.param_dtype)
+        self.delta = self.param("delta", logits, shape, self.param_dtype)
+        self.beta = self.param("beta", alternating_sign_init(), shape, self.param_dtype)
+        self.eta = self.param("eta", nn.initializers.normal(1.0), shape, self.param_dtype)
+
+    def coefficients(self, dtype) -> tuple[Array, Array]:
+        """``(alpha beta, log q)`` ``[d, h]`` with ``q = 1 - alpha delta`` the decay."""
+        alpha = jax.nn.sigmoid(self.alpha.astype(dtype))
+        delta = jax.nn.sigmoid(self.delta.astype(dtype))
+        return alpha * self.beta.astype(dtype), jnp.log1p(-alpha * delta)
+
+    def output_weights(self, dtype) -> Array:
+        """``sqrt(1/h) eta`` ``[d, h]``."""
+        return self.eta.astype(dtype) * self.ndim**-0.5
+
+    def project(self, s: Float[Array, "*lead d h"]) -> Float[Array, "*lead d"]:
+        """``sqrt(1/h) eta . s`` over the expansion axis."""
+        return jnp.einsum("...dh,dh->...d", s, self.output_weights(s.dtype))
+
+    def by_scan(
+        self,
+        x: Float[Array, "b t d"],
+        s0: Float[Array, "b d h"] | None,
+        reverse: bool,
+        segment_ids,
+        reset,
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "b d h"]]:
+        gain, log_q = self.coefficients(x.dtype)
+        s, s_last = linear_scan(
+            jnp.exp(log_q), gain * x[..., None], initial_state=s0, reverse=reverse,
+            segment_ids=segment_ids, reset=reset,
+        )
+        return self.project(s), s_last
+
+    def by_fft(
+        self, x: Float[Array, "b t d"], s0: Float[Array, "b d h"] | None, reverse: bool
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "b d h"]]:
+        time = x.shape[1]
+        gain, log_q = self.coefficients(x.dtype)
+        steps = jnp.arange(time, dtype=x.dtype)[:, None, None]
+        powers = jnp.exp(steps * log_q)  # q^t [t, d, h], exponents <= 0
+        if reverse:
+            x = jnp.flip(x, axis=1)
+        ema = fft_causal_convolution(x, self.project(gain * powers))
+        # s_{T-1} = sum_t q^(T-1-t) gain x_t (+ q^T s0)
+        s_last = jnp.einsum("btd,tdh->bdh", x, jnp.flip(powers, axis=0)) * gain
+        if s0 is not None:
+            # sqrt(1/h) sum_h eta q^(t+1) s0, contracted over h without forming [b, t, d, h]
+            weights = jnp.exp(log_q) * self.output_weights(x.dtype)
+            ema = ema + jnp.einsum("tdh,bdh->btd", powers * weights, s0)
+            s_last = s_last + jnp.exp(time * log_q) * s0
+        return (jnp.flip(ema, axis=1) if reverse else ema), s_last
+
+    def __call__(
+        self,
+        x: Float[Array, "b t d"],
+        s0: Float[Array, "b d h"] | None,
+        reverse: bool,
+        segment_ids,
+        reset,
+        method: str,
+    ) -> tuple[Float[Array, "b t d"], Float[Array, "b d h"]]:
+        if method == "scan" or segment_ids is not None or reset is not None or x.shape[1] <= 1:
+            return self.by_scan(x, s0, reverse, segment_ids, reset)
+        return self.by_fft(x, s0, reverse)
 
 
 def compiled(op, *static_argnames: str):

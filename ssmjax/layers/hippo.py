@@ -30,8 +30,15 @@ from __future__ import annotations
 import functools
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from jax import Array
+from jaxtyping import Float
+
+from ssmjax.checks import check_choice
+from ssmjax.scan.conv import fft_causal_convolution
+from ssmjax.scan.linear import matrix_scan
 
 
 def _check_even(name: str, n: int) -> None:
@@ -139,3 +146,70 @@ def s5_hippo_n_init(P: int, blocks: int = 1) -> tuple[np.ndarray, np.ndarray, np
     Lambda, _, _, V = hippo_legs_dplr(P // blocks)
     V_all = scipy.linalg.block_diag(*([V] * blocks))
     return np.tile(Lambda, blocks), V_all, V_all.conj().T
+
+
+# --- LegT: the Legendre Memory Unit's sliding-window memory (Voelker, Kajic and Eliasmith,
+# 2019, "Legendre Memory Units"), shared by the ``lmu`` and ``lmuformer`` layers.
+
+LEGENDRE_METHODS = ("fft", "scan")
+
+
+def legendre_state_space(order: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous LegT ``(A [q, q], B [q])`` of ``dm/dt = A m + B u`` (``1 / theta`` included)."""
+    i = np.arange(order, dtype=np.float64)[:, None]
+    j = np.arange(order, dtype=np.float64)[None, :]
+    A = (2 * i + 1) * np.where(i < j, -1.0, (-1.0) ** (i - j + 1)) / theta
+    B = (2 * i[:, 0] + 1) * (-1.0) ** i[:, 0] / theta
+    return A, B
+
+
+@functools.lru_cache(maxsize=32)
+def legendre_memory(order: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """ZOH discretisation at ``dt = 1``: ``(Abar, Bbar)`` in float64, from
+    ``expm([[A, B], [0, 0]]) = [[Abar, Bbar], [0, 1]]``."""
+    A, B = legendre_state_space(order, theta)
+    block = np.zeros((order + 1, order + 1))
+    block[:order, :order], block[:order, order] = A, B
+    expm = scipy.linalg.expm(block)
+    return expm[:order, :order], expm[:order, order]
+
+
+@functools.lru_cache(maxsize=32)
+def legendre_impulse_response(order: int, theta: float, length: int) -> np.ndarray:
+    """``H [length, q]`` with ``H_t = Abar^t Bbar``, by doubling: ``H[L:2L] = Abar^L H[:L]``."""
+    A_bar, B_bar = legendre_memory(order, theta)
+    H, power = B_bar[None, :], A_bar
+    while H.shape[0] < length:
+        H = np.concatenate([H, H @ power.T], axis=0)
+        power = power @ power
+    return H[:length]
+
+
+def legendre_memory_sequence(
+    u: Float[Array, "b t du"],
+    order: int,
+    theta: float,
+    *,
+    initial_state: Float[Array, "b du q"] | None = None,
+    method: str = "fft",
+    segment_ids=None,
+    reset=None,
+) -> tuple[Float[Array, "b t du q"], Float[Array, "b du q"]]:
+    """The LegT memory of every input channel, ``m_t[i] = Abar m_{t-1}[i] + Bbar u_t[i]``
+    (``m [b, t, du, q]`` and the last state ``[b, du, q]``).
+
+    ``method="fft"``: ``m = H * u`` with ``H_t = Abar^t Bbar`` by
+    :func:`ssmjax.scan.conv.fft_causal_convolution` (from a zero state only); ``"scan"``,
+    and every call that continues a state or gets ``segment_ids`` / ``reset``, runs the
+    recurrence with :func:`ssmjax.scan.matrix_scan`.
+    """
+    check_choice("method", method, LEGENDRE_METHODS)
+    batch, time, du = u.shape
+    continuing = initial_state is not None or segment_ids is not None or reset is not None
+    if method == "fft" and not continuing and time > 0:
+        H = jnp.asarray(legendre_impulse_response(order, float(theta), time), u.dtype)
+        m = fft_causal_convolution(jnp.repeat(u, order, axis=-1), jnp.tile(H, (1, du)))
+        m = m.reshape(batch, time, du, order)
+        return m, m[:, -1]
+    A_bar, B_bar = (jnp.asarray(a, u.dtype) for a in legendre_memory(order, float(theta)))
+    return matrix_scan(A_bar, u[..., None] * B_bar, initial_state=initial_state, segment_ids=segment_ids, reset=reset)

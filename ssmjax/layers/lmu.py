@@ -41,47 +41,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-import scipy.linalg
 
 from ssmjax.checks import check_choice
 from ssmjax.layers.common import StepByCall, check_layer_input, state_float
+from ssmjax.layers.hippo import (  # noqa: F401  (the LegT pieces live in hippo, shared with lmuformer)
+    LEGENDRE_METHODS,
+    legendre_impulse_response,
+    legendre_memory,
+    legendre_memory_sequence,
+    legendre_state_space,
+)
 from ssmjax.layers.registry import register
-from ssmjax.scan.conv import fft_causal_convolution
-from ssmjax.scan.linear import matrix_scan
 
-LMU_METHODS = ("fft", "scan")
-
-
-def legendre_state_space(order: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """Continuous LegT ``(A [q, q], B [q])`` of ``dm/dt = A m + B u`` (``1 / theta`` included)."""
-    i = np.arange(order, dtype=np.float64)[:, None]
-    j = np.arange(order, dtype=np.float64)[None, :]
-    A = (2 * i + 1) * np.where(i < j, -1.0, (-1.0) ** (i - j + 1)) / theta
-    B = (2 * i[:, 0] + 1) * (-1.0) ** i[:, 0] / theta
-    return A, B
-
-
-@functools.lru_cache(maxsize=32)
-def legendre_memory(order: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """ZOH discretisation at ``dt = 1``: ``(Abar, Bbar)`` in float64, from
-    ``expm([[A, B], [0, 0]]) = [[Abar, Bbar], [0, 1]]``."""
-    A, B = legendre_state_space(order, theta)
-    block = np.zeros((order + 1, order + 1))
-    block[:order, :order], block[:order, order] = A, B
-    expm = scipy.linalg.expm(block)
-    return expm[:order, :order], expm[:order, order]
-
-
-@functools.lru_cache(maxsize=32)
-def legendre_impulse_response(order: int, theta: float, length: int) -> np.ndarray:
-    """``H [length, q]`` with ``H_t = Abar^t Bbar``, by doubling: ``H[L:2L] = Abar^L H[:L]``."""
-    A_bar, B_bar = legendre_memory(order, theta)
-    H, power = B_bar[None, :], A_bar
-    while H.shape[0] < length:
-        H = np.concatenate([H, H @ power.T], axis=0)
-        power = power @ power
-    return H[:length]
+LMU_METHODS = LEGENDRE_METHODS
 
 
 @register("lmu")
@@ -115,32 +87,16 @@ class LMU(StepByCall):
     def init_state(self, batch_size: int, dtype=jnp.float32) -> dict:
         return dict(m=jnp.zeros((batch_size, self.memory_dim, self.q), state_float(dtype)))
 
-    def memory_by_fft(self, u):
-        """``m [b, t, d_u, q]`` from zero state by FFT convolution with ``H``."""
-        batch, time, du = u.shape
-        H = jnp.asarray(legendre_impulse_response(self.q, float(self.theta), time), u.dtype)
-        m = fft_causal_convolution(jnp.repeat(u, self.q, axis=-1), jnp.tile(H, (1, du)))
-        return m.reshape(batch, time, du, self.q)
-
-    def memory_by_scan(self, u, m0, segment_ids, reset):
-        A_bar, B_bar = (jnp.asarray(a, u.dtype) for a in legendre_memory(self.q, float(self.theta)))
-        return matrix_scan(
-            A_bar, u[..., None] * B_bar, initial_state=m0, segment_ids=segment_ids, reset=reset
-        )
-
     def __call__(self, x, *, state=None, return_state=False, segment_ids=None, reset=None):
         x = jnp.asarray(x)
         check_layer_input(x, self.d_model)
         batch, time, _ = x.shape
         u = jax.nn.relu(self.W_u(x))
         u = u.astype(state_float(u.dtype))
-        continuing = state is not None or segment_ids is not None or reset is not None
-        if self.method == "fft" and not continuing and time > 0:
-            m = self.memory_by_fft(u)
-            m_last = m[:, -1]
-        else:
-            m0 = None if state is None else state["m"]
-            m, m_last = self.memory_by_scan(u, m0, segment_ids, reset)
+        m, m_last = legendre_memory_sequence(
+            u, self.q, float(self.theta), initial_state=None if state is None else state["m"],
+            method=self.method, segment_ids=segment_ids, reset=reset,
+        )
         features = jnp.concatenate([m.reshape(batch, time, -1).astype(x.dtype), x], axis=-1)
         y = self.out_proj(jax.nn.relu(self.W_h(features)))
         y = self.drop(y, deterministic=self.deterministic)
