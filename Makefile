@@ -91,5 +91,7 @@ $(PEERS_VENV)/.installed: pyproject.toml
 	$(PEERS_VENV)/bin/pip install -q -e '.[peers]'
 	touch $@
 
+# Then the attention LM beside nanoGPT in PyTorch (issue 16): experiments/results/lm_speed.md.
 peers: $(PEERS_VENV)/.installed
 	$(PEERS_VENV)/bin/python -m experiments.speed --ops selective_scan,gla --lengths 1024 --peers
+	$(PEERS_VENV)/bin/python -m experiments.lm_speed --report experiments/results/lm_speed.md

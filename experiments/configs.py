@@ -28,6 +28,7 @@ class ExperimentConfig(TrainConfig):
     d_model: int = 64
     n_layers: int | None = None  # None: the pattern sets the depth (ssmjax.models.model_depth)
     mlp: str = "gated"
+    mlp_ratio: float = 4.0  # the MLP's hidden width / d_model
     norm: str = "rms"  # "rms" or "layer", the blocks' pre-norm and the final norm
     mixer_fields: dict = dataclasses.field(default_factory=dict)  # {"mamba": {"d_state": 16}, ...}
     eval_batch_size: int = 64

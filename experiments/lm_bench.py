@@ -40,22 +40,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.lm_sample import with_context
 from ssmjax.models.backbone import parse_mixers
 
 
 def tree_bytes(tree: Any) -> int:
     """Total bytes of the arrays of a pytree."""
     return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def with_context(config, context: int):
-    """``config`` with attention's KV cache sized to ``context`` slots (its decode state at
-    that context length)."""
-    from experiments.configs import replace
-
-    fields = {k: dict(v) for k, v in config.mixer_fields.items()}
-    fields.setdefault("attention", {})["max_len"] = context
-    return replace(config, mixer_fields=fields)
 
 
 def state_bytes(model, params, batch_size: int = 1) -> int:

@@ -14,13 +14,15 @@ model's ``step`` (the recurrent / KV-cache form), sampled as in nanoGPT's ``samp
 with the key of token ``i`` equal to ``fold_in(key(seed), i)``, so a fixed ``--seed``
 gives the same text. Attention layers see at most ``--window`` past tokens (default: the
 run's training context ``seq_len``, as nanoGPT crops its context to ``block_size``; 0:
-the whole cache), so RoPE never meets a distance it was not trained on.
+the whole cache), so RoPE never meets a distance it was not trained on. The KV cache is
+sized to the prompt plus ``--tokens`` and updated in place (a donated decode state).
 """
 
 from __future__ import annotations
 
 import argparse
 import codecs
+import functools
 import json
 import sys
 from collections.abc import Iterator
@@ -82,7 +84,7 @@ def _restore(config, model, directory: Path, make_optimizer) -> Any:
 _COMPILED: dict[tuple, tuple] = {}
 
 
-def _compiled(model, temperature: float, top_k: int | None) -> tuple:
+def compiled_sampler(model, temperature: float, top_k: int | None) -> tuple:
     """The jitted prefill and one-token decode of ``model`` (cached by the model's fields,
     so sampling the same run twice in one process compiles once)."""
     from ssmjax.models.backbone import sample_logits
@@ -94,7 +96,7 @@ def _compiled(model, temperature: float, top_k: int | None) -> tuple:
             logits, state = model.apply(params, prompt[None], return_state=True)
             return logits[:, -1], state
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=2)  # the cache is updated in place, not copied per token
         def decode(params, logits, state, key):
             token = sample_logits(logits, key, temperature, top_k)
             next_logits, state = model.apply(params, token, state, method="step")
@@ -115,24 +117,22 @@ def sample_stream(model, params, prompt: np.ndarray, tokens: int, key: jax.Array
     vocab = model.vocab_size
     top_k = None if top_k is None or top_k >= vocab else top_k
 
-    prefill, decode = _compiled(model, float(temperature), top_k)
+    prefill, decode = compiled_sampler(model, float(temperature), top_k)
     logits, state = prefill(params, jnp.asarray(prompt, jnp.int32))
     for i in range(tokens):
         token, logits, state = decode(params, logits, state, jax.random.fold_in(key, i))
         yield int(token[0])
 
 
-def _check_context(config, prompt_len: int, tokens: int) -> None:
-    """The attention KV cache has ``max_len`` slots (default 2048): prompt + new tokens must fit."""
-    import ssmjax.layers
-    from ssmjax.models import parse_mixers
+def with_context(config, context: int):
+    """``config`` with attention's KV cache sized to ``context`` slots (a decode of ``context``
+    tokens needs no more; the layer's default is 2048, and every token attends over, and
+    rewrites, every slot)."""
+    from experiments.configs import replace
 
-    if "attention" in parse_mixers(config.model, config.n_layers):
-        fields = dict(config.mixer_fields.get("attention", {}))
-        max_len = fields.get("max_len", ssmjax.layers.get("attention", d_model=config.d_model).max_len)
-        if prompt_len + tokens > max_len:
-            raise ValueError(f"--tokens: prompt ({prompt_len}) + tokens ({tokens}) exceed the attention KV cache of "
-                             f"{max_len} slots; ask for at most {max_len - prompt_len} tokens")
+    fields = {k: dict(v) for k, v in config.mixer_fields.items()}
+    fields.setdefault("attention", {})["max_len"] = context
+    return replace(config, mixer_fields=fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from experiments.runner import build_model
+
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -166,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                              f"{tokenizer.vocab_size}: {''.join(unknown)!r}; the vocabulary is "
                              f"{getattr(tokenizer, 'chars', '')!r}")
         prompt = tokenizer.encode(args.prompt)
-        _check_context(config, len(prompt), args.tokens)
+        model = build_model(with_context(config, len(prompt) + args.tokens), tokenizer.vocab_size)
         stream = sample_stream(model, params, prompt, args.tokens, jax.random.key(args.seed), args.temperature,
                                args.top_k or None)
     except ValueError as error:

@@ -35,7 +35,7 @@ def build_model(config: ExperimentConfig, vocab_size: int | None, num_classes: i
     (:class:`ssmjax.models.DualEncoderClassifier`, head width ``config.mlp_dim``)."""
     parse_mixers(config.model, config.n_layers)  # a clear ValueError before any tracing
     fields = dict(d_model=config.d_model, n_layers=config.n_layers, mixers=config.model, mlp=config.mlp,
-                  norm=config.norm, vocab_size=vocab_size)
+                  mlp_ratio=config.mlp_ratio, norm=config.norm, vocab_size=vocab_size)
     mixer_fields = dict(config.mixer_fields)
     if num_classes is None:
         return SequenceModel(**fields, mixer_fields=mixer_fields, head="lm")

@@ -12,8 +12,11 @@ Median forward+backward ms (``sum(outputs).backward()``, one warm-up call) of
   a scalar decay per head) at ``(b, t, h, d) = SHAPES["gla"]``;
 
 the shapes of ``experiments.speed``'s comparison rows, so the ratios are read side by
-side. Without torch (or a peer package) each entry is skipped with the reason, printed
-and kept in the JSON under ``skipped``; the exit status is 0 either way. This module
+side; and the nanoGPT-shaped GPT of :mod:`experiments.bench.nanogpt` (nanoGPT's CPU baby
+GPT, the peer of ``python -m experiments.lm_speed``): median ms of one training step at
+batch 12 x 64 and of one KV-cache decoding token at batch 1. Without torch (or a peer
+package) each entry is skipped with the reason, printed and kept in the JSON under
+``skipped``; the exit status is 0 either way. This module
 imports no JAX, so it also runs in a torch-only environment.
 """
 
@@ -28,7 +31,9 @@ from pathlib import Path
 from experiments.bench.clock import median_of_calls
 
 #: The shapes the peers are timed at (and ``experiments.speed``'s comparison rows).
-SHAPES = {"selective_scan": dict(b=2, t=1024, d=256, n=16), "gla": dict(b=2, t=2048, h=4, d=64)}
+SHAPES = {"selective_scan": dict(b=2, t=1024, d=256, n=16), "gla": dict(b=2, t=2048, h=4, d=64),
+          # experiments.bench.nanogpt.BABY_GPT (written out: that module needs torch)
+          "nanogpt": dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)}
 INSTALL_HINT = "pip install -e '.[peers]'"
 
 
@@ -76,10 +81,28 @@ def fla_naive_chunk_simple_gla(reps: int, b: int, t: int, h: int, d: int) -> flo
     return median_of_calls(fwd_bwd, reps)
 
 
+def nanogpt_train_step(reps: int, **shape) -> float:
+    """ms of one nanoGPT training step (:mod:`experiments.bench.nanogpt`, its ``BABY_GPT``)."""
+    from experiments.bench import nanogpt
+
+    model = nanogpt.build()
+    return median_of_calls(nanogpt.train_step_fn(model, shape["batch_size"]), reps)
+
+
+def nanogpt_decode_token(reps: int, **shape) -> float:
+    """ms per token of nanoGPT's greedy KV-cache decoding at batch 1 (64 tokens a call)."""
+    from experiments.bench import nanogpt
+
+    model = nanogpt.build()
+    return median_of_calls(nanogpt.decode_fn(model), reps) / shape["block_size"]
+
+
 #: result key -> (module the peer needs, timing function, shape name)
 PEERS: dict[str, tuple[str, Callable[..., float], str]] = {
     "mambapy_selective_scan_fb_ms": ("mambapy", mambapy_selective_scan, "selective_scan"),
     "fla_naive_chunk_simple_gla_fb_ms": ("fla", fla_naive_chunk_simple_gla, "gla"),
+    "nanogpt_train_step_ms": ("torch", nanogpt_train_step, "nanogpt"),
+    "nanogpt_decode_token_ms": ("torch", nanogpt_decode_token, "nanogpt"),
 }
 
 

@@ -67,7 +67,7 @@ def test_lm_sample_errors_are_clear(lm_run, tmp_path, capsys):
     _, run_dir = lm_run
     cases = [(["--run", str(tmp_path / "nope")], "not a run directory"),
              (["--run", str(run_dir), "--prompt", "ROMEO@#"], r"2 character\(s\) outside the run's vocabulary"),
-             (["--run", str(run_dir), "--tokens", "5000"], "exceed the attention KV cache")]
+             (["--run", str(run_dir), "--tokens", "0"], "--tokens: expected >= 1")]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             main(["lm-sample", *args])
@@ -82,7 +82,8 @@ def test_decode_state_bytes_of_attention_is_its_kv_cache():
     import jax
     import jax.numpy as jnp
 
-    from experiments.lm_bench import state_bytes, with_context
+    from experiments.lm_bench import state_bytes
+    from experiments.lm_sample import with_context
     from experiments.runner import build_model
 
     config = make_config("lm", overrides=dict(d_model=16, n_layers=2, seq_len=8))
