@@ -31,6 +31,7 @@ def root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # ~35 s: trains and samples every mode; the samplers' exactness is tests/models/test_depth_sampling.py
 def test_lm_depth_writes_every_mode(root, capsys):
     run_dir = train(root, "universal_transformer", "n_layers=1", f"mixer_fields={UT}")
     assert main(["lm-depth", "--run", str(run_dir), "--prompts", "2", "--prompt-len", "6", "--tokens", "5",

@@ -31,6 +31,7 @@ SMALL = {
     "fsmn": dict(inner_channels=8, memory_order=3, memory_layers=3, conv_size=5),
     "gss": dict(d_state=8),
     "h3": dict(d_state=8),
+    "longvq": dict(codebook_size=8, chunk_size=4, ema_dim=4),
     "lru": dict(d_state=8),
     "mamba2": dict(d_state=16),
     "s4": dict(d_state=8),
