@@ -11,7 +11,10 @@ import importlib
 from types import ModuleType
 
 PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm-sample": "experiments.lm_sample",
-             "lm-depth": "experiments.lm_depth", "moving_mnist": "experiments.moving_mnist"}
+             "lm-depth": "experiments.lm_depth", "moving_mnist": "experiments.moving_mnist",
+             "enumerative_geometry": "experiments.enumerative_geometry",
+             "universal_approximation": "experiments.universal_approximation",
+             "finetune": "experiments.finetune"}
 
 
 def load(name: str) -> ModuleType:

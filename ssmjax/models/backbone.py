@@ -14,7 +14,10 @@ of pre-norm blocks whose mixers come from a pattern of registry names, and a hea
 * ``mlp``: ``"gated"`` (SwiGLU, Shazeer 2020), ``"none"``, or ``"moe"`` (top-k routed
   SwiGLU experts as in Jamba, Lieber et al. 2024; experts are evaluated densely and
   mixed with the renormalised top-k router weights, which is exact and fine at CPU
-  sizes; load-balancing loss exposed via ``sow('intermediates', 'moe_balance')``).
+  sizes; load-balancing loss exposed via ``sow('intermediates', 'moe_balance')``), or an
+  activation ``"relu"``, ``"gelu"``, ``"silu"``, ``"dra"``: the plain FFN
+  ``W_2 act(W_1 x + b_1) + b_2`` (:mod:`ssmjax.models.activations`; ``"dra"``: the Dynamic
+  Range Activator of Hashemi et al., 2025).
 * ``head``: ``"lm"`` (next-token logits, ``tie_embeddings`` optional), ``"classify"``
   (pooled ``mean``/``last`` -> ``num_classes``), ``"pool"`` (the pooled features
   ``[b, d_model]``, for a two-tower model), ``"regress"`` (per-step ``output_dim``). With
@@ -57,6 +60,7 @@ import jax.numpy as jnp
 from jax import Array
 
 import ssmjax.layers
+from ssmjax.models.activations import ACTIVATIONS, FeedForward
 
 _PATTERN_ITEM = re.compile(r"^([a-z0-9_]+)(?:\*([1-9][0-9]*))?$")
 
@@ -185,8 +189,10 @@ class Block(nn.Module):
             self.mlp_layer = SwiGLU(self.d_model, hidden)
         elif self.mlp == "moe":
             self.mlp_layer = MoE(self.d_model, hidden, self.moe_experts, self.moe_top_k)
+        elif self.mlp in ACTIVATIONS:
+            self.mlp_layer = FeedForward(self.d_model, hidden, self.mlp)
         elif self.mlp != "none":
-            raise ValueError(f"mlp: expected 'gated', 'moe' or 'none', got {self.mlp!r}")
+            raise ValueError(f"mlp: expected 'gated', 'moe', 'none' or an activation {ACTIVATIONS}, got {self.mlp!r}")
         if self.mlp != "none":
             self.mlp_norm = _norm(self.norm, "mlp_norm")
 
