@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +24,17 @@ import optax
 from jaxtyping import Array, Bool, Float, Int
 
 from ssmjax.data import Batch
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What training and evaluation need of a model: Linen's ``init(key, *inputs)`` and
+    ``apply(variables, *inputs, **kwargs)`` (any ``flax.linen.Module``, or a
+    :class:`ssmjax.train.finetune.FinetunedModel`)."""
+
+    def init(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def apply(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def masked_sums(logits: Float[Array, "*lead C"], targets: Int[Array, "*lead"],
@@ -47,7 +57,7 @@ def masked_loss_and_accuracy(logits: Float[Array, "*lead C"], targets: Int[Array
     return xent / count, correct / count
 
 
-def make_predict(model: nn.Module) -> Callable:
+def make_predict(model: Model) -> Callable:
     """``(params, inputs) -> argmax outputs`` (``[b, t]`` for per-position heads, ``[b]``
     for a classifier), jit-compiled."""
     return jax.jit(lambda params, inputs: jnp.argmax(model.apply(params, inputs), -1))
@@ -67,7 +77,7 @@ class Evaluator:
     Inputs are ``[b, t]`` int tokens or ``[b, t, d]`` float features, as in training.
     """
 
-    def __init__(self, model: nn.Module, check: Callable[[Batch, str], None] | None = None):
+    def __init__(self, model: Model, check: Callable[[Batch, str], None] | None = None):
         self._logits = jax.jit(model.apply)
         self._argmax = make_predict(model)
         self._sums = jax.jit(lambda params, b: masked_sums(model.apply(params, b.inputs), b.targets, b.mask))

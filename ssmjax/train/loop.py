@@ -46,7 +46,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,7 +54,7 @@ import optax
 from ssmjax.data import Batch
 from ssmjax.train.checkpoint import Checkpointer
 from ssmjax.train.checks import BatchSpec, check_batch, model_spec
-from ssmjax.train.evaluation import Evaluator, masked_loss_and_accuracy
+from ssmjax.train.evaluation import Evaluator, Model, masked_loss_and_accuracy
 from ssmjax.train.metrics import MetricsLog, Progress
 
 TIMING_KEYS = ("elapsed_s", "tokens_per_s")  # metrics fields that differ between identical runs
@@ -138,6 +137,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 def make_optimizer(config: TrainConfig, ssm_mask: Callable[[Any], Any] | None = None,
+                   trainable: Callable[[Any], Any] | None = None,
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (Loshchilov & Hutter, 2019) with linear warmup then cosine decay, after
     global-norm gradient clipping; weight decay on parameters with ``ndim >= 2``.
@@ -146,7 +146,11 @@ def make_optimizer(config: TrainConfig, ssm_mask: Callable[[Any], Any] | None = 
     :meth:`ssmjax.models.SequenceModel.ssm_parameter_mask`), the SSM parameters form a
     second group: the same schedule shape at peak ``ssm_lr`` and no weight decay, the
     recipe of S4 (Gu et al., 2022), S5 (Smith et al., 2023) and the LRU (Orvieto et al.,
-    2023). Returns the optimizer and the schedule of the main group."""
+    2023). With ``trainable`` (``params -> tree of bools``, e.g.
+    :meth:`ssmjax.train.finetune.FinetunedModel.trainable_mask`) the parameters marked
+    ``False`` are frozen: ``optax.set_to_zero`` in an ``optax.multi_transform`` (no optimizer
+    state, no weight decay; clipping sees their gradients, which a frozen model makes zero).
+    Returns the optimizer and the schedule of the main group."""
     def schedule_at(peak: float) -> optax.Schedule:
         warmup = max(0, min(config.warmup_steps, config.steps - 1))
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(config.steps, warmup + 1),
@@ -159,6 +163,9 @@ def make_optimizer(config: TrainConfig, ssm_mask: Callable[[Any], Any] | None = 
         ssm = optax.adam(schedule_at(config.ssm_lr), config.beta1, config.beta2)
         labels = lambda params: jax.tree.map(lambda is_ssm: "ssm" if is_ssm else "other", ssm_mask(params))  # noqa: E731
         adamw = optax.multi_transform({"other": adamw, "ssm": ssm}, labels)
+    if trainable is not None:
+        frozen = lambda params: jax.tree.map(lambda t: "train" if t else "frozen", trainable(params))  # noqa: E731
+        adamw = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()}, frozen)
     clip = optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity()
     return optax.chain(clip, adamw), schedule
 
@@ -177,7 +184,7 @@ def _sequence_parallel(mesh: jax.sharding.Mesh | None):
     return sequence_parallel(mesh, "seq")
 
 
-def make_train_step(model: nn.Module, optimizer: optax.GradientTransformation, shardings: Any = None):
+def make_train_step(model: Model, optimizer: optax.GradientTransformation, shardings: Any = None):
     """``(state, inputs, targets, mask, key) -> (new_state, metrics)``, jit-compiled.
 
     ``shardings``: ``(state shardings, batch sharding)`` to compile the step for a device
@@ -283,7 +290,7 @@ def _write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+def train(model: Model, task: Task, config: TrainConfig, run_dir: str | Path, *, resume: bool = False,
           stop_at: int | None = None, metadata: Mapping[str, Any] | None = None, title: str = "",
           verbose: bool = True, mesh: jax.sharding.Mesh | None = None) -> TrainResult:
     """Train ``model`` on ``task`` (see :class:`Task`) for ``config.steps`` updates.
@@ -294,6 +301,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
     existing checkpoint is an error. ``stop_at``: stop (and save) after that many updates
     as if interrupted, e.g. to split a run. ``metadata`` is copied into ``result.json``.
     Raises ``ValueError`` on an invalid batch and :class:`NonFiniteLossError` on NaN/inf.
+    A model with a ``trainable_mask`` (a :class:`ssmjax.train.finetune.FinetunedModel`)
+    trains only the parameters it marks (:func:`make_optimizer`).
 
     ``mesh``: train on a device mesh (:func:`ssmjax.distributed.make_mesh`): the state is
     sharded FSDP-style by :func:`ssmjax.distributed.state_shardings`, batches are split
@@ -303,7 +312,8 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer, schedule = make_optimizer(config, getattr(model, "ssm_parameter_mask", None))
+    optimizer, schedule = make_optimizer(config, getattr(model, "ssm_parameter_mask", None),
+                                         getattr(model, "trainable_mask", None))
     key = jax.random.PRNGKey(config.seed)
     init_key, step_key = jax.random.split(key)
     first = task.train_batch(0)
@@ -345,7 +355,7 @@ def train(model: nn.Module, task: Task, config: TrainConfig, run_dir: str | Path
         checkpoints.close()
 
 
-def _batch_spec(model: nn.Module, task: Task, params: Any, first: Batch) -> BatchSpec:
+def _batch_spec(model: Model, task: Task, params: Any, first: Batch) -> BatchSpec:
     """The model's :class:`BatchSpec`, with the number of classes read off its outputs
     (checked against ``first.targets``' shape)."""
     out = jax.eval_shape(model.apply, params, jnp.asarray(first.inputs))
