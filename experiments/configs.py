@@ -402,6 +402,63 @@ SIZES["urpe"] = {
                         eval_every=2000, checkpoint_every=2000, log_every=100, eval_batches=8),
 }
 
+@dataclasses.dataclass
+class SequentialFunctionsConfig(ExperimentConfig):
+    """In-context learning of sequential functions (issue 20; after Garg et al., 2022):
+    ``num_examples`` (input string, output string) examples of one random function, then
+    a query; ``classes`` among ``"mealy"`` (Mealy machines, ``num_states`` states,
+    ``num_symbols`` inputs, ``num_outputs`` outputs) and ``"recurrence"``
+    (``y_t = a y_{t-1} + b x_t mod modulus``); see :mod:`ssmjax.data.sequential_functions`."""
+
+    classes: tuple = ("mealy", "recurrence")
+    num_examples: int = 8
+    example_len: int = 6
+    num_states: int = 3
+    num_symbols: int = 2
+    num_outputs: int = 2
+    modulus: int = 5
+
+
+@dataclasses.dataclass
+class StructuralRecursionConfig(ExperimentConfig):
+    """Structural recursion (issue 20; after Zhang et al., 2023): ``task`` ``"successor"``
+    (binary successor, bits ``order`` ``"lsb"`` / ``"msb"`` first; train on 1..``train_max_bits``
+    bits, test at ``eval_bits``) or ``"tree"`` (pre-order bracketed full binary tree ->
+    its ``traversal``; train on depths 1..``train_max_depth``, test at ``eval_depths``);
+    see :mod:`ssmjax.data.recursion`."""
+
+    task: str = "successor"
+    order: str = "lsb"
+    traversal: str = "inorder"
+    num_labels: int = 10
+    train_max_bits: int = 8
+    eval_bits: tuple = (4, 8, 12, 16, 24)
+    train_max_depth: int = 3
+    eval_depths: tuple = (1, 2, 3, 4, 5)
+
+    @property
+    def variant(self) -> str:
+        return self.task
+
+
+# Sequential functions / structural recursion (issue 20): CPU sizes are 2-layer d = 64
+# models for a couple of minutes; paper sizes are approx. (no single paper protocol).
+SIZES["sequential_functions"] = {
+    "cpu": SequentialFunctionsConfig(steps=1000, batch_size=32, n_layers=2, eval_every=500, eval_batches=4,
+                                     **_CPU_TRAIN),
+    "paper": SequentialFunctionsConfig(steps=50_000, batch_size=64, lr=1e-3, warmup_steps=1000, num_examples=16,
+                                       example_len=8, num_states=4, d_model=256, n_layers=8, eval_every=5000,
+                                       checkpoint_every=5000, log_every=100, eval_batches=8),
+}
+SIZES["structural_recursion"] = {
+    "cpu": StructuralRecursionConfig(steps=1000, batch_size=32, n_layers=2, eval_every=500, eval_batches=2,
+                                     **_CPU_TRAIN),
+    "paper": StructuralRecursionConfig(steps=50_000, batch_size=64, lr=1e-3, warmup_steps=1000, train_max_bits=16,
+                                       eval_bits=(8, 16, 24, 32, 48, 64), train_max_depth=4,
+                                       eval_depths=(2, 3, 4, 5, 6), d_model=256, n_layers=6, eval_every=5000,
+                                       checkpoint_every=5000, log_every=100, eval_batches=8),
+}
+
 EXPERIMENTS = tuple(SIZES)
 
 

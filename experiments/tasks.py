@@ -38,6 +38,8 @@ from ssmjax.data.synthetic import Batch
 from ssmjax.data.paths import DATA_ENV, default_data_dir
 from ssmjax.data.text import Corpus, TextTask, load_corpus, repeat_passages
 from experiments.urpe import URPETask
+from experiments.sequential_functions import SequentialFunctionsTask
+from experiments.structural_recursion import StructuralRecursionTask
 
 EVAL_STREAM = 1
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -549,6 +551,8 @@ TASKS = {
     "lra_retrieval": token_task,
     "arrow_pointing": ArrowPointingTask,
     "urpe": URPETask,
+    "sequential_functions": SequentialFunctionsTask,
+    "structural_recursion": StructuralRecursionTask,
 }
 
 DESCRIPTIONS = {
@@ -569,6 +573,8 @@ DESCRIPTIONS = {
     "lra_retrieval": "LRA Retrieval: do two AAN papers cite each other? 2 x 4000 bytes; needs --set data_dir=DIR",
     "arrow_pointing": "pLSTM's arrow pointing: does the arrow point at the circle? train at 32 px, test larger",
     "urpe": "URPE: predict each token's position (random and constant rows); RPE-only attention cannot (Luo 2022)",
+    "sequential_functions": "learn Mealy machines / linear recurrences mod p in context; output accuracy per class and by examples",
+    "structural_recursion": "binary successor / tree traversal: train small, test larger; exact match vs bits / depth",
 }
 
 

@@ -22,6 +22,8 @@ TINY_TASK = {
     "boolean_icl": ["num_bits=3", "num_examples=4"],
     "algorithmic": ["train_max_len=3", "eval_lengths=(2, 5)", "task=addition"],
     "urpe": ["seq_len=8"],
+    "sequential_functions": ["num_examples=2", "example_len=3"],
+    "structural_recursion": ["train_max_bits=3", "eval_bits=(2, 5)"],
 }
 
 
