@@ -62,6 +62,7 @@ QUICK_VARIANTS = {
     ".venv/bin/python -m experiments dynamics --system ks --model lstm": "{py} -m experiments dynamics --help",
     ".venv/bin/python -m experiments lm --model attention": "{py} -m experiments --help",
     "make results-forecasting": "make -n results-forecasting",
+    "make results-lm": "make -n results-lm",
     # sequence classification: every experiment runs end to end on generated or tiny files
     # in tests/experiments/test_classification.py; here the targets and the CLI are checked
     "make mnist": "make -n mnist",

@@ -21,6 +21,7 @@ def tiny_args(tmp_path, *extra):
             *[f"--set={s}" for s in sets]]
 
 
+@pytest.mark.slow  # ~13 s; the methods themselves are tests/train/test_finetune.py
 def test_finetune_runs_every_method_on_one_pretrained_model(tmp_path):
     assert "finetune" in protocols.PROTOCOLS
     counts = {}

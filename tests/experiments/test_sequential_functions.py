@@ -1,6 +1,7 @@
 """The sequential_functions and structural_recursion tasks: evaluation maths and a tiny run."""
 
 import numpy as np
+import pytest
 
 from experiments.configs import make_config
 from experiments.runner import run_experiment
@@ -45,6 +46,7 @@ def test_structural_recursion_headline_is_over_training_sizes():
     assert result["summary"]["exact @8"] == 0.0 and result["curve"]["vline"] == 4
 
 
+@pytest.mark.slow  # ~12 s; the default run covers both through test_cli_and_report's tiny runs
 def test_both_run_end_to_end(tmp_path):
     for experiment, extra in [("sequential_functions", ["num_examples=2", "example_len=3", "classes=('mealy',)"]),
                               ("structural_recursion", ["task=tree", "train_max_depth=2", "eval_depths=(1, 3)"])]:

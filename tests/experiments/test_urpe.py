@@ -15,6 +15,7 @@ TINY = ["d_model=16", "n_layers=1", "batch_size=4", "eval_batch_size=4", "eval_b
         "warmup_steps=1", "checkpoint_every=2", "eval_every=100", "seq_len=8", "steps=2"]
 
 
+@pytest.mark.slow  # ~8 s; the default run covers urpe through test_cli_and_report's tiny runs
 @pytest.mark.parametrize("urpe", [True, False])
 def test_urpe_experiment_runs_end_to_end(urpe, tmp_path):
     overrides = TINY + [f"mixer_fields={{'urpe_attention': {{'urpe': {urpe}, 'max_len': 8}}}}"]
