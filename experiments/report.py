@@ -49,6 +49,8 @@ TITLES = {
     "path_x": "LRA Path-X (Pathfinder-128)",
     "arrow_pointing": "Arrow pointing: extrapolation to larger images",
     "urpe": "URPE vs RPE-only attention: position-sensitive targets",
+    "sequential_functions": "Sequential functions learned in context (automata, linear recurrences)",
+    "structural_recursion": "Structural recursion: binary successor and tree traversals",
 }
 
 #: Test accuracy (%) reported by the papers, per LRA task (Path-X "fail": chance level).
@@ -81,6 +83,14 @@ PAPER_FINDINGS = {
         "Dehghani et al. (2019, Universal Transformers): standard Transformers fit copy, reverse and "
         "addition at the training lengths but fail at longer test lengths; sequence accuracy drops "
         "sharply beyond the training length."),
+    "sequential_functions": (
+        "In-context learning of sequential function classes: given a few (input, output) sequence pairs of one "
+        "randomly drawn automaton or linear recurrence, a transformer produces the output of a new input, its "
+        "accuracy rising with the number of examples."),
+    "structural_recursion": (
+        "Transformers trained to emulate structural recursion (binary successor, tree traversals) fit the "
+        "training sizes but generalise poorly to longer inputs or deeper trees, learning shortcuts rather than the "
+        "recursion."),
     "urpe": (
         "Luo et al. (2022, URPE): attention with relative positions only in the logits is row-stochastic, so it "
         "maps a sequence of identical tokens to identical outputs and cannot fit position-dependent targets; "
