@@ -33,8 +33,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench.table import Column, markdown_table, text_table, write_json
@@ -43,7 +41,6 @@ from experiments.bench.timing import environment, median_ms, run_row
 #: ``d_model`` of the 0.8M-parameter rows of the ``lm`` table (experiments/notes/lm.md).
 D_MODEL = {"lstm": 96, "gru": 104}
 METHODS = ("sequential", "newton")
-VOCAB = 65  # tinyshakespeare's characters
 COLUMNS = (
     Column("cell", "cell"),
     Column("t", "T", meaning="tokens per sequence"),
@@ -69,20 +66,11 @@ def lm_config(cell: str, method: str, t: int, batch: int):
 
 
 def train_step_ms(config, reps: int, seed: int = 0) -> float:
-    """Median ms of one jitted training step of ``config``'s LM on random tokens."""
-    from experiments.runner import build_model
-    from ssmjax.train.loop import make_optimizer, make_train_step
+    """Median ms of one jitted training step of ``config``'s LM on random tokens
+    (:class:`experiments.lm_speed.TrainStep`, as the training loop calls it)."""
+    from experiments.lm_speed import TrainStep
 
-    model = build_model(config, VOCAB)
-    tokens = jax.random.randint(jax.random.key(seed), (config.batch_size, config.seq_len + 1), 0, VOCAB)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    mask = jnp.ones(inputs.shape, bool)
-    params = model.init(jax.random.key(seed), inputs)
-    optimizer, _ = make_optimizer(config)
-    state = dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
-    step = make_train_step(model, optimizer)
-    key = jax.random.key(seed + 1)
-    return median_ms(lambda: step(state, inputs, targets, mask, key), reps, warmup=1)
+    return median_ms(TrainStep(config, seed), reps, warmup=1)
 
 
 def measure(cell: str, t: int, batch: int, reps: int) -> dict:
