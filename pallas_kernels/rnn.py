@@ -36,11 +36,12 @@ unrolled steps, then the remainder; ``T`` is never padded) computes the ``gates`
 products ``[block_b, dh] @ [dh, dh]`` of the recurrent contribution, the cell's
 point-wise update, and stores ``h_t``. The state and ``R`` are held in ``block_h``-wide
 column blocks and each product is summed over ``block_h``-long contractions (see
-``BlockSizes.block_h``); where ``R`` is too large to stay resident (LSTM / sLSTM, GRU at
-``dh = 128``) its blocks are re-read from global memory at every step
-(``BlockSizes.resident``). With ``save_states`` it also stores every state part at every
-step, ``states [batch_pad, T, S, heads, dh_pad]`` in the carry dtype: the residual of the
-backward.
+``BlockSizes.block_h``). Where ``R`` is too large to stay resident (LSTM / sLSTM, GRU at
+``dh = 128``; ``BlockSizes.resident``) its blocks are re-read from global memory at every
+step, and the streamed forward (``_forward_loop_kernel``) keeps the state in memory
+instead of registers and loops over the column blocks, as the backward does. With
+``save_states`` it also stores every state part at every step, ``states [batch_pad, T, S,
+heads, dh_pad]`` in the carry dtype: the residual of the backward.
 
 Backward kernel (same grid; the strategy of FlashRNN: store the states in the forward,
 run the adjoint as a reverse-time loop): for ``t = T-1 .. 0`` it reads the state entering
@@ -63,8 +64,8 @@ zero weights, inputs and states keep padded units at ``h = c = 0`` (sLSTM: ``n >
 give them zero gradients. On-chip budget: the resident ``R`` is ``gates * dh^2`` floats
 per program (64 KiB at ``dh = 64``, LSTM), staged in shared memory; at ``dh = 128`` (256
 KiB for an LSTM) the forward streams it instead, and the backward always streams its
-``[block_h, block_h]`` blocks (6 KiB of shared memory for every cell at ``dh = 64`` and
-``128``, ``tests/kernels/test_targets.py``). FlashRNN splits a head over several
+``[block_h, block_h]`` blocks (6 KiB of shared memory for every streamed program at ``dh =
+64`` and ``128``, ``tests/kernels/test_targets.py``). FlashRNN splits a head over several
 cooperating programs instead (not done here).
 
 Backends: ``interpret=True`` anywhere (the CPU tests); compiled through Triton on GPUs
@@ -104,6 +105,9 @@ STATE_PARTS = {"elman": 1, "gru": 1, "lstm": 2, "slstm": 4, "slstm_exp": 4}
 CELLS = tuple(GATES)
 #: Largest float32 ``R`` of a head (bytes) the forward keeps resident by default.
 RESIDENT_BYTES = 64 * 1024
+#: Warps of the streamed forward (``_forward_loop_kernel``; at 4 the sLSTM at ``dh = 128``
+#: takes 167 registers per thread, at 8 it takes 128, neither spills).
+_STREAMED_WARPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,9 +138,12 @@ class BlockSizes:
         ``gates * dh_pad^2 * 4`` bytes, is at most :data:`RESIDENT_BYTES` (every cell at
         ``dh = 64``, Elman at 128); LSTM / sLSTM at ``dh = 128`` take 256 KiB, over the
         shared memory of an H100 (227 KiB) and an A100 (163 KiB), GRU 192 KiB. A
-        streamed forward compiles with 8 warps and one pipeline stage (more stages
-        stage the ``R`` blocks of the coming steps in shared memory); a resident one with
-        4 (at 8 the LSTM spills registers, at 4 a streamed one does).
+        streamed forward (``_forward_loop_kernel``: the state in memory, loops over the
+        column blocks) compiles with 8 warps and one pipeline stage (more stages would
+        prefetch blocks the program writes in the step before); a resident one with 4
+        (at 8 the LSTM spills registers). A streamed forward without ``save_states``
+        keeps its state in a ring of two steps, an extra ``[batch, 2, S, heads, dh]``
+        output the wrapper drops.
     """
 
     block_b: int = 16
@@ -199,14 +206,42 @@ def _cut(keep_ref, t, parts: list) -> list:
     return [jnp.where(keep, p, jnp.zeros_like(p)) for p in parts]
 
 
+def _col(j, size: int):
+    """Column block ``j`` (a Python int or a traced loop index) of width ``size``."""
+    return pl.ds(j * size if isinstance(j, int) else pl.multiple_of(j * size, size), size)
+
+
+def _barrier(sync: bool):
+    """A barrier of the program's threads (compiled: ``bar.sync``, which also orders its
+    global memory accesses); a no-op where the kernel runs in order (interpreted)."""
+    if not sync:
+        return lambda: None
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.debug_barrier
+
+
+def _prev_block(s0_ref, states_ref, keep_ref, t, k, c, dtype, slot=lambda t: t):
+    """Column block ``c`` of state part ``k`` entering step ``t`` (cut where ``keep`` is
+    0): ``state0`` at ``t = 0``, else the stored state of step ``t - 1`` (at index
+    ``slot(t - 1)`` of ``states_ref``)."""
+    if isinstance(t, int):
+        x = s0_ref[:, k, c] if t == 0 else states_ref[:, slot(t - 1), k, c]
+    else:
+        x = jnp.where(t == 0, s0_ref[:, k, c], states_ref[:, slot(jnp.maximum(t - 1, 0)), k, c])
+    return _cut(keep_ref, t, [x.astype(dtype)])[0]
+
+
 # ----------------------------------------------------------------------------- kernels
-def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states, block_h, resident):
-    """The time loop on column blocks: every state part is a tuple of ``[block_b,
-    block_h]`` blocks, ``R_g`` is read as ``[block_h, block_h]`` blocks (once, or at
-    every step unless ``resident``), and column block ``j`` of ``h R_g`` is the sum over
-    row blocks ``i`` of ``h_i R_g[i, j]``, accumulated row block by row block (so one
-    ``h_i`` is a ``dot`` operand at a time; see ``BlockSizes.block_h``); the point-wise
-    cell then runs column block by column block."""
+def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states, block_h):
+    """The forward with ``R`` resident, on column blocks: every state part is a tuple of
+    ``[block_b, block_h]`` blocks (in registers), ``R_g`` is read once as ``[block_h,
+    block_h]`` blocks, and column block ``j`` of ``h R_g`` is the sum over row blocks
+    ``i`` of ``h_i R_g[i, j]``, accumulated row block by row block (so one ``h_i`` is a
+    ``dot`` operand at a time; see ``BlockSizes.block_h``); the point-wise cell then runs
+    column block by column block. The step is unrolled over the ``(dh / block_h)^2``
+    block products (static indices into the resident blocks): used where ``R`` fits,
+    ``dh <= 64`` (Elman: 128); the streamed forward is :func:`_forward_loop_kernel`."""
     gx_ref, R_ref, b_ref = refs[:3]
     keep_ref = refs[3] if has_keep else None
     s0_ref, h_ref, last_ref = refs[3 + has_keep : 6 + has_keep]
@@ -216,10 +251,7 @@ def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states, block_h, 
     dh = R_ref.shape[-1]
     size = min(block_h, dh)
     cols = [pl.ds(j * size, size) for j in range(dh // size)]
-    R_block = lambda g, i, j: R_ref[g, cols[i], cols[j]].astype(dtype)  # noqa: E731
-    if resident:
-        R = [[[R_block(g, i, j) for j in range(len(cols))] for i in range(len(cols))] for g in range(gates)]
-        R_block = lambda g, i, j: R[g][i][j]  # noqa: E731
+    R = [[[R_ref[g, a, b].astype(dtype) for b in cols] for a in cols] for g in range(gates)]
     bias = [[b_ref[pl.ds(g, 1), c].astype(dtype) for c in cols] for g in range(gates)]
 
     def step(t, state):
@@ -229,7 +261,7 @@ def _forward_kernel(*refs, cell, time, block_t, has_keep, save_states, block_h, 
         for i, h_i in enumerate(state[0]):
             for g in range(gates):
                 for j in range(len(cols)):
-                    r_gij = _dot(h_i, R_block(g, i, j))
+                    r_gij = _dot(h_i, R[g][i][j])
                     r[g][j] = r_gij if i == 0 else r[g][j] + r_gij
         new = [[] for _ in range(parts)]
         for j, c in enumerate(cols):
@@ -257,6 +289,62 @@ def _blocks(n: int, body, carry=()):
     if n == 1:
         return body(0, carry)
     return jax.lax.fori_loop(i32(0), i32(n), body, carry)
+
+
+def _forward_loop_kernel(*refs, cell, time, block_t, has_keep, block_h, ring, sync):
+    """The streamed forward (``R`` re-read at every step) with the state in memory and
+    the column blocks in loops, as in the backward: per step ``t``, for each column block
+    ``j`` (a loop), ``r_g[j] = b_g[j] + sum_i h_prev[i] R_g[i, j]`` (an inner loop over
+    ``i``), then the point-wise cell on column block ``j``, which writes ``h_t[j]`` and
+    the new state parts to ``states_ref``: the residual ``[block_b, T, S, dh]`` (slot
+    ``t``), or without ``save_states`` a ring of ``ring`` slots (``t % ring``). The state
+    entering ``t`` is read back from slot ``t - 1`` (``state0`` at ``t = 0``), so one
+    copy of each loop body makes the program whatever ``dh``: unrolled, with the state in
+    registers, the sLSTM at ``dh = 128`` spilled registers (four state parts live across
+    ``gates * (dh / block_h)^2`` block products). A barrier at the start of every step
+    orders the reads of slot ``t - 1`` after the writes of step ``t - 1`` by other
+    threads, and (ring) the writes of slot ``t`` after the reads of it in step ``t - 1``.
+    """
+    gx_ref, R_ref, b_ref = refs[:3]
+    keep_ref = refs[3] if has_keep else None
+    s0_ref, h_ref, last_ref, states_ref = refs[3 + has_keep : 7 + has_keep]
+    dtype = last_ref.dtype
+    gates, parts = GATES[cell], STATE_PARTS[cell]
+    rows, dh = last_ref.shape[0], R_ref.shape[-1]
+    size = min(block_h, dh)
+    n = dh // size
+    barrier = _barrier(sync)
+    col = functools.partial(_col, size=size)
+    slot = (lambda t: t) if ring is None else (lambda t: t % ring)
+
+    def prev_block(t, k, c):
+        return _prev_block(s0_ref, states_ref, keep_ref, t, k, c, dtype, slot)
+
+    def column(t, j, carry):
+        c = col(j)
+
+        def recurrent(i, r):
+            h_i = prev_block(t, 0, col(i))
+            return tuple(r[g] + _dot(h_i, R_ref[g, col(i), c].astype(dtype)) for g in range(gates))
+
+        r = _blocks(n, recurrent, (jnp.zeros((rows, size), dtype),) * gates)
+        r = [r[g] + b_ref[pl.ds(g, 1), c].astype(dtype) for g in range(gates)]
+        gx = [gx_ref[:, t, g, c].astype(dtype) for g in range(gates)]
+        out = _pointwise(cell, gx, r, [prev_block(t, k, c) for k in range(parts)])
+        h_ref[:, t, c] = out[0].astype(h_ref.dtype)
+        for k in range(parts):
+            states_ref[:, slot(t), k, c] = out[k]
+        return carry
+
+    def step(t, carry):
+        barrier()
+        _blocks(n, functools.partial(column, t))
+        return carry
+
+    time_loop(time, block_t, step, ())
+    barrier()
+    for k in range(parts):
+        last_ref[:, k, :] = states_ref[:, slot(time - 1), k, :]
 
 
 def _backward_kernel(*refs, cell, time, block_t, has_keep, block_h, sync):
@@ -289,26 +377,14 @@ def _backward_kernel(*refs, cell, time, block_t, has_keep, block_h, sync):
     rows, dh = ds_ref.shape[0], R_ref.shape[-1]
     size = min(block_h, dh)
     n = dh // size
-    if sync:
-        from jax.experimental.pallas import triton as pltriton
-
-        barrier = pltriton.debug_barrier
-    else:
-        barrier = lambda: None  # noqa: E731
-
-    def col(j):
-        return pl.ds(j * size if isinstance(j, int) else pl.multiple_of(j * size, size), size)
+    barrier = _barrier(sync)
+    col = functools.partial(_col, size=size)
 
     def R_block(g, i, j):
         return R_ref[g, col(i), col(j)].astype(dtype)
 
     def prev_block(t, k, c):
-        """Column block ``c`` of state part ``k`` entering step ``t`` (cut)."""
-        if isinstance(t, int):
-            x = s0_ref[:, k, c] if t == 0 else states_ref[:, t - 1, k, c]
-        else:
-            x = jnp.where(t == 0, s0_ref[:, k, c], states_ref[:, jnp.maximum(t - 1, 0), k, c])
-        return _cut(keep_ref, t, [x.astype(dtype)])[0]
+        return _prev_block(s0_ref, states_ref, keep_ref, t, k, c, dtype)
 
     def adjoint(t, j, carry):
         c = col(j)
@@ -473,21 +549,27 @@ def rnn_forward(
         resident = lay.gates * lay.dh_pad**2 * 4 <= RESIDENT_BYTES
     params = compiler_params(platform, interpret)
     if params is not None and not resident:
-        params = dataclasses.replace(params, num_warps=8, num_stages=1)
+        params = dataclasses.replace(params, num_warps=_STREAMED_WARPS, num_stages=1)
     gx_spec, R_spec, b_spec, keep_spec, state_spec = lay.specs()
     out_specs = [lay.seq_spec(), state_spec]
     out_shape = [
         jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.heads, lay.dh_pad), out_dtype),
         jax.ShapeDtypeStruct((lay.batch_pad, lay.parts, lay.heads, lay.dh_pad), carry),
     ]
-    if save_states:
-        out_specs.append(lay.seq_spec(lay.parts))
-        out_shape.append(jax.ShapeDtypeStruct((lay.batch_pad, lay.time, lay.parts, lay.heads, lay.dh_pad), carry))
+    # the streamed forward keeps its state in memory: the residual, else a ring of 2 steps
+    ring = None if save_states or resident else 2
+    if save_states or not resident:
+        slots = lay.time if ring is None else ring
+        out_specs.append(block_spec((lay.block_b, slots, lay.parts, None, lay.dh_pad), lambda i, j: (i, 0, 0, j, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((lay.batch_pad, slots, lay.parts, lay.heads, lay.dh_pad), carry))
+    if resident:
+        kernel = functools.partial(_forward_kernel, save_states=save_states)
+    else:
+        kernel = functools.partial(_forward_loop_kernel, ring=ring, sync=not interpret)
     outs = pl.pallas_call(
         functools.partial(
-            _forward_kernel, cell=cell, time=lay.time, block_t=block_sizes.block_t,
-            has_keep=keep is not None, save_states=save_states, block_h=block_sizes.block_h,
-            resident=resident,
+            kernel, cell=cell, time=lay.time, block_t=block_sizes.block_t,
+            has_keep=keep is not None, block_h=block_sizes.block_h,
         ),
         grid=lay.grid,
         in_specs=[gx_spec, R_spec, b_spec] + ([keep_spec] if keep is not None else []) + [state_spec],

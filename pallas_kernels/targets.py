@@ -371,13 +371,9 @@ def default_block_sizes(kernel: str, target: str):
 #: :class:`pallas_kernels.target_cases.Case` field; a tuple matches any of its values). ``method="auto"`` must not pick a
 #: Pallas kernel for these.
 KNOWN_ISSUES: list[tuple[dict[str, Any], str]] = [
-    (
-        dict(platform="gpu", kernel="rnn", direction="fwd", option=("slstm", "slstm_exp"), dim=128),
-        "register spills: 136-200 B (H100, A100; float32 and bfloat16). The float32 R of a "
-        "head (4 x 128 x 128, 256 KiB) does not fit shared memory, so the forward re-reads its "
-        "blocks every step (8 warps, one stage); the sLSTM's four state parts leave too few "
-        "registers. block_h=16: no spills, but 27-31 s to compile",
-    ),
+    # (none at present: the last ones, the RNN backward at head dim 128 over the shared
+    # memory and the sLSTM forward at 128 spilling registers, were fixed by looping over
+    # column blocks with the state in memory; see pallas_kernels.rnn)
 ]
 
 

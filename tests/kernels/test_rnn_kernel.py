@@ -10,6 +10,7 @@ compilation stays short); T not a multiple of block_t (unrolled chunks plus a re
 is covered by the default block_t = 4 (forward and backward kernels) and block_t = 8 > T.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -162,6 +163,32 @@ def test_block_size_invariance(block_sizes):
     assert_close(got[1], want[1], 1e-14)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_streamed_forward_matches_sequential(cell):
+    """The streamed forward (R re-read every step: the state in memory, loops over the
+    column blocks) in two column blocks (dh = 3 -> 4 in blocks of 2) with block_t = 4 (an
+    unrolled chunk and a remainder of three steps), with a keep mask cutting at t = 0 and
+    later: == the scan in float64, with the residual stored and without it (a ring of
+    two steps)."""
+    gx, R, bias, state = inputs(cell, seed=11)
+    keep = jnp.ones((Bt, T), bool).at[1, 3].set(False).at[0, 0].set(False)
+    want_h, want_final = jax.jit(sequential, static_argnums=0)(cell, gx, R, bias, state, reset=~keep)
+    block_sizes = BlockSizes(block_b=2, block_t=4, block_h=2, resident=False)
+    for save_states in (True, False):
+        h, final, states = rnn_forward(gx, R, bias, state, keep, cell=cell, block_sizes=block_sizes,
+                                       save_states=save_states, interpret=True)
+        assert_close(h, want_h, 1e-12)
+        assert_close(final, want_final, 1e-12)
+        if save_states:  # the backward's residual: every state part, as the resident forward's
+            assert states.shape == (4, T, STATE_PARTS[cell], H, 4)
+            assert_close(states[:Bt, :, 0, :, :DH], want_h, 1e-12)
+            resident = dataclasses.replace(block_sizes, resident=True)
+            want_states = rnn_forward(gx, R, bias, state, keep, cell=cell, block_sizes=resident, interpret=True)[2]
+            assert_close(states, want_states, 1e-12)
+        else:
+            assert states is None
+
+
 def test_bfloat16_inputs_float32_state():
     """bf16 gx, R, bias: bf16 outputs, float32 final state equal to the float32 scan on the
     same bf16 values (measured ~1e-7), outputs within one bf16 rounding."""
@@ -197,9 +224,9 @@ def test_bad_arguments():
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_kernels_lower_to_triton(cell):
-    """No GPU here: check that forward and backward lower to Triton IR (compiling it to
-    machine code needs the device) at a compiled-size shape (dh = 32, batch 32, bf16 gx,
-    packed documents)."""
+    """No GPU here: check that forward (R resident and streamed) and backward lower to
+    Triton IR (tests/kernels/test_targets.py compiles them for described GPUs) at a
+    compiled-size shape (dh = 32, batch 32, bf16 gx, packed documents)."""
     G, S = GATES[cell], STATE_PARTS[cell]
     b, t, heads, dh = 32, 64, 4, 32
     shapes = dict(gx=((b, t, G, heads, dh), jnp.bfloat16), R=((G, heads, dh, dh), jnp.float32),
@@ -207,9 +234,11 @@ def test_kernels_lower_to_triton(cell):
                   keep=((b, t), jnp.bool_), states=((b, t, S, heads, dh), jnp.float32),
                   dh=((b, t, heads, dh), jnp.float32))
     a = {k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}
-    fwd = jax.jit(functools.partial(rnn_forward, cell=cell, platform="gpu"))
-    text = fwd.trace(a["gx"], a["R"], a["bias"], a["state"], a["keep"]).lower(lowering_platforms=("cuda",)).as_text()
-    assert "triton" in text
+    for resident in (None, False):  # R resident (the default at dh = 32), and streamed
+        block_sizes = BlockSizes(resident=resident)
+        fwd = jax.jit(functools.partial(rnn_forward, cell=cell, platform="gpu", block_sizes=block_sizes))
+        text = fwd.trace(a["gx"], a["R"], a["bias"], a["state"], a["keep"]).lower(lowering_platforms=("cuda",)).as_text()
+        assert "triton" in text
     bwd = jax.jit(functools.partial(rnn_backward, cell=cell, platform="gpu"))
     text = bwd.trace(a["gx"], a["R"], a["bias"], a["state"], a["keep"], a["states"], a["dh"], a["state"]).lower(
         lowering_platforms=("cuda",)).as_text()
