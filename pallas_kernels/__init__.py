@@ -24,9 +24,11 @@ switch (CPU tests run every kernel with ``interpret=True``) and a ``platform`` o
   loop recomputing each step.
 
 Shared pieces: :mod:`pallas_kernels._common` (backend selection, int32 block specs,
-the unrolled time loop, dtype checks) and :mod:`pallas_kernels._chunked_common` (layout,
-tiling and helpers of the two chunked attention kernels); a family's ``_tpu`` module
-uses its family module's private helpers, and no family imports another's privates.
+the unrolled time loop, dtype checks), :mod:`pallas_kernels._chunked_common` (layouts,
+tiling and the ``pallas_call`` launches of the two chunked attention kernels, GPU and
+TPU) and :mod:`pallas_kernels._tpu_common` (TPU dtypes, the sequential-grid layout). A
+family's ``_tpu`` module imports the per-chunk or per-token math it shares with its GPU
+twin by public name from the family module; no module imports another's privates.
 
 Ahead-of-time compilation for real accelerators from any host:
 :mod:`pallas_kernels.targets` (named GPU/TPU targets, the per-target default block sizes,

@@ -31,7 +31,8 @@ triangular solve, no Neumann series whose terms grow like binomial coefficients 
 keys repeat). All exponents are differences ``L_i - L_j`` with ``j <= i`` (or ``L_i``, or
 ``L_{C-1} - L_j``), masked to ``-inf`` before ``exp`` where ``j > i``: nothing overflows for
 ``g <= 0``. ``L`` is the wrapper's chunk-local cumulative sum (as in
-:mod:`pallas_kernels.chunked_gla`, whose layout and helpers this module shares).
+:mod:`pallas_kernels.chunked_gla`; the layout and helpers of both are
+:mod:`pallas_kernels._chunked_common`'s).
 
 Kernels (Triton pattern; grid ``(batch, heads, dv_pad / block_v)``, each program carries a
 ``[dk, block_v]`` column block of one head's state in registers, carry dtype >= float32):
@@ -86,18 +87,15 @@ from jax.experimental import pallas as pl
 from pallas_kernels._chunked_common import (
     DOT_PRECISIONS,
     Dots,
-    Layout,
+    backward_call,
     check_attention_inputs,
-    chunk_local_cumsum,
-    chunk_local_cumsum_transpose,
     chunk_rows,
+    forward_call,
+    gpu_launch,
     key_blocks,
     masked_exp,
-    min_dot_size,
-    output_scale,
     positions,
     reverse_chunk_loop,
-    triton_params,
 )
 from pallas_kernels._chunked_common import BlockSizes as _ChunkedBlockSizes
 from pallas_kernels._common import carry_dtype_of, check_triton_platform, i32
@@ -121,13 +119,19 @@ class BlockSizes(_ChunkedBlockSizes):
 
 
 # ----------------------------------------------------------------------------- kernel math
-def unit_lower_inverse(A: jax.Array, chunk: int) -> jax.Array:
-    """``(I + A)^{-1}`` for strictly lower-triangular ``A [C, C]``, by forward substitution:
-    row ``i`` of the inverse is ``e_i - sum_{j < i} A_ij X_j`` (rows ``j < i`` final)."""
+def unit_lower_inverse(A: jax.Array, chunk: int, transposed: bool = False) -> jax.Array:
+    """``(I + A)^{-1}`` for strictly lower-triangular ``A [C, C]`` (given as ``A^T`` when
+    ``transposed``), by forward substitution: row ``i`` of the inverse is ``e_i - sum_{j <
+    i} A_ij X_j`` (rows ``j < i`` final), with ``A_ij`` at row ``j`` taken from row ``i`` of
+    ``A``, or from column ``i`` of ``A^T`` by a lane reduction (the TPU kernels: no
+    transpose)."""
     rows, cols = positions(chunk)
 
     def row(i, X):
-        a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0).reshape(chunk, 1)  # A[i, j] at row j
+        if transposed:
+            a_i = jnp.sum(jnp.where(cols == i, A, 0.0), axis=1, keepdims=True)  # A[i, j] at row j
+        else:
+            a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0).reshape(chunk, 1)
         return jnp.where(rows == i, X - jnp.sum(a_i * X, axis=0, keepdims=True), X)
 
     identity = (rows == cols).astype(A.dtype)
@@ -143,21 +147,27 @@ class _Chunk(NamedTuple):
     last: jax.Array  # [1, 1]
 
 
-def _load_chunk(refs, c, chunk, gated, dtype) -> _Chunk:
+def _load_gates(beta_ref, L_ref, rows, c, chunk, dtype):
+    """Chunk ``c``'s (``rows``) ``beta`` and ``L`` ``[C, 1]`` and ``L``'s last row ``[1, 1]``
+    (``L_ref`` ``None``: no decay, zeros)."""
+    beta = beta_ref[rows].astype(dtype)[:, None]
+    if L_ref is None:
+        return beta, jnp.zeros((chunk, 1), dtype), jnp.zeros((1, 1), dtype)
+    L = L_ref[rows].astype(dtype)[:, None]
+    return beta, L, L_ref[pl.ds(c * chunk + chunk - 1, 1)].astype(dtype)[:, None]
+
+
+def _load_chunk(refs, c, chunk, dtype) -> _Chunk:
     q_ref, k_ref, v_ref, beta_ref, L_ref = refs
     rows = chunk_rows(c, chunk)
     load = lambda ref: ref[rows, :].astype(dtype)
-    beta = beta_ref[rows].astype(dtype)[:, None]
-    if gated:
-        L = L_ref[rows].astype(dtype)[:, None]
-        last = L_ref[pl.ds(c * chunk + chunk - 1, 1)].astype(dtype)[:, None]
-    else:
-        L, last = jnp.zeros((chunk, 1), dtype), jnp.zeros((1, 1), dtype)
+    beta, L, last = _load_gates(beta_ref, L_ref, rows, c, chunk, dtype)
     return _Chunk(load(q_ref), load(k_ref), load(v_ref), beta, L, last)
 
 
-class _WY(NamedTuple):
-    """The chunk's decays and WY representation (everything but the state terms)."""
+class WY(NamedTuple):
+    """The chunk's decays and WY representation (everything but the state terms; the TPU
+    kernels form the same)."""
 
     D: jax.Array  # [C, C] exp(L_i - L_j), j <= i
     KK: jax.Array  # [C, C] K K^T
@@ -168,7 +178,7 @@ class _WY(NamedTuple):
     P: jax.Array  # [C, C] (Q K^T) * D
 
 
-def _wy(x: _Chunk, chunk: int, dots: Dots) -> _WY:
+def _wy(x: _Chunk, chunk: int, dots: Dots) -> WY:
     rows, cols = positions(chunk)
     D = masked_exp(x.L - x.L.reshape(1, chunk), rows >= cols)
     KK = dots.nt(x.k, x.k)
@@ -177,7 +187,7 @@ def _wy(x: _Chunk, chunk: int, dots: Dots) -> _WY:
     W = dots.nn(T, (x.beta * jnp.exp(x.L)) * x.k)
     U = dots.nn(T, x.beta * x.v)
     P = dots.nt(x.q, x.k) * D
-    return _WY(D, KK, A, T, W, U, P)
+    return WY(D, KK, A, T, W, U, P)
 
 
 def _forward_kernel(*refs, n_chunks, chunk, gated, scale, save_states, precision, block_k):
@@ -206,12 +216,7 @@ def _forward_kernel(*refs, n_chunks, chunk, gated, scale, save_states, precision
     def body(c, S):
         rows = chunk_rows(c, chunk)
         again = pl.ds(c * chunk, chunk)  # the same rows, loaded anew after the loop
-        beta = beta_ref[rows].astype(dtype)[:, None]
-        if gated:
-            L = L_ref[rows].astype(dtype)[:, None]
-            last = L_ref[pl.ds(c * chunk + chunk - 1, 1)].astype(dtype)[:, None]
-        else:
-            L, last = jnp.zeros((chunk, 1), dtype), jnp.zeros((1, 1), dtype)
+        beta, L, last = _load_gates(beta_ref, L_ref, rows, c, chunk, dtype)
         KK = None
         for keys, S_b in zip(blocks, S):
             if states_ref is not None:
@@ -240,6 +245,84 @@ def _forward_kernel(*refs, n_chunks, chunk, gated, scale, save_states, precision
         last_ref[keys, :] = S_b.astype(last_ref.dtype)
 
 
+class Cotangents(NamedTuple):
+    """A chunk's backward terms (the module docstring's; ``dKb``, ``dVb``: the cotangents
+    of ``diag(beta exp L) K`` and ``diag(beta) V``), from :func:`chunk_cotangents`. The
+    GPU and TPU kernels store ``dv = beta dVb`` and the methods' results as each is
+    formed (a value stored late stays live)."""
+
+    decay_in: jax.Array  # [C, 1] exp(L)
+    decay_out: jax.Array  # [C, 1] exp(L_{C-1} - L)
+    through: jax.Array  # [1, 1] exp(L_{C-1})
+    q_from_start: jax.Array  # [C, dk] exp(L) Q
+    k_to_end: jax.Array  # [C, dk] exp(L_{C-1} - L) K
+    k_written: jax.Array  # [C, dk] the K of W = T diag(beta exp L) K
+    d_delta: jax.Array  # [C, bv]
+    dP: jax.Array  # [C, C]
+    d_q_from_start: jax.Array  # [C, dk] dO S^T
+    d_k_to_end: jax.Array  # [C, dk] Delta dS^T
+    dVb: jax.Array  # [C, bv]
+    dKb: jax.Array  # [C, dk]
+    dA: jax.Array  # [C, C]
+
+    def dbeta(self, x, wy: WY) -> jax.Array:
+        """``[C, 1]``."""
+        return (
+            jnp.sum(self.dVb * x.v, axis=1, keepdims=True)
+            + self.decay_in * jnp.sum(self.dKb * x.k, axis=1, keepdims=True)
+            + jnp.sum(self.dA * wy.KK * wy.D, axis=1, keepdims=True)
+        )
+
+    def dq_dk(self, x, wy: WY, dots: Dots) -> tuple[jax.Array, jax.Array]:
+        """``dq``, ``dk`` ``[C, dk]``."""
+        dKK = x.beta * self.dA * wy.D
+        dPD = self.dP * wy.D
+        dq = self.d_q_from_start * self.decay_in + dots.nn(dPD, x.k)
+        dk = (
+            x.beta * self.decay_in * self.dKb
+            + self.decay_out * self.d_k_to_end
+            + dots.nn(dKK, x.k)
+            + dots.tn(dKK, x.k)
+            + dots.tn(dPD, x.q)
+        )
+        return dq, dk
+
+    def dL_row_sums(self, E: jax.Array) -> jax.Array:
+        """``[C, 1]``: ``dL`` but for ``colsum(E)`` and the last row's whole-chunk terms,
+        ``E = dA A + dP P`` the cotangent of the decay matrix, times ``D``."""
+        return jnp.sum(
+            self.d_q_from_start * self.q_from_start - self.d_k_to_end * self.k_to_end + self.dKb * self.k_written,
+            axis=1,
+            keepdims=True,
+        ) + jnp.sum(E, axis=1, keepdims=True)
+
+    def dS_in(self, dS: jax.Array, do: jax.Array, wy: WY, dots: Dots) -> jax.Array:
+        """The cotangent of the state entering the chunk."""
+        return self.through * dS + dots.tn(self.q_from_start, do) - dots.tn(wy.W, self.d_delta)
+
+
+def chunk_cotangents(x, wy: WY, S, dS, do, dots: Dots, rows_idx, cols_idx) -> Cotangents:
+    """The backward of one chunk (``x``: its operands, ``S`` the state entering it, ``dS``
+    the cotangent of the one leaving it, ``do`` scaled) up to ``dA``; ``rows_idx``,
+    ``cols_idx``: the chunk's :func:`~pallas_kernels._chunked_common.positions`."""
+    delta = wy.U - dots.nn(wy.W, S)
+    decay_in, decay_out, through = jnp.exp(x.L), jnp.exp(x.last - x.L), jnp.exp(x.last)
+    q_from_start, k_to_end = x.q * decay_in, x.k * decay_out
+    k_written = x.beta * decay_in * x.k
+
+    d_delta = dots.tn(wy.P, do) + dots.nn(k_to_end, dS)  # [C, bv]
+    dP = jnp.where(rows_idx >= cols_idx, dots.nt(do, delta), 0.0)
+    d_q_from_start = dots.nt(do, S)  # [C, dk]
+    d_k_to_end = dots.nt(delta, dS)  # [C, dk]
+    dVb = dots.tn(wy.T, d_delta)  # [C, bv]
+    dKb = -dots.tn(wy.T, dots.nt(d_delta, S))  # T^T dW, dW = -dDelta S^T
+    dA = -jnp.where(rows_idx > cols_idx, dots.nt(dVb, wy.U) + dots.nt(dKb, wy.W), 0.0)
+    return Cotangents(
+        decay_in, decay_out, through, q_from_start, k_to_end, k_written, d_delta, dP, d_q_from_start, d_k_to_end,
+        dVb, dKb, dA,
+    )
+
+
 def _backward_kernel(*refs, n_chunks, chunk, gated, scale, precision):
     q_ref, k_ref, v_ref, beta_ref = refs[:4]
     L_ref = refs[4] if gated else None
@@ -253,54 +336,24 @@ def _backward_kernel(*refs, n_chunks, chunk, gated, scale, precision):
 
     def body(c, dS):
         """``dS``: cotangent of the state leaving chunk ``c``."""
-        x = _load_chunk(in_refs, c, chunk, gated, dtype)
+        x = _load_chunk(in_refs, c, chunk, dtype)
         S = states_ref[c].astype(dtype)
         rows = chunk_rows(c, chunk)
         do = scale * do_ref[rows, :].astype(dtype)
         wy = _wy(x, chunk, dots)
-        delta = wy.U - dots.nn(wy.W, S)
-        decay_in, decay_out, through = jnp.exp(x.L), jnp.exp(x.last - x.L), jnp.exp(x.last)
-        q_from_start, k_to_end = x.q * decay_in, x.k * decay_out
-        k_written = x.beta * decay_in * x.k  # the K of W = T diag(beta exp L) K
-
-        d_delta = dots.tn(wy.P, do) + dots.nn(k_to_end, dS)  # [C, bv]
-        dP = jnp.where(rows_idx >= cols_idx, dots.nt(do, delta), 0.0)
-        d_q_from_start = dots.nt(do, S)  # [C, dk]
-        d_k_to_end = dots.nt(delta, dS)  # [C, dk]
-        dVb = dots.tn(wy.T, d_delta)  # [C, bv]
-        dKb = -dots.tn(wy.T, dots.nt(d_delta, S))  # T^T dW, dW = -dDelta S^T
-        dA = -jnp.where(rows_idx > cols_idx, dots.nt(dVb, wy.U) + dots.nt(dKb, wy.W), 0.0)
-
-        dv_ref[rows, :] = (x.beta * dVb).astype(dv_ref.dtype)
-        dbeta = (
-            jnp.sum(dVb * x.v, axis=1, keepdims=True)
-            + decay_in * jnp.sum(dKb * x.k, axis=1, keepdims=True)
-            + jnp.sum(dA * wy.KK * wy.D, axis=1, keepdims=True)
-        )
-        dbeta_ref[rows] = dbeta[:, 0].astype(dbeta_ref.dtype)
-        dKK = x.beta * dA * wy.D
-        dPD = dP * wy.D
-        dq = d_q_from_start * decay_in + dots.nn(dPD, x.k)
-        dk = (
-            x.beta * decay_in * dKb
-            + decay_out * d_k_to_end
-            + dots.nn(dKK, x.k)
-            + dots.tn(dKK, x.k)
-            + dots.tn(dPD, x.q)
-        )
+        a = chunk_cotangents(x, wy, S, dS, do, dots, rows_idx, cols_idx)
+        dv_ref[rows, :] = (x.beta * a.dVb).astype(dv_ref.dtype)
+        dbeta_ref[rows] = a.dbeta(x, wy)[:, 0].astype(dbeta_ref.dtype)
+        dq, dk = a.dq_dk(x, wy, dots)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         dk_ref[rows, :] = dk.astype(dk_ref.dtype)
         if dL_ref is not None:
-            E = dA * wy.A + dP * wy.P  # cotangent of the decay matrix, times D
-            dL = (
-                jnp.sum(d_q_from_start * q_from_start - d_k_to_end * k_to_end + dKb * k_written, axis=1, keepdims=True)
-                + jnp.sum(E, axis=1, keepdims=True)
-                - jnp.sum(E, axis=0).reshape(chunk, 1)
-            )
-            d_last = jnp.sum(d_k_to_end * k_to_end) + through * jnp.sum(dS * S)  # [1, 1]
+            E = a.dA * wy.A + a.dP * wy.P
+            dL = a.dL_row_sums(E) - jnp.sum(E, axis=0).reshape(chunk, 1)
+            d_last = jnp.sum(a.d_k_to_end * a.k_to_end) + a.through * jnp.sum(dS * S)  # [1, 1]
             dL = dL + jnp.where(rows_idx == chunk - 1, d_last, 0.0)
             dL_ref[rows] = dL[:, 0].astype(dL_ref.dtype)
-        return through * dS + dots.tn(q_from_start, do) - dots.tn(wy.W, d_delta)
+        return a.dS_in(dS, do, wy, dots)
 
     dS = reverse_chunk_loop(n_chunks, body, dlast_ref[...].astype(dtype))
     dh0_ref[...] = dS.astype(dh0_ref.dtype)
@@ -318,18 +371,14 @@ def _check_beta_g(q, beta, g) -> None:
 
 
 def _prepare(q, k, v, beta, g, block_sizes: BlockSizes, interpret, platform):
-    """Pad to the kernel layout: ``(layout, operands)``, operands ``q, k, v, beta[, L]``."""
+    """The launch on the padded kernel layout, inputs ``q, k, v, beta[, L]``."""
     check_triton_platform(platform, interpret, "chunked_delta")
-    chunk = block_sizes.chunk_for("head")
-    min_dot = min_dot_size(platform, interpret)
-    if chunk < min_dot:
-        raise ValueError(f"block_sizes.chunk: compiled kernels need chunk >= {min_dot}, got {chunk}")
-    lay = Layout.of(q, v, chunk, block_sizes.block_v, min_dot)
-    operands = [lay.pad_k(q), lay.pad_k(k), lay.pad_v(v), lay.pad_time(beta)]
-    if g is not None:
-        carry = carry_dtype_of(q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype)
-        operands.append(chunk_local_cumsum(lay.pad_time(g.astype(carry)), chunk))
-    return lay, operands
+    launch = gpu_launch(q, k, v, block_sizes.chunk_for("head"), block_sizes, interpret, platform)
+    launch = launch.with_gate("token", beta)
+    if g is None:
+        return launch
+    carry = carry_dtype_of(q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype)
+    return launch.with_gate("head", g.astype(carry))
 
 
 @functools.partial(
@@ -376,42 +425,13 @@ def chunked_delta_forward(
             q, k, v, beta, g, h0, scale=scale, block_sizes=block_sizes, save_states=save_states,
             interpret=interpret, platform=platform,
         )
-    lay, operands = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
+    launch = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
     carry = carry_dtype_of(*(x.dtype for x in (q, k, v, beta, g, h0) if x is not None))
-    h0 = jnp.zeros(lay.state_shape(carry).shape, carry) if h0 is None else lay.pad_state(h0)
-    gated = g is not None
-    out_specs = [lay.v_spec(), lay.state_spec()]
-    out_shape = [
-        lay.seq_shape(lay.dv_pad, jnp.result_type(q.dtype, k.dtype, v.dtype, beta.dtype)),
-        lay.state_shape(carry),
-    ]
-    if save_states:
-        out_specs.append(lay.states_spec())
-        out_shape.append(lay.states_shape(carry))
-    outs = pl.pallas_call(
-        functools.partial(
-            _forward_kernel,
-            n_chunks=lay.n_chunks,
-            chunk=lay.chunk,
-            gated=gated,
-            scale=output_scale(scale, lay.dk),
-            save_states=save_states,
-            precision=block_sizes.dot_precision,
-            block_k=block_sizes.block_k,
-        ),
-        grid=lay.grid,
-        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec(), lay.head_spec()]
-        + ([lay.head_spec()] if gated else [])
-        + [lay.state_spec()],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
-        name="chunked_gated_delta_forward" if gated else "chunked_delta_forward",
-    )(*operands, h0)
-    o = outs[0][:, : lay.time, :, : lay.dv]
-    h_last = outs[1][:, :, : lay.dk, : lay.dv]
-    return o, h_last, outs[2] if save_states else None
+    return forward_call(
+        functools.partial(_forward_kernel, gated=g is not None, block_k=block_sizes.block_k), launch, h0, carry,
+        jnp.result_type(q.dtype, k.dtype, v.dtype, beta.dtype), scale=scale, block_sizes=block_sizes,
+        save_states=save_states, name="chunked_gated_delta_forward" if g is not None else "chunked_delta_forward",
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret", "platform"))
@@ -446,46 +466,9 @@ def chunked_delta_backward(
             q, k, v, beta, g, states, do, dh_last, scale=scale, block_sizes=block_sizes,
             interpret=interpret, platform=platform,
         )
-    lay, operands = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
-    check_attention_inputs(q, k, v, None, states, lay)
-    carry = states.dtype
-    gated = g is not None
-    out_specs = [lay.partial_k_spec(), lay.partial_k_spec(), lay.v_spec(), lay.partial_head_spec()]
-    out_shape = [
-        lay.seq_shape(lay.dk_pad, carry, partial=True),
-        lay.seq_shape(lay.dk_pad, carry, partial=True),
-        lay.seq_shape(lay.dv_pad, carry),
-        lay.head_shape(carry, partial=True),
-    ]
-    if gated:
-        out_specs.append(lay.partial_head_spec())
-        out_shape.append(lay.head_shape(carry, partial=True))
-    out_specs.append(lay.state_spec())
-    out_shape.append(lay.state_shape(carry))
-    outs = pl.pallas_call(
-        functools.partial(
-            _backward_kernel,
-            n_chunks=lay.n_chunks,
-            chunk=lay.chunk,
-            gated=gated,
-            scale=output_scale(scale, lay.dk),
-            precision=block_sizes.dot_precision,
-        ),
-        grid=lay.grid,
-        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec(), lay.head_spec()]
-        + ([lay.head_spec()] if gated else [])
-        + [lay.states_spec(), lay.v_spec(), lay.state_spec()],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
-        name="chunked_gated_delta_backward" if gated else "chunked_delta_backward",
-    )(*operands, states, lay.pad_v(do), lay.pad_state(dh_last.astype(carry)))
-    t = lay.time
-    dq = jnp.sum(outs[0], axis=0)[:, :t, :, : lay.dk]
-    dk = jnp.sum(outs[1], axis=0)[:, :t, :, : lay.dk]
-    dv = outs[2][:, :t, :, : lay.dv]
-    dbeta = jnp.sum(outs[3], axis=0)[:, :t]
-    dg = chunk_local_cumsum_transpose(jnp.sum(outs[4], axis=0), lay.chunk)[:, :t] if gated else None
-    dh0 = outs[-1][:, :, : lay.dk, : lay.dv]
-    return dq, dk, dv, dbeta, dg, dh0
+    launch = _prepare(q, k, v, beta, g, block_sizes, interpret, platform)
+    dq, dk, dv, dbeta, *dg, dh0 = backward_call(
+        functools.partial(_backward_kernel, gated=g is not None), launch, states, do, dh_last, scale=scale,
+        block_sizes=block_sizes, name="chunked_gated_delta_backward" if g is not None else "chunked_delta_backward",
+    )
+    return dq, dk, dv, dbeta, dg[0] if dg else None, dh0

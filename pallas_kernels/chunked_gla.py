@@ -93,25 +93,22 @@ from pallas_kernels._chunked_common import (
     DOT_PRECISIONS,
     BlockSizes,
     Dots,
-    Layout,
+    backward_call,
     check_attention_inputs,
-    chunk_local_cumsum,
-    chunk_local_cumsum_transpose,
     chunk_rows,
+    forward_call,
+    gpu_launch,
     key_blocks,
     masked_exp,
-    min_dot_size,
-    output_scale,
-    pad_axis,
     positions,
     reverse_chunk_loop,
-    triton_params,
 )
 from pallas_kernels._common import carry_dtype_of, check_triton_platform, i32
 
 __all__ = ["DOT_PRECISIONS", "BlockSizes", "chunked_gla_backward", "chunked_gla_forward"]
 
-def _decay_kind(g, q) -> str:
+
+def decay_kind(g, q) -> str:
     """``"none"``, ``"head"`` (``g [b, t, h]``) or ``"channel"`` (``g [b, t, h, dk]``)."""
     if g is None:
         return "none"
@@ -128,7 +125,8 @@ def _decay_kind(g, q) -> str:
 
 
 # ----------------------------------------------------------------------------- kernel math
-class _Chunk(NamedTuple):
+# (Chunk, decay_kind and the per-channel loops are shared with chunked_gla_tpu)
+class Chunk(NamedTuple):
     """One chunk's operands in the carry dtype, with its decays."""
 
     q: jax.Array  # [C, dk]
@@ -151,7 +149,7 @@ class _Chunk(NamedTuple):
         return jnp.exp(self.last).reshape(-1, 1)
 
 
-def _load_chunk(refs, c, chunk, kind, dtype) -> _Chunk:
+def _load_chunk(refs, c, chunk, kind, dtype) -> Chunk:
     q_ref, k_ref, v_ref, L_ref = refs
     rows = chunk_rows(c, chunk)
     q = q_ref[rows, :].astype(dtype)
@@ -166,7 +164,19 @@ def _load_chunk(refs, c, chunk, kind, dtype) -> _Chunk:
     else:
         L = L_ref[rows, :].astype(dtype)
         last = L_ref[pl.ds(c * chunk + chunk - 1, 1), :].astype(dtype)
-    return _Chunk(q, k, v, L, last)
+    return Chunk(q, k, v, L, last)
+
+
+def _key_rows(refs, c, chunk, dtype):
+    """``key_row(j)``: row ``j`` of chunk ``c``'s ``k`` and ``L`` (per channel), read from
+    the refs in the carry dtype, for the per-channel loops."""
+    _, k_ref, _, L_ref = refs
+
+    def key_row(j):
+        row = pl.ds(c * chunk + j, 1)
+        return k_ref[row, :].astype(dtype), L_ref[row, :].astype(dtype)
+
+    return key_row
 
 
 def _decay_matrix(L, chunk):
@@ -175,27 +185,24 @@ def _decay_matrix(L, chunk):
     return masked_exp(L - L.reshape(1, chunk), rows >= cols)
 
 
-def _scores_per_channel(q, L, refs, c, chunk, dtype, keys=slice(None)):
+def scores_per_channel(q, L, key_row, chunk, dtype):
     """``A [C, C]``: column ``j`` is ``sum_d q_id k_jd exp(L_id - L_jd)`` (``i >= j``),
-    one ``[C, dk]`` step per key position (``k_j``, ``L_j`` re-read as rows of the refs);
-    the sum over the key columns ``keys`` of the refs (``q``, ``L``: those columns)."""
-    _, k_ref, _, L_ref = refs
+    one ``[C, dk]`` step per key position, ``k_j`` and ``L_j`` read by ``key_row(j)``."""
     rows, cols = positions(chunk)
 
     def column(j, A):
-        row = pl.ds(c * chunk + j, 1)
-        k_j = k_ref[row, keys].astype(dtype)  # [1, dk]
-        decay = masked_exp(L - L_ref[row, keys].astype(dtype), rows >= j)  # [C, dk]
+        k_j, L_j = key_row(j)  # [1, dk]
+        decay = masked_exp(L - L_j, rows >= j)  # [C, dk]
         a_j = jnp.sum(q * decay * k_j, axis=1, keepdims=True)  # [C, 1]
         return jnp.where(cols == j, a_j, A)
 
     return jax.lax.fori_loop(i32(0), i32(chunk), column, jnp.zeros((chunk, chunk), dtype))
 
 
-def _scores(x: _Chunk, refs, c, chunk, kind, dots: Dots):
+def _scores(x: Chunk, key_row, chunk, kind, dots: Dots):
     """The intra-chunk scores ``A`` and, for per-head / no decay, the decay matrix."""
     if kind == "channel":
-        return _scores_per_channel(x.q, x.L, refs, c, chunk, dots.dtype), None
+        return scores_per_channel(x.q, x.L, key_row, chunk, dots.dtype), None
     D = _decay_matrix(x.L, chunk)
     return dots.nt(x.q, x.k) * D, D
 
@@ -226,9 +233,8 @@ def _forward_kernel(*refs, n_chunks, chunk, kind, scale, save_states, precision,
             last = L_ref[end].astype(dtype)[:, None]
         A = o_state = None
         if kind == "channel":  # the whole key width per step of its loop (no dot)
-            A = _scores_per_channel(
-                q_ref[rows, :].astype(dtype), L_ref[rows, :].astype(dtype), in_refs, c, chunk, dtype
-            )
+            key_row = _key_rows(in_refs, c, chunk, dtype)
+            A = scores_per_channel(q_ref[rows, :].astype(dtype), L_ref[rows, :].astype(dtype), key_row, chunk, dtype)
         S_next = []
         for keys, S_b in zip(blocks, S):
             if states_ref is not None:
@@ -256,17 +262,15 @@ def _forward_kernel(*refs, n_chunks, chunk, kind, scale, save_states, precision,
         last_ref[keys, :] = S_b.astype(last_ref.dtype)
 
 
-def _intra_chunk_grads_per_channel(x: _Chunk, dA, refs, c, chunk, dtype):
+def intra_chunk_grads_per_channel(x: Chunk, dA, key_row, chunk):
     """``dq_i = sum_j dA_ij exp(L_i - L_j) k_j`` and ``dk_j = sum_i dA_ij exp(L_i - L_j) q_i``
-    (``i >= j``), one key position ``j`` per step as in :func:`_scores_per_channel`."""
-    _, k_ref, _, L_ref = refs
+    (``i >= j``), one key position ``j`` per step as in :func:`scores_per_channel`."""
     rows, cols = positions(chunk)
 
     def column(j, carry):
         dq, dk = carry
-        row = pl.ds(c * chunk + j, 1)
-        k_j = k_ref[row, :].astype(dtype)
-        decay = masked_exp(x.L - L_ref[row, :].astype(dtype), rows >= j)  # [C, dk]
+        k_j, L_j = key_row(j)
+        decay = masked_exp(x.L - L_j, rows >= j)  # [C, dk]
         dA_j = jnp.sum(jnp.where(cols == j, dA, 0.0), axis=1, keepdims=True)  # [C, 1]
         weighted = dA_j * decay
         dk_j = jnp.sum(weighted * x.q, axis=0, keepdims=True)  # [1, dk]
@@ -294,7 +298,8 @@ def _backward_kernel(*refs, n_chunks, chunk, kind, scale, precision):
         S = states_ref[c].astype(dtype)
         rows = chunk_rows(c, chunk)
         do = scale * do_ref[rows, :].astype(dtype)
-        A, D = _scores(x, in_refs, c, chunk, kind, dots)
+        key_row = _key_rows(in_refs, c, chunk, dtype)
+        A, D = _scores(x, key_row, chunk, kind, dots)
         dA = jnp.where(rows_idx >= cols_idx, dots.nt(do, x.v), 0.0)
         q_from_start, k_to_end = x.q_from_start, x.k_to_end
         d_q_from_start = dots.nt(do, S)  # [C, dk]
@@ -303,7 +308,7 @@ def _backward_kernel(*refs, n_chunks, chunk, kind, scale, precision):
         dq = d_q_from_start * jnp.exp(x.L)
         dk = d_k_to_end * jnp.exp(x.last - x.L)
         if kind == "channel":
-            dq_intra, dk_intra = _intra_chunk_grads_per_channel(x, dA, in_refs, c, chunk, dtype)
+            dq_intra, dk_intra = intra_chunk_grads_per_channel(x, dA, key_row, chunk)
         else:
             dAD = dA * D
             dq_intra, dk_intra = dots.nn(dAD, x.k), dots.tn(dAD, x.q)
@@ -335,26 +340,14 @@ def _backward_kernel(*refs, n_chunks, chunk, kind, scale, precision):
 
 # ----------------------------------------------------------------------------- wrappers
 def _prepare(q, k, v, g, block_sizes: BlockSizes, interpret: bool, platform):
-    """Pad to the kernel layout: ``(layout, kind, operands)``, operands ``q, k, v[, L]``."""
+    """The launch on the padded kernel layout: ``(launch, kind)``, inputs ``q, k, v[, L]``."""
     check_triton_platform(platform, interpret, "chunked_gla")
-    kind = _decay_kind(g, q)
-    chunk = block_sizes.chunk_for(kind)
-    min_dot = min_dot_size(platform, interpret)
-    if chunk < min_dot:
-        raise ValueError(f"block_sizes.chunk: compiled kernels need chunk >= {min_dot}, got {chunk}")
-    lay = Layout.of(q, v, chunk, block_sizes.block_v, min_dot)
-    operands = [lay.pad_k(q), lay.pad_k(k), lay.pad_v(v)]
-    if kind != "none":
-        carry = carry_dtype_of(q.dtype, k.dtype, v.dtype, g.dtype)
-        g = lay.pad_time(g.astype(carry))
-        if kind == "channel":
-            g = pad_axis(g, 3, lay.dk_pad)
-        operands.append(chunk_local_cumsum(g, chunk))
-    return lay, kind, operands
-
-
-def _L_spec(lay: Layout, kind: str) -> list[pl.BlockSpec]:
-    return {"none": [], "head": [lay.head_spec()], "channel": [lay.k_spec()]}[kind]
+    kind = decay_kind(g, q)
+    launch = gpu_launch(q, k, v, block_sizes.chunk_for(kind), block_sizes, interpret, platform)
+    if kind == "none":
+        return launch, kind
+    carry = carry_dtype_of(q.dtype, k.dtype, v.dtype, g.dtype)
+    return launch.with_gate(kind, g.astype(carry)), kind
 
 
 @functools.partial(
@@ -401,37 +394,13 @@ def chunked_gla_forward(
             q, k, v, g, h0, scale=scale, block_sizes=block_sizes, save_states=save_states,
             interpret=interpret, platform=platform,
         )
-    lay, kind, operands = _prepare(q, k, v, g, block_sizes, interpret, platform)
-    dtypes = [x.dtype for x in (q, k, v, g, h0) if x is not None]
-    carry = carry_dtype_of(*dtypes)
-    h0 = jnp.zeros(lay.state_shape(carry).shape, carry) if h0 is None else lay.pad_state(h0)
-    out_specs = [lay.v_spec(), lay.state_spec()]
-    out_shape = [lay.seq_shape(lay.dv_pad, jnp.result_type(q.dtype, k.dtype, v.dtype)), lay.state_shape(carry)]
-    if save_states:
-        out_specs.append(lay.states_spec())
-        out_shape.append(lay.states_shape(carry))
-    outs = pl.pallas_call(
-        functools.partial(
-            _forward_kernel,
-            n_chunks=lay.n_chunks,
-            chunk=lay.chunk,
-            kind=kind,
-            scale=output_scale(scale, lay.dk),
-            save_states=save_states,
-            precision=block_sizes.dot_precision,
-            block_k=block_sizes.block_k,
-        ),
-        grid=lay.grid,
-        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec()] + _L_spec(lay, kind) + [lay.state_spec()],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
-        name=f"chunked_gla_forward_{kind}",
-    )(*operands, h0)
-    o = outs[0][:, : lay.time, :, : lay.dv]
-    h_last = outs[1][:, :, : lay.dk, : lay.dv]
-    return o, h_last, outs[2] if save_states else None
+    launch, kind = _prepare(q, k, v, g, block_sizes, interpret, platform)
+    carry = carry_dtype_of(*(x.dtype for x in (q, k, v, g, h0) if x is not None))
+    return forward_call(
+        functools.partial(_forward_kernel, kind=kind, block_k=block_sizes.block_k), launch, h0, carry,
+        jnp.result_type(q.dtype, k.dtype, v.dtype), scale=scale, block_sizes=block_sizes,
+        save_states=save_states, name=f"chunked_gla_forward_{kind}",
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "interpret", "platform"))
@@ -470,52 +439,9 @@ def chunked_gla_backward(
             q, k, v, g, states, do, dh_last, scale=scale, block_sizes=block_sizes,
             interpret=interpret, platform=platform,
         )
-    lay, kind, operands = _prepare(q, k, v, g, block_sizes, interpret, platform)
-    check_attention_inputs(q, k, v, None, states, lay)
-    carry = states.dtype
-    has_L = kind != "none"
-    out_specs = [lay.partial_k_spec(), lay.partial_k_spec(), lay.v_spec()]
-    out_shape = [
-        lay.seq_shape(lay.dk_pad, carry, partial=True),
-        lay.seq_shape(lay.dk_pad, carry, partial=True),
-        lay.seq_shape(lay.dv_pad, carry),
-    ]
-    if kind == "head":
-        out_specs.append(lay.partial_head_spec())
-        out_shape.append(lay.head_shape(carry, partial=True))
-    elif kind == "channel":
-        out_specs.append(lay.partial_k_spec())
-        out_shape.append(lay.seq_shape(lay.dk_pad, carry, partial=True))
-    out_specs.append(lay.state_spec())
-    out_shape.append(lay.state_shape(carry))
-    outs = pl.pallas_call(
-        functools.partial(
-            _backward_kernel,
-            n_chunks=lay.n_chunks,
-            chunk=lay.chunk,
-            kind=kind,
-            scale=output_scale(scale, lay.dk),
-            precision=block_sizes.dot_precision,
-        ),
-        grid=lay.grid,
-        in_specs=[lay.k_spec(), lay.k_spec(), lay.v_spec()]
-        + _L_spec(lay, kind)
-        + [lay.states_spec(), lay.v_spec(), lay.state_spec()],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=triton_params(platform, interpret, block_sizes.num_warps),
-        name=f"chunked_gla_backward_{kind}",
-    )(*operands, states, lay.pad_v(do), lay.pad_state(dh_last.astype(carry)))
-    t, dk_, dv_ = lay.time, lay.dk, lay.dv
-    dq = jnp.sum(outs[0], axis=0)[:, :t, :, :dk_]
-    dk = jnp.sum(outs[1], axis=0)[:, :t, :, :dk_]
-    dv = outs[2][:, :t, :, :dv_]
-    dg = None
-    if has_L:
-        dL = jnp.sum(outs[3], axis=0)
-        dg = chunk_local_cumsum_transpose(dL, lay.chunk)[:, :t]
-        if kind == "channel":
-            dg = dg[..., :dk_]
-    dh0 = outs[-1][:, :, :dk_, :dv_]
-    return dq, dk, dv, dg, dh0
+    launch, kind = _prepare(q, k, v, g, block_sizes, interpret, platform)
+    dq, dk, dv, *dg, dh0 = backward_call(
+        functools.partial(_backward_kernel, kind=kind), launch, states, do, dh_last, scale=scale,
+        block_sizes=block_sizes, name=f"chunked_gla_backward_{kind}",
+    )
+    return dq, dk, dv, dg[0] if dg else None, dh0

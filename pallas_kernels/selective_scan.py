@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,8 @@ from pallas_kernels._common import (
     lane_multiple,
     next_power_of_two,
 )
+
+__all__ = ["BlockSizes", "selective_scan_backward", "selective_scan_forward"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,8 +115,9 @@ class BlockSizes:
                 )
 
 
-class _Layout(NamedTuple):
-    """Static padded sizes shared by the forward and backward wrappers."""
+class Layout(NamedTuple):
+    """Static padded sizes shared by the forward and backward wrappers (and the TPU
+    layout, :mod:`pallas_kernels.selective_scan_tpu`)."""
 
     batch: int
     time: int
@@ -169,17 +172,28 @@ class _Layout(NamedTuple):
         x = x if pad == 0 else jnp.pad(x, [(0, 0)] * 3 + [(0, pad)])
         return jnp.swapaxes(x, 1, 2)
 
+    def from_seq(self, x: jax.Array) -> jax.Array:
+        """A kernel's ``[b, time, d_pad]`` output -> ``[b, time, d]``."""
+        return self.unpad_channels(x)
 
-def _layout(u, A, B, block_sizes: BlockSizes, min_block_d: int) -> _Layout:
+    def sum_groups(self, x: jax.Array, like: jax.Array) -> jax.Array:
+        """``dB`` or ``dC`` per channel block ``[b, blocks, time, n_pad]`` -> ``like``'s
+        shape and dtype, summed over each group's blocks."""
+        x = x.reshape((self.batch, self.groups, self.blocks // self.groups, self.time, self.n_pad))
+        x = jnp.swapaxes(x.sum(2)[..., : self.n], 1, 2)  # [b, t, g, n]
+        return (x if like.ndim == 4 else x[:, :, 0]).astype(like.dtype)
+
+
+def _layout(u, A, B, block_sizes: BlockSizes, min_block_d: int) -> Layout:
     batch, time, d = u.shape
     n = A.shape[0]
     groups = B.shape[2]
     block_d = min(max(block_sizes.block_d, min_block_d), next_power_of_two(d // groups))
     group_pad = -(-(d // groups) // block_d) * block_d
-    return _Layout(batch, time, d, n, groups, block_d, group_pad, next_power_of_two(n), block_sizes.chunk)
+    return Layout(batch, time, d, n, groups, block_d, group_pad, next_power_of_two(n), block_sizes.chunk)
 
 
-def _check_inputs(u, delta, A, B, C, x0, keep):
+def check_inputs(u, delta, A, B, C, x0, keep):
     if u.ndim != 3:
         raise ValueError(f"u: expected shape [batch, time, d], got {u.shape}")
     batch, time, d = u.shape
@@ -207,7 +221,26 @@ def _check_inputs(u, delta, A, B, C, x0, keep):
 
 
 # ----------------------------------------------------------------------------- kernels
-class _Token(NamedTuple):
+# (Rows, load_token and the steps are shared with selective_scan_tpu)
+class Rows(NamedTuple):
+    """The refs whose per-token rows a step reads (``u``, ``delta``, ``B``, ``C``, the
+    optional ``keep``; the backward's ``dy``) and writes (``y``; ``du``, ``ddelta``,
+    ``dB``, ``dC``), by name."""
+
+    u: Any
+    delta: Any
+    B: Any
+    C: Any
+    keep: Any = None
+    y: Any = None
+    dy: Any = None
+    du: Any = None
+    ddelta: Any = None
+    dB: Any = None
+    dC: Any = None
+
+
+class Token(NamedTuple):
     """One token's inputs for an ``[n, block_d]`` tile, in the carry dtype."""
 
     u: jax.Array  # [1, block_d]
@@ -220,20 +253,55 @@ class _Token(NamedTuple):
         return self.B * (self.delta * self.u)
 
 
-def _load_token(refs, A, t, carry_dtype) -> _Token:
-    u_ref, delta_ref, B_ref, keep_ref = refs
+def load_token(rows: Rows, A, t, carry_dtype) -> Token:
     row = pl.ds(t, 1)
-    u = u_ref[row, :].astype(carry_dtype)
-    delta = delta_ref[row, :].astype(carry_dtype)
-    B = B_ref[t, :].astype(carry_dtype)[:, None]
+    u = rows.u[row, :].astype(carry_dtype)
+    delta = rows.delta[row, :].astype(carry_dtype)
+    B = rows.B[t, :].astype(carry_dtype)[:, None]
     decay = jnp.exp(delta * A)
-    if keep_ref is not None:
-        decay = jnp.where(keep_ref[row, :] != 0, decay, jnp.zeros_like(decay))
-    return _Token(u, delta, B, decay)
+    if rows.keep is not None:
+        decay = jnp.where(rows.keep[row, :] != 0, decay, jnp.zeros_like(decay))
+    return Token(u, delta, B, decay)
 
 
 def _read_row_C(C_ref, t, carry_dtype):
     return C_ref[t, :].astype(carry_dtype)[:, None]  # [n, 1]
+
+
+def forward_step(rows: Rows, A, carry_dtype, t, x):
+    """Token ``t`` of the recurrence: the state after it (``x``: the one before); writes
+    ``y_t``."""
+    tok = load_token(rows, A, t, carry_dtype)
+    x = tok.decay * x + tok.inp
+    y = jnp.sum(x * _read_row_C(rows.C, t, carry_dtype), axis=0, keepdims=True)
+    rows.y[pl.ds(t, 1), :] = y.astype(rows.y.dtype)
+    return x
+
+
+def backward_step(rows: Rows, A, carry_dtype, store_channel_sum, t, x_prev, x, carry):
+    """Token ``t`` of the adjoint recurrence: ``(g, dA)`` before it (``carry``: after it;
+    ``x_prev``, ``x``: the states before and after it); writes ``du_t``, ``ddelta_t`` and,
+    by ``store_channel_sum(ref, t, v)`` (row ``t`` of ``ref``: the sum of ``v [n,
+    block_d]`` over the channels), ``dB_t`` and ``dC_t``."""
+    g, dA = carry
+    tok = load_token(rows, A, t, carry_dtype)
+    C = _read_row_C(rows.C, t, carry_dtype)
+    row = pl.ds(t, 1)
+    dy = rows.dy[row, :].astype(carry_dtype)  # [1, block_d]
+    gx = g + dy * C
+    d_exp = gx * x_prev * tok.decay
+    d_in = jnp.sum(gx * tok.B, axis=0, keepdims=True)  # [1, block_d]
+    rows.du[row, :] = (d_in * tok.delta).astype(rows.du.dtype)
+    ddelta = jnp.sum(d_exp * A, axis=0, keepdims=True) + d_in * tok.u
+    rows.ddelta[row, :] = ddelta.astype(rows.ddelta.dtype)
+    store_channel_sum(rows.dB, t, gx * (tok.delta * tok.u))
+    store_channel_sum(rows.dC, t, dy * x)
+    return tok.decay * gx, dA + d_exp * tok.delta
+
+
+def _store_channel_sum(ref, t, x):
+    """Row ``t`` of ``ref``: the sum of ``x [n, block_d]`` over the channels."""
+    ref[t, :] = jnp.sum(x, axis=1).astype(ref.dtype)
 
 
 def _forward_kernel(*refs, time, chunk, has_keep, save_chunk_states):
@@ -243,14 +311,7 @@ def _forward_kernel(*refs, time, chunk, has_keep, save_chunk_states):
     states_ref = refs[8 + has_keep] if save_chunk_states else None
     carry_dtype = last_ref.dtype
     A = A_ref[...].astype(carry_dtype)
-    token_refs = (u_ref, delta_ref, B_ref, keep_ref)
-
-    def step(t, x):
-        tok = _load_token(token_refs, A, t, carry_dtype)
-        x = tok.decay * x + tok.inp
-        y = jnp.sum(x * _read_row_C(C_ref, t, carry_dtype), axis=0, keepdims=True)
-        y_ref[pl.ds(t, 1), :] = y.astype(y_ref.dtype)
-        return x
+    step = functools.partial(forward_step, Rows(u_ref, delta_ref, B_ref, C_ref, keep_ref, y=y_ref), A, carry_dtype)
 
     def run_chunk(c, start, length, x):
         if states_ref is not None:
@@ -274,33 +335,17 @@ def _backward_kernel(*refs, time, chunk, has_keep):
     ]
     carry_dtype = dx0_ref.dtype
     A = A_ref[...].astype(carry_dtype)
-    token_refs = (u_ref, delta_ref, B_ref, keep_ref)
-
-    def step_backward(t, x_prev, x, carry):
-        g, dA = carry
-        tok = _load_token(token_refs, A, t, carry_dtype)
-        C = _read_row_C(C_ref, t, carry_dtype)
-        row = pl.ds(t, 1)
-        dy = dy_ref[row, :].astype(carry_dtype)  # [1, block_d]
-        gx = g + dy * C
-        d_exp = gx * x_prev * tok.decay
-        d_in = jnp.sum(gx * tok.B, axis=0, keepdims=True)  # [1, block_d]
-        du_ref[row, :] = (d_in * tok.delta).astype(du_ref.dtype)
-        ddelta = jnp.sum(d_exp * A, axis=0, keepdims=True) + d_in * tok.u
-        ddelta_ref[row, :] = ddelta.astype(ddelta_ref.dtype)
-        dB_ref[t, :] = jnp.sum(gx * (tok.delta * tok.u), axis=1).astype(dB_ref.dtype)
-        dC_ref[t, :] = jnp.sum(dy * x, axis=1).astype(dC_ref.dtype)
-        return tok.decay * gx, dA + d_exp * tok.delta
+    rows = Rows(u_ref, delta_ref, B_ref, C_ref, keep_ref, dy=dy_ref, du=du_ref, ddelta=ddelta_ref, dB=dB_ref, dC=dC_ref)
 
     def chunk_backward(c, start, length, carry):
         """Recompute the chunk's states from its stored start (unrolled: they stay in
         registers), then walk them backwards."""
         xs = [states_ref[c].astype(carry_dtype)]
         for i in range(length):
-            tok = _load_token(token_refs, A, start + i, carry_dtype)
+            tok = load_token(rows, A, start + i, carry_dtype)
             xs.append(tok.decay * xs[-1] + tok.inp)
         for i in reversed(range(length)):
-            carry = step_backward(start + i, xs[i], xs[i + 1], carry)
+            carry = backward_step(rows, A, carry_dtype, _store_channel_sum, start + i, xs[i], xs[i + 1], carry)
         return carry
 
     n_full, rest = divmod(time, chunk)
@@ -320,7 +365,7 @@ def _backward_kernel(*refs, time, chunk, has_keep):
 
 
 # ----------------------------------------------------------------------------- wrappers
-def _specs(lay: _Layout):
+def _specs(lay: Layout):
     """BlockSpecs of the inputs shared by both kernels: u, delta, A, B, C, keep."""
     blocks_per_group = lay.group_pad // lay.block_d
     seq = block_spec((None, lay.time, lay.block_d), lambda i, j: (i, 0, j))
@@ -377,7 +422,7 @@ def selective_scan_forward(
       :mod:`pallas_kernels.selective_scan_tpu`; pass it unchanged to
       :func:`selective_scan_backward`) in the carry dtype, at least float32.
     """
-    _check_inputs(u, delta, A, B, C, x0, keep)
+    check_inputs(u, delta, A, B, C, x0, keep)
     if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
         from pallas_kernels.selective_scan_tpu import selective_scan_forward_tpu
 
@@ -421,9 +466,8 @@ def selective_scan_forward(
         compiler_params=compiler_params(platform, interpret),
         name="selective_scan_forward",
     )(*operands, x0)
-    y, last = outs[0], outs[1]
     states = outs[2] if save_chunk_states else None
-    return lay.unpad_channels(y), lay.unpad_state(last), states
+    return lay.from_seq(outs[0]), lay.unpad_state(outs[1]), states
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "platform"))
@@ -453,7 +497,7 @@ def selective_scan_backward(
       ``(du, ddelta, dA, dB, dC, dx0)`` shaped and typed like ``u, delta, A, B, C`` and
       ``x0`` (carry dtype).
     """
-    _check_inputs(u, delta, A, B, C, None, keep)
+    check_inputs(u, delta, A, B, C, None, keep)
     if (platform or jax.default_backend()) == "tpu":  # Mosaic TPU (or its interpreter)
         from pallas_kernels.selective_scan_tpu import selective_scan_backward_tpu
 
@@ -470,7 +514,7 @@ def selective_scan_backward(
         raise ValueError(f"dy: expected shape u.shape = {u.shape}, got {dy.shape}")
     seq, A_spec, bc, keep_spec, state = _specs(lay)
     partial_bc = block_spec((None, None, lay.time, lay.n_pad), lambda i, j: (i, j, 0, 0))
-    du, ddelta, dA, dB, dC, dx0 = pl.pallas_call(
+    outs = pl.pallas_call(
         functools.partial(_backward_kernel, time=lay.time, chunk=lay.chunk, has_keep=keep is not None),
         grid=(lay.batch, lay.blocks),
         in_specs=[seq, seq, A_spec, bc, bc]
@@ -489,17 +533,19 @@ def selective_scan_backward(
         compiler_params=compiler_params(platform, interpret),
         name="selective_scan_backward",
     )(*operands, chunk_states, lay.pad_channels(dy), lay.pad_state(dx_last.astype(carry_dtype)))
+    return unpad_gradients(lay, outs, A, B, C)
 
-    def per_group(x, like):  # [b, blocks, t, n_pad] -> like's shape, summed over each group's blocks
-        x = x.reshape((lay.batch, lay.groups, lay.blocks // lay.groups, lay.time, lay.n_pad))
-        x = jnp.swapaxes(x.sum(2)[..., : lay.n], 1, 2)  # [b, t, g, n]
-        return (x if like.ndim == 4 else x[:, :, 0]).astype(like.dtype)
 
+def unpad_gradients(lay, outs, A: jax.Array, B: jax.Array, C: jax.Array) -> tuple[jax.Array, ...]:
+    """The backward kernel's ``du, ddelta``, ``dA`` (per batch row), ``dB, dC`` (per
+    channel block) and ``dx0`` on layout ``lay`` (or the TPU one) -> the cotangents of
+    ``u, delta, A, B, C, x0``."""
+    du, ddelta, dA, dB, dC, dx0 = outs
     return (
-        lay.unpad_channels(du),
-        lay.unpad_channels(ddelta),
+        lay.from_seq(du),
+        lay.from_seq(ddelta),
         lay.unpad_state(dA.sum(0)).astype(A.dtype),
-        per_group(dB, B),
-        per_group(dC, C),
+        lay.sum_groups(dB, B),
+        lay.sum_groups(dC, C),
         lay.unpad_state(dx0),
     )

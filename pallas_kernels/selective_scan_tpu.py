@@ -2,9 +2,9 @@
 
 The math is that of :mod:`pallas_kernels.selective_scan` (its docstring writes out the
 recurrence, the chunk-state residual and the adjoint recurrence of the backward; the
-per-token loads and the discretisation, ``_load_token``, are its own, shared); only the
-tiling differs, so that on-chip memory does not grow with ``T`` and every access obeys
-Mosaic's rules:
+per-token loads and discretisation, ``load_token``, and the steps of both recurrences,
+``forward_step`` and ``backward_step``, are its own, shared); only the tiling differs, so
+that on-chip memory does not grow with ``T`` and every access obeys Mosaic's rules:
 
 * grid ``(batch, d_pad / block_d, n_tiles)``: batch and channel blocks ``"parallel"``,
   the time tiles of ``tile`` tokens ``"arbitrary"`` (sequential). Every operand is seen
@@ -65,18 +65,20 @@ from pallas_kernels._common import (
     next_power_of_two,
     sublane_rows,
 )
+from pallas_kernels._tpu_common import TPU_DTYPES, SequentialGrid
 from pallas_kernels.selective_scan import (
     BlockSizes,
-    _check_inputs,
-    _Layout,
-    _load_token,
-    _read_row_C,
+    Layout,
+    Rows,
+    backward_step,
+    check_inputs,
+    forward_step,
+    load_token,
+    unpad_gradients,
 )
 
-__all__ = ["TPU_DTYPES", "TpuLayout", "selective_scan_backward_tpu", "selective_scan_forward_tpu"]
+__all__ = ["TpuLayout", "selective_scan_backward_tpu", "selective_scan_forward_tpu"]
 
-#: Input dtypes of the compiled TPU kernels.
-TPU_DTYPES = (jnp.float32, jnp.bfloat16)
 #: Lanes of a compiled channel block (Mosaic: the last block dim is a multiple of 128).
 LANES = 128
 #: Smallest padded state size when compiled (one sublane tile of float32 rows).
@@ -84,8 +86,8 @@ MIN_STATES = 8
 
 
 # ----------------------------------------------------------------------------- layout
-class TpuLayout:
-    """The padded layout of one call (:class:`~pallas_kernels.selective_scan._Layout`'s
+class TpuLayout(SequentialGrid):
+    """The padded layout of one call (:class:`~pallas_kernels.selective_scan.Layout`'s
     sizes and padding helpers) plus the time tiling and the block specs over the grid
     ``(batch, blocks, n_tiles)``; the backward (``reverse``) visits tile ``n_tiles - 1 - k``
     at step ``k``."""
@@ -100,16 +102,11 @@ class TpuLayout:
             block_d, n_pad = max(block_d, LANES), max(n_pad, MIN_STATES)
         group_pad = -(-per_group // block_d) * block_d
         chunk = block_sizes.chunk
-        self.lay = _Layout(batch, time, d, n, groups, block_d, group_pad, n_pad, chunk)
+        lay = Layout(batch, time, d, n, groups, block_d, group_pad, n_pad, chunk)
         unit = max(chunk, sublane_rows(*dtypes))
         self.tile = max(min(block_sizes.block_t_tpu, -(-time // unit) * unit), unit)
         self.n_tiles = -(-time // self.tile)
-        self.reverse = reverse
-
-    def __getattr__(self, name):  # _Layout's sizes and padding helpers
-        if name == "lay":
-            raise AttributeError(name)
-        return getattr(self.lay, name)
+        super().__init__(lay, (batch, lay.blocks), self.n_tiles, reverse)
 
     @property
     def time_pad(self) -> int:
@@ -122,14 +119,6 @@ class TpuLayout:
     @property
     def n_chunks(self) -> int:
         return self.time_pad // self.lay.chunk
-
-    @property
-    def grid(self) -> tuple[int, int, int]:
-        return (self.lay.batch, self.lay.blocks, self.n_tiles)
-
-    def tile_of(self, k):
-        """The time tile grid step ``k`` visits (the backward walks them last to first)."""
-        return self.n_tiles - 1 - k if self.reverse else k
 
     def pad_time(self, x: jax.Array, axis: int = 1, value: float = 0.0) -> jax.Array:
         pad = self.time_pad - x.shape[axis]
@@ -153,7 +142,7 @@ class TpuLayout:
 
     # block specs
     def seq_spec(self) -> pl.BlockSpec:
-        return block_spec((None, self.tile, self.lay.block_d), lambda i, j, k: (i, self.tile_of(k), j))
+        return block_spec((None, self.tile, self.lay.block_d), lambda i, j, k: (i, self.step_of(k), j))
 
     def bc_spec(self) -> pl.BlockSpec:
         """The time tile of the channel block's group (``j >= 0``: truncating division is
@@ -161,15 +150,15 @@ class TpuLayout:
         per_group = self.lay.group_pad // self.lay.block_d
         return block_spec(
             (None, None, self.tile, self.lay.n_pad),
-            lambda i, j, k: (i, jax.lax.div(j, jnp.asarray(per_group, j.dtype)), self.tile_of(k), 0),
+            lambda i, j, k: (i, jax.lax.div(j, jnp.asarray(per_group, j.dtype)), self.step_of(k), 0),
         )
 
     def partial_bc_spec(self) -> pl.BlockSpec:
         """``dB``, ``dC`` per channel block ``[b, blocks, time_pad, n_pad]``."""
-        return block_spec((None, None, self.tile, self.lay.n_pad), lambda i, j, k: (i, j, self.tile_of(k), 0))
+        return block_spec((None, None, self.tile, self.lay.n_pad), lambda i, j, k: (i, j, self.step_of(k), 0))
 
     def keep_spec(self) -> pl.BlockSpec:
-        return block_spec((None, self.tile, 1), lambda i, j, k: (i, self.tile_of(k), 0))
+        return block_spec((None, self.tile, 1), lambda i, j, k: (i, self.step_of(k), 0))
 
     def A_spec(self) -> pl.BlockSpec:
         return block_spec((self.lay.n_pad, self.lay.block_d), lambda i, j, k: (0, j))
@@ -182,7 +171,7 @@ class TpuLayout:
         """The tile's chunk states ``(tile / chunk, n_pad, block_d)``."""
         return block_spec(
             (None, self.chunks_per_tile, self.lay.n_pad, self.lay.block_d),
-            lambda i, j, k: (i, self.tile_of(k), 0, j),
+            lambda i, j, k: (i, self.step_of(k), 0, j),
         )
 
     def seq_shape(self, dtype) -> jax.ShapeDtypeStruct:
@@ -197,10 +186,13 @@ class TpuLayout:
     def from_seq(self, x: jax.Array) -> jax.Array:
         return self.lay.unpad_channels(x[:, : self.lay.time])
 
-    def params(self, interpret: bool):
-        if interpret:
-            return None
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+    def sum_groups(self, x: jax.Array, like: jax.Array) -> jax.Array:
+        """``dB`` or ``dC`` per channel block ``[b, blocks, time_pad, n_pad]`` -> ``like``'s
+        shape and dtype, summed over each group's blocks."""
+        lay = self.lay
+        x = x[:, :, : lay.time, : lay.n].reshape((lay.batch, lay.groups, lay.blocks // lay.groups, lay.time, lay.n))
+        x = jnp.swapaxes(x.sum(2), 1, 2)  # [b, t, g, n]
+        return (x if like.ndim == 4 else x[:, :, 0]).astype(like.dtype)
 
 
 def _narrow(dtype) -> bool:
@@ -237,6 +229,17 @@ class _Refs:
             if wide is not block:
                 block[...] = wide[...].astype(block.dtype)
 
+    def rows(self) -> Rows:
+        """The 32-bit refs a token step reads and writes rows of."""
+        return Rows(**{name: self.wide.get(name) for name in Rows._fields})
+
+
+def _store_channel_sum(ref, t, x):
+    """Row ``t`` of ``ref``: the sum of ``x [n, block_d]`` over the channels, an ``[n, 1]``
+    column stored as a row through a transpose (storing the ``[n]`` vector directly needs a
+    sublane gather)."""
+    ref[pl.ds(t, 1), :] = jnp.sum(x, axis=1, keepdims=True).T.astype(ref.dtype)
+
 
 def _forward_kernel(*refs, chunk, n_tiles, has_keep, save_states, narrow):
     names = ("u", "delta", "A", "B", "C") + (("keep",) if has_keep else ()) + ("x0", "y", "x_last")
@@ -252,15 +255,7 @@ def _forward_kernel(*refs, chunk, n_tiles, has_keep, save_states, narrow):
 
     r.load_inputs(("u", "delta", "B", "C"))
     A = r.A[...].astype(dtype)
-    token_refs = (r.wide["u"], r.wide["delta"], r.wide["B"], r.keep if has_keep else None)
-    C_ref, y_ref = r.wide["C"], r.wide["y"]
-
-    def step(t, x):
-        tok = _load_token(token_refs, A, t, dtype)
-        x = tok.decay * x + tok.inp
-        y = jnp.sum(x * _read_row_C(C_ref, t, dtype), axis=0, keepdims=True)
-        y_ref[pl.ds(t, 1), :] = y.astype(y_ref.dtype)
-        return x
+    step = functools.partial(forward_step, r.rows(), A, dtype)
 
     def run_chunk(c, x):
         if save_states:
@@ -292,31 +287,13 @@ def _backward_kernel(*refs, chunk, n_tiles, has_keep, narrow):
 
     r.load_inputs(("u", "delta", "B", "C", "dy"))
     A = r.A[...].astype(dtype)
-    w = r.wide
-    token_refs = (w["u"], w["delta"], w["B"], r.keep if has_keep else None)
+    rows = r.rows()
 
     def recompute(i, start):
         """``xs[i + 1]`` = the state after token ``start + i``."""
-        tok = _load_token(token_refs, A, start + i, dtype)
+        tok = load_token(rows, A, start + i, dtype)
         r.xs[i + 1] = tok.decay * r.xs[i] + tok.inp
         return start
-
-    def step_backward(t, x_prev, x, carry):
-        g, dA = carry
-        tok = _load_token(token_refs, A, t, dtype)
-        C = _read_row_C(w["C"], t, dtype)
-        row = pl.ds(t, 1)
-        dy = w["dy"][row, :].astype(dtype)  # [1, block_d]
-        gx = g + dy * C
-        d_exp = gx * x_prev * tok.decay
-        d_in = jnp.sum(gx * tok.B, axis=0, keepdims=True)  # [1, block_d]
-        w["du"][row, :] = (d_in * tok.delta).astype(w["du"].dtype)
-        ddelta = jnp.sum(d_exp * A, axis=0, keepdims=True) + d_in * tok.u
-        w["ddelta"][row, :] = ddelta.astype(w["ddelta"].dtype)
-        # [n, 1] columns stored as rows: a transpose, not a sublane gather
-        r.dB[row, :] = jnp.sum(gx * (tok.delta * tok.u), axis=1, keepdims=True).T.astype(r.dB.dtype)
-        r.dC[row, :] = jnp.sum(dy * x, axis=1, keepdims=True).T.astype(r.dC.dtype)
-        return tok.decay * gx, dA + d_exp * tok.delta
 
     def chunk_backward(kc, carry):
         c = tile // chunk - 1 - kc
@@ -326,7 +303,7 @@ def _backward_kernel(*refs, chunk, n_tiles, has_keep, narrow):
 
         def body(ki, carry):
             i = chunk - 1 - ki
-            return step_backward(start + i, r.xs[i], r.xs[i + 1], carry)
+            return backward_step(rows, A, dtype, _store_channel_sum, start + i, r.xs[i], r.xs[i + 1], carry)
 
         return jax.lax.fori_loop(i32(0), i32(chunk), body, carry)
 
@@ -369,7 +346,7 @@ def _prepare(u, delta, A, B, C, keep, tl: TpuLayout):
 def selective_scan_forward_tpu(u, delta, A, B, C, x0, keep, *, block_sizes, save_chunk_states, interpret, platform):
     """:func:`pallas_kernels.selective_scan.selective_scan_forward` on the TPU tiling (same
     arguments and results; ``chunk_states`` ``[batch, time_pad / chunk, n_pad, d_pad]``)."""
-    _check_inputs(u, delta, A, B, C, x0, keep)
+    check_inputs(u, delta, A, B, C, x0, keep)
     check_tpu_dtypes("selective_scan", platform, interpret, TPU_DTYPES, u=u, delta=delta, A=A, B=B, C=C, x0=x0)
     carry = carry_dtype_of(u.dtype, delta.dtype, A.dtype, B.dtype, C.dtype, *(() if x0 is None else (x0.dtype,)))
     y_dtype = jnp.result_type(u.dtype, delta.dtype, B.dtype, C.dtype)
@@ -411,7 +388,7 @@ def selective_scan_forward_tpu(u, delta, A, B, C, x0, keep, *, block_sizes, save
 def selective_scan_backward_tpu(u, delta, A, B, C, keep, chunk_states, dy, dx_last, *, block_sizes, interpret, platform):
     """:func:`pallas_kernels.selective_scan.selective_scan_backward` on the TPU tiling
     (``chunk_states``: the residual of :func:`selective_scan_forward_tpu`)."""
-    _check_inputs(u, delta, A, B, C, None, keep)
+    check_inputs(u, delta, A, B, C, None, keep)
     check_tpu_dtypes("selective_scan", platform, interpret, TPU_DTYPES, u=u, delta=delta, A=A, B=B, C=C, dy=dy)
     if dy.shape != u.shape:
         raise ValueError(f"dy: expected shape u.shape = {u.shape}, got {dy.shape}")
@@ -432,7 +409,7 @@ def selective_scan_backward_tpu(u, delta, A, B, C, keep, chunk_states, dy, dx_la
          "du": u.dtype, "ddelta": delta.dtype},
     )
     partial_bc = jax.ShapeDtypeStruct((tl.batch, tl.blocks, tl.time_pad, tl.n_pad), carry)
-    du, ddelta, dA, dB, dC, dx0 = pl.pallas_call(
+    outs = pl.pallas_call(
         functools.partial(
             _backward_kernel, chunk=tl.chunk, n_tiles=tl.n_tiles, has_keep=keep is not None, narrow=narrow
         ),
@@ -455,17 +432,4 @@ def selective_scan_backward_tpu(u, delta, A, B, C, keep, chunk_states, dy, dx_la
         compiler_params=tl.params(interpret),
         name="selective_scan_backward_tpu",
     )(*operands, chunk_states, tl.seq(dy), tl.pad_state(dx_last.astype(carry)))
-
-    def per_group(x, like):  # [b, blocks, time_pad, n_pad] -> like's shape, summed per group
-        x = x[:, :, : tl.time, : tl.n].reshape((tl.batch, tl.groups, tl.blocks // tl.groups, tl.time, tl.n))
-        x = jnp.swapaxes(x.sum(2), 1, 2)  # [b, t, g, n]
-        return (x if like.ndim == 4 else x[:, :, 0]).astype(like.dtype)
-
-    return (
-        tl.from_seq(du),
-        tl.from_seq(ddelta),
-        tl.unpad_state(dA.sum(0)).astype(A.dtype),
-        per_group(dB, B),
-        per_group(dC, C),
-        tl.unpad_state(dx0),
-    )
+    return unpad_gradients(tl, outs, A, B, C)

@@ -13,6 +13,8 @@ reuses the gated kernels). Keys are L2-normalised, as DeltaNet uses them.
 Errors are max |err| / max |ref| per output, float32 kernels against the float64 oracle.
 The TPU kernels (``platform="tpu"``, :mod:`pallas_kernels.chunked_delta_tpu`) are checked
 the same way under the interpreter; their compiles are tests/kernels/test_targets.py's.
+The shapes, cotangents, comparison and lowering check are
+tests/kernels/test_chunked_gla_kernel.py's.
 """
 
 import functools
@@ -28,16 +30,31 @@ from pallas_kernels.chunked_delta import (
     chunked_delta_forward,
 )
 from ssmjax.scan.delta import delta_rule
+from tests.kernels.test_chunked_gla_kernel import (
+    DK,
+    DV,
+    LOWERING_SHAPE,
+    SCALE,
+    SPLIT_V_SCALE,
+    TPU,
+    TPU_SHAPE,
+    B,
+    H,
+    T,
+    abstract,
+    assert_kernels_lower,
+    assert_traced_scale_matches_sequential,
+    compare,
+    cotangents,
+    rel_err,
+)
 
-B, T, H, DK, DV = 2, 37, 2, 5, 6
-#: The block sizes and (static) scale that delta_rule(method="pallas", chunk_size=8) passes
-#: for a traced scale (folded into q), so the wiring test reuses these compiled kernels.
+#: The block sizes (and SCALE) that delta_rule(method="pallas", chunk_size=8) passes for a
+#: traced scale (folded into q), so the wiring test reuses these compiled kernels.
 SMALL = BlockSizes(chunk=8)
-SCALE = 1.0
 #: Two value blocks (dv = 6 -> 8 in blocks of 4), two key blocks in the forward (dk = 5
-#: -> 8 in blocks of 4) and a non-trivial static scale.
+#: -> 8 in blocks of 4); with SPLIT_V_SCALE.
 SPLIT_V = BlockSizes(chunk=8, block_v=4, block_k=4)
-SPLIT_V_SCALE = 0.7
 NAMES = ("o", "final_state", "dq", "dk", "dv", "dbeta", "dg", "dh0")
 
 
@@ -54,17 +71,6 @@ def make_inputs(seed, gated, dtype=jnp.float32, strength=1.0, shape=(B, T, H, DK
     h0 = rng.standard_normal((b, h, dk, dv))
     cast = lambda x: None if x is None else jnp.asarray(x, dtype)
     return cast(q), cast(k), cast(v), cast(beta), cast(g), cast(h0)
-
-
-def cotangents(seed, shape=(B, T, H, DK, DV), dtype=jnp.float32):
-    b, t, h, dk, dv = shape
-    rng = np.random.default_rng(seed)
-    return jnp.asarray(rng.standard_normal((b, t, h, dv)), dtype), jnp.asarray(rng.standard_normal((b, h, dk, dv)), dtype)
-
-
-def rel_err(x, ref):
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    return np.abs(x - ref).max() / np.abs(ref).max()
 
 
 @functools.partial(jax.jit, static_argnames=("scale",))
@@ -89,18 +95,6 @@ def run_kernels(q, k, v, beta, g, h0, do, dh_last, block_sizes=SMALL, scale=SCAL
     return (o, h_last) + chunked_delta_backward(q, k, v, beta, g, states, do, dh_last, **kw)
 
 
-def compare(got, want, tol, names=NAMES):
-    errors = {}
-    for name, x, y in zip(names, got, want):
-        if y is None:  # dg of DeltaNet
-            assert x is None, name
-            continue
-        assert x.shape == y.shape, name
-        errors[name] = rel_err(x, y)
-    assert max(errors.values()) < tol, errors
-    return errors
-
-
 # ----------------------------------------------------------------------------- kernels
 @pytest.mark.parametrize("gated, has_h0", [(False, False), (True, True)])
 def test_kernels_match_sequential_oracle_float32(gated, has_h0):
@@ -114,7 +108,7 @@ def test_kernels_match_sequential_oracle_float32(gated, has_h0):
     do, dh_last = cotangents(1)
     got = run_kernels(q, k, v, beta, g, h0 if has_h0 else None, do, dh_last)
     assert all(x.dtype == jnp.float32 for x in got if x is not None)
-    compare(got, oracle(q, k, v, beta, g, h0, do, dh_last), 2e-6)
+    compare(got, oracle(q, k, v, beta, g, h0, do, dh_last), 2e-6, NAMES)
 
 
 def test_strong_decay_does_not_overflow():
@@ -128,7 +122,7 @@ def test_strong_decay_does_not_overflow():
     do, dh_last = cotangents(3)
     got = run_kernels(q, k, v, beta, g, h0, do, dh_last)
     assert all(bool(jnp.isfinite(x).all()) for x in got)
-    compare(got, oracle(q, k, v, beta, g, h0, do, dh_last), SMALL.chunk * 30.0 * 2**-24 * 1.05)
+    compare(got, oracle(q, k, v, beta, g, h0, do, dh_last), SMALL.chunk * 30.0 * 2**-24 * 1.05, NAMES)
 
 
 def test_repeated_keys_with_full_writes():
@@ -143,7 +137,7 @@ def test_repeated_keys_with_full_writes():
     beta = jnp.ones_like(beta)
     do, dh_last = cotangents(5)
     got = run_kernels(q, k, v, beta, None, None, do, dh_last)
-    compare(got, oracle(q, k, v, beta, None, jnp.zeros_like(h0), do, dh_last), 2e-6)
+    compare(got, oracle(q, k, v, beta, None, jnp.zeros_like(h0), do, dh_last), 2e-6, NAMES)
 
 
 def test_bfloat16_inputs_keep_float32_state():
@@ -185,29 +179,21 @@ def test_kernel_bad_arguments():
         chunked_delta_forward(q, k, v, beta, platform="mosaic_gpu")
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_kernels_lower_for_gpu(gated):
-    """No GPU here: both kernels lower to Triton IR for CUDA at a realistic tile (bf16,
-    dk = dv = 128, default chunk 32, T not a multiple of it)."""
-    b, t, h, d = 2, 100, 3, 128
-    spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
-    ins = (spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h), spec(b, t, h) if gated else None)
-    state = spec(b, h, d, d, dt=jnp.float32)
-    fwd = jax.jit(functools.partial(chunked_delta_forward, platform="gpu"))
-    assert "triton" in fwd.trace(*ins, state).lower(lowering_platforms=("cuda",)).as_text()
-    n_chunks = -(-t // BlockSizes().chunk_for("head"))
-    bwd = jax.jit(functools.partial(chunked_delta_backward, platform="gpu"))
-    lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
-    assert "triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+def test_kernels_lower(gated, platform):
+    """No GPU or TPU here: both kernels of each platform lower at a realistic tile (bf16
+    q, k, v, beta, g; dk = dv = 128; the default chunk 32), see ``assert_kernels_lower``."""
+    b, t, h, d = LOWERING_SHAPE
+    inputs = (abstract(b, t, h, d),) * 3 + (abstract(b, t, h), abstract(b, t, h) if gated else None)
+    assert_kernels_lower(chunked_delta_forward, chunked_delta_backward, inputs, BlockSizes().chunk_for("head"), platform)
 
 
 # ----------------------------------------------------------------------------- TPU layout
-#: The TPU kernels (pallas_kernels.chunked_delta_tpu: head-major blocks, the chunk a
-#: sequential grid axis, the state in VMEM scratch, beta and g as rows of eight chunks)
-#: run by the interpreter on CPU; T = 75 is ten chunks of 8 (the last padded), so the
-#: per-token rows span two blocks of eight chunks.
-TPU = dict(interpret=True, platform="tpu")
-TPU_SHAPE = (B, 75, H, DK, DV)
+# The TPU kernels (pallas_kernels.chunked_delta_tpu: head-major blocks, the chunk a
+# sequential grid axis, the state in VMEM scratch, beta and g as rows of eight chunks)
+# run by the interpreter on CPU (TPU); TPU_SHAPE's T = 75 is ten chunks of 8 (the last
+# padded), so the per-token rows span two blocks of eight chunks.
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float64, 1e-13), (jnp.float32, 2e-6)])
@@ -221,7 +207,7 @@ def test_tpu_kernels_match_sequential_oracle(gated, dtype, tol):
     do, dh_last = cotangents(15, TPU_SHAPE, dtype)
     got = run_kernels(q, k, v, beta, g, h0, do, dh_last, **TPU)
     assert all(x.dtype == dtype for x in got if x is not None)
-    compare(got, oracle(q, k, v, beta, g, h0, do, dh_last), tol)
+    compare(got, oracle(q, k, v, beta, g, h0, do, dh_last), tol, NAMES)
 
 
 def test_tpu_kernels_strong_decay_repeated_keys_bfloat16():
@@ -257,49 +243,18 @@ def test_tpu_kernel_refusals_name_the_argument():
         jax.eval_shape(lambda *x: chunked_delta_forward(*x, block_sizes=SMALL, platform="tpu"), *shapes(*bf16))
 
 
-@pytest.mark.parametrize("gated", [False, True])
-def test_kernels_lower_for_tpu(gated):
-    """Both TPU kernels lower to Mosaic (``tpu_custom_call``) from this CPU host at a
-    realistic tile (bf16, dk = dv = 128, default chunk 32, T not a multiple of it);
-    compiling them for TPU v4 / v5e / v6e is tests/kernels/test_targets.py's."""
-    b, t, h, d = 2, 100, 3, 128
-    spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
-    ins = (spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h), spec(b, t, h) if gated else None)
-    state = spec(b, h, d, d, dt=jnp.float32)
-    fwd = jax.jit(functools.partial(chunked_delta_forward, platform="tpu"))
-    assert "tpu_custom_call" in fwd.trace(*ins, state).lower(lowering_platforms=("tpu",)).as_text()
-    n_chunks = -(-t // BlockSizes().chunk_for("head"))
-    bwd = jax.jit(functools.partial(chunked_delta_backward, platform="tpu"))
-    lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
-    assert "tpu_custom_call" in lowered.lower(lowering_platforms=("tpu",)).as_text()
-
-
 # ----------------------------------------------------------------------------- ssmjax wiring
 def test_ssmjax_pallas_matches_sequential_with_traced_scale():
     """delta_rule(method="pallas") through its custom_vjp (gated, with an initial state)
-    and a traced, differentiated scale (folded into q before the kernel). float32 against
-    the float64 sequential method: arrays measured <= 2.8e-7, asserted < 2e-6; d scale
-    (11.5), a sum of 888 terms that partly cancel, against sum |terms| (335): measured
-    7e-9, asserted < 1e-6."""
+    and a traced, differentiated scale (``assert_traced_scale_matches_sequential``).
+    Arrays measured <= 2.8e-7 (asserted < 2e-6); d scale (11.5, against sum |terms| =
+    335): measured 7e-9 of sum |terms| (asserted < 1e-6)."""
     q, k, v, beta, g, h0 = make_inputs(9, True)
-    do, dh_last = cotangents(10)
 
-    def run(method, dtype):
-        def f(q, k, v, beta, g, h0, scale):
-            return delta_rule(q, k, v, beta, log_decay=g, initial_state=h0, scale=scale, chunk_size=8, method=method)
+    def rule(q, k, v, beta, g, h0, scale, method):
+        return delta_rule(q, k, v, beta, log_decay=g, initial_state=h0, scale=scale, chunk_size=8, method=method)
 
-        args = tuple(x.astype(dtype) for x in (q, k, v, beta, g, h0, jnp.asarray(SPLIT_V_SCALE)))
-        out, vjp = jax.vjp(f, *args)
-        return out + vjp((do.astype(dtype), dh_last.astype(dtype)))
-
-    # eager: the custom_vjp calls the jitted kernels compiled by the tests above
-    got, want = run("pallas", jnp.float32), run("sequential", jnp.float64)
-    for x, y in zip(got[:-1], want[:-1]):
-        assert x.shape == y.shape and x.dtype == jnp.float32
-        assert rel_err(x, y) < 2e-6
-    d_scale_terms = np.abs(np.asarray(do, np.float64) * np.asarray(want[0]) / SPLIT_V_SCALE).sum()
-    assert got[-1].dtype == jnp.float32
-    assert abs(float(got[-1]) - float(want[-1])) < 1e-6 * d_scale_terms
+    assert_traced_scale_matches_sequential(rule, (q, k, v, beta, g, h0), *cotangents(10))
 
 
 def test_ssmjax_pallas_errors_per_backend(monkeypatch):

@@ -12,6 +12,8 @@ dtype (the wiring test reuses the per-head kernels).
 Errors are max |err| / max |ref| per output, float32 kernels against the float64 oracle.
 The TPU kernels (``platform="tpu"``, :mod:`pallas_kernels.chunked_gla_tpu`) are checked
 the same way under the interpreter; their compiles are tests/kernels/test_targets.py's.
+The shapes, cotangents, comparison and lowering check are shared with
+tests/kernels/test_chunked_delta_kernel.py.
 """
 
 import functools
@@ -87,16 +89,46 @@ def run_kernels(q, k, v, g, h0, do, dh_last, block_sizes=SMALL, scale=SCALE, int
     return (o, h_last) + chunked_gla_backward(q, k, v, g, states, do, dh_last, **kw)
 
 
-def compare(got, want, tol, kind, names=NAMES):
+def compare(got, want, tol, names):
+    """Every output ``names`` of the kernels within ``tol`` of the oracle's (``rel_err``);
+    one the oracle has not (``dg`` without ``g``) is ``None`` too."""
     errors = {}
     for name, x, y in zip(names, got, want):
-        if name == "dg" and kind == "none":
-            assert x is None and y is None
+        if y is None:
+            assert x is None, name
             continue
         assert x.shape == y.shape, name
         errors[name] = rel_err(x, y)
     assert max(errors.values()) < tol, errors
     return errors
+
+
+#: The lowering tests' tile (batch, time, heads, head dim): realistic head dims, T not a
+#: multiple of the chunk.
+LOWERING_SHAPE = (2, 100, 3, 128)
+#: platform -> (lowering platform, a marker of its kernels in the lowered module)
+LOWERINGS = {"gpu": ("cuda", "triton"), "tpu": ("tpu", "tpu_custom_call")}
+
+
+def abstract(*shape, dtype=jnp.bfloat16):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def assert_kernels_lower(forward, backward, inputs, chunk, platform):
+    """Both kernels (``inputs``: q, k, v and the gates at :data:`LOWERING_SHAPE`; float32
+    states, bf16 ``do``) lower for ``platform`` from this CPU host: GPU to Triton IR for
+    CUDA (the Pallas -> Triton pass runs at lowering; Triton -> PTX is left to a GPU),
+    TPU to Mosaic (``tpu_custom_call``). Compiling them for H100 / A100 / TPU v4 / v5e /
+    v6e is tests/kernels/test_targets.py's."""
+    b, t, h, d = LOWERING_SHAPE
+    lowering, marker = LOWERINGS[platform]
+    state = abstract(b, h, d, d, dtype=jnp.float32)
+    fwd = jax.jit(functools.partial(forward, platform=platform))
+    assert marker in fwd.trace(*inputs, state).lower(lowering_platforms=(lowering,)).as_text()
+    bwd = jax.jit(functools.partial(backward, platform=platform))
+    states = abstract(b, h, -(-t // chunk), d, d, dtype=jnp.float32)
+    lowered = bwd.trace(*inputs, states, abstract(b, t, h, d), state)
+    assert marker in lowered.lower(lowering_platforms=(lowering,)).as_text()
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -113,7 +145,7 @@ def test_kernels_match_sequential_oracle_float32(kind, has_h0):
     do, dh_last = cotangents(1)
     got = run_kernels(q, k, v, g, h0 if has_h0 else None, do, dh_last)
     assert all(x.dtype == jnp.float32 for x in got if x is not None)
-    compare(got, oracle(q, k, v, g, h0, do, dh_last), 2e-6, kind)
+    compare(got, oracle(q, k, v, g, h0, do, dh_last), 2e-6, NAMES)
 
 
 @pytest.mark.parametrize("kind", ["head", "channel"])
@@ -133,7 +165,7 @@ def test_strong_decay_does_not_overflow(kind):
     do, dh_last = cotangents(3)
     got = run_kernels(q, k, v, g, h0, do, dh_last)
     assert all(bool(jnp.isfinite(x).all()) for x in got)
-    compare(got, oracle(q, k, v, g, h0, do, dh_last), SMALL.chunk * 30.0 * 2**-24 * 1.05, kind)
+    compare(got, oracle(q, k, v, g, h0, do, dh_last), SMALL.chunk * 30.0 * 2**-24 * 1.05, NAMES)
 
 
 def test_bfloat16_inputs_keep_float32_state():
@@ -148,7 +180,7 @@ def test_bfloat16_inputs_keep_float32_state():
     assert got[0].dtype == jnp.bfloat16 and all(x.dtype == jnp.float32 for x in got[1:])
     want = oracle(q, k, v, g, h0, do, dh_last, SPLIT_V_SCALE)
     assert rel_err(got[0], want[0]) < 2**-8
-    compare(got[1:], want[1:], 2e-6, "channel", NAMES[1:])
+    compare(got[1:], want[1:], 2e-6, NAMES[1:])
 
 
 @pytest.mark.parametrize("kind", ["none", "head", "channel"])
@@ -161,7 +193,7 @@ def test_forward_in_key_blocks_matches_oracle(kind):
     o, h_last, _ = chunked_gla_forward(
         q, k, v, g, h0, scale=SCALE, block_sizes=BlockSizes(chunk=8, block_k=4), interpret=True
     )
-    compare((o, h_last), oracle(q, k, v, g, h0, do, dh_last)[:2], 2e-6, kind, NAMES[:2])
+    compare((o, h_last), oracle(q, k, v, g, h0, do, dh_last)[:2], 2e-6, NAMES[:2])
 
 
 def test_kernel_bad_arguments():
@@ -185,22 +217,15 @@ def test_kernel_bad_arguments():
         chunked_gla_backward(q, k, v, g, states[:, :, :-1], v, h0, scale=SCALE, block_sizes=SMALL, interpret=True)
 
 
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
 @pytest.mark.parametrize("kind", ["none", "head", "channel"])
-def test_kernels_lower_for_gpu(kind):
-    """No GPU here: both kernels lower to Triton IR for CUDA (the Pallas -> Triton pass
-    runs at lowering; Triton -> PTX is left to a GPU) at a realistic tile, bf16 inputs,
-    dk = dv = 128, T not a multiple of the chunk."""
-    b, t, h, d = 2, 100, 3, 128
-    spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
-    g = {"none": None, "head": spec(b, t, h, dt=jnp.float32), "channel": spec(b, t, h, d, dt=jnp.float32)}[kind]
-    ins = (spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d), g)
-    state = spec(b, h, d, d, dt=jnp.float32)
-    fwd = jax.jit(functools.partial(chunked_gla_forward, platform="gpu"))
-    assert "triton" in fwd.trace(*ins, state).lower(lowering_platforms=("cuda",)).as_text()
-    n_chunks = -(-t // BlockSizes().chunk_for(kind))
-    bwd = jax.jit(functools.partial(chunked_gla_backward, platform="gpu"))
-    lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
-    assert "triton" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+def test_kernels_lower(kind, platform):
+    """No GPU or TPU here: both kernels of each platform lower at a realistic tile (bf16
+    q, k, v; dk = dv = 128; float32 decays), see :func:`assert_kernels_lower`."""
+    b, t, h, d = LOWERING_SHAPE
+    g = {"none": None, "head": abstract(b, t, h, dtype=jnp.float32), "channel": abstract(b, t, h, d, dtype=jnp.float32)}
+    inputs = (abstract(b, t, h, d),) * 3 + (g[kind],)
+    assert_kernels_lower(chunked_gla_forward, chunked_gla_backward, inputs, BlockSizes().chunk_for(kind), platform)
 
 
 # ----------------------------------------------------------------------------- TPU layout
@@ -229,7 +254,7 @@ def test_tpu_kernels_match_sequential_oracle(kind, dtype, tol):
     do, dh_last = cotangents(15, TPU_SHAPE, dtype)
     got = run_tpu_kernels(q, k, v, g, h0, do, dh_last)
     assert all(x.dtype == dtype for x in got if x is not None)
-    compare(got, oracle(q, k, v, g, h0, do, dh_last), tol, kind)
+    compare(got, oracle(q, k, v, g, h0, do, dh_last), tol, NAMES)
 
 
 @pytest.mark.parametrize("kind", ["head", "channel"])
@@ -248,7 +273,7 @@ def test_tpu_kernels_strong_decay_and_bfloat16(kind):
     assert all(bool(jnp.isfinite(x).all()) for x in got)
     want = oracle(q, k, v, g, h0, do, dh_last, SPLIT_V_SCALE)
     assert rel_err(got[0], want[0]) < 2**-8
-    compare(got[1:], want[1:], bs.chunk * 30.0 * 2**-24 * 1.05, kind, NAMES[1:])
+    compare(got[1:], want[1:], bs.chunk * 30.0 * 2**-24 * 1.05, NAMES[1:])
 
 
 def _trace(fn, *arrays):
@@ -266,45 +291,16 @@ def test_tpu_kernel_refusals_name_the_argument():
         _trace(lambda *x: chunked_gla_forward(*x, block_sizes=SMALL, platform="tpu"), *bf16)
 
 
-@pytest.mark.parametrize("kind", ["none", "head", "channel"])
-def test_kernels_lower_for_tpu(kind):
-    """Both TPU kernels lower to Mosaic (``tpu_custom_call``) from this CPU host at a
-    realistic tile (bf16, dk = dv = 128, T not a multiple of the chunk); compiling them for
-    TPU v4 / v5e / v6e is tests/kernels/test_targets.py's."""
-    b, t, h, d = 2, 100, 3, 128
-    spec = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
-    g = {"none": None, "head": spec(b, t, h, dt=jnp.float32), "channel": spec(b, t, h, d, dt=jnp.float32)}[kind]
-    ins = (spec(b, t, h, d), spec(b, t, h, d), spec(b, t, h, d), g)
-    state = spec(b, h, d, d, dt=jnp.float32)
-    fwd = jax.jit(functools.partial(chunked_gla_forward, platform="tpu"))
-    assert "tpu_custom_call" in fwd.trace(*ins, state).lower(lowering_platforms=("tpu",)).as_text()
-    n_chunks = -(-t // BlockSizes().chunk_for(kind))
-    bwd = jax.jit(functools.partial(chunked_gla_backward, platform="tpu"))
-    lowered = bwd.trace(*ins, spec(b, h, n_chunks, d, d, dt=jnp.float32), spec(b, t, h, d), state)
-    assert "tpu_custom_call" in lowered.lower(lowering_platforms=("tpu",)).as_text()
-
-
 # ----------------------------------------------------------------------------- ssmjax wiring
-def test_ssmjax_pallas_matches_sequential_with_traced_scale():
-    """gated_linear_attention(method="pallas") through its custom_vjp: per-head decay
-    given broadcastable ([1, t, h]), and a traced scale (a differentiated argument, folded
-    into q before the kernel) whose gradient flows through JAX. float32 against the
-    float64 sequential method: arrays measured <= 2.4e-7 (max error / max entry), asserted
-    < 2e-6. d scale = sum(do * o / scale) is one sum of 888 terms that cancel (|d scale|
-    = 5.5 against sum |terms| = 1.3e3), so its error is measured against sum |terms|:
-    measured 1.4e-8, asserted < 1e-6."""
-    q, k, v, g, h0 = make_inputs(7, "head")
-    g = g[:1]
-    do, dh_last = cotangents(8)
+def assert_traced_scale_matches_sequential(op, inputs, do, dh_last):
+    """``op(*inputs, scale, method)`` (chunk size 8) with a traced, differentiated scale
+    (folded into q before the kernel), ``method="pallas"`` through its custom_vjp in float32
+    against ``"sequential"`` in float64: every array to 2e-6 (max error / max entry); d
+    scale = sum(do * o / scale), one sum of 888 terms that cancel, to 1e-6 of sum |terms|."""
 
     def run(method, dtype):
-        def f(q, k, v, g, h0, scale):
-            return gated_linear_attention(
-                q, k, v, log_decay=g, initial_state=h0, scale=scale, chunk_size=8, method=method
-            )
-
-        args = tuple(x.astype(dtype) for x in (q, k, v, g, h0, jnp.asarray(SPLIT_V_SCALE)))
-        out, vjp = jax.vjp(f, *args)
+        args = tuple(x.astype(dtype) for x in inputs + (jnp.asarray(SPLIT_V_SCALE),))
+        out, vjp = jax.vjp(functools.partial(op, method=method), *args)
         return out + vjp((do.astype(dtype), dh_last.astype(dtype)))
 
     # eager: the custom_vjp calls the jitted kernels compiled by the tests above
@@ -315,6 +311,20 @@ def test_ssmjax_pallas_matches_sequential_with_traced_scale():
     d_scale_terms = np.abs(np.asarray(do, np.float64) * np.asarray(want[0]) / SPLIT_V_SCALE).sum()
     assert got[-1].dtype == jnp.float32
     assert abs(float(got[-1]) - float(want[-1])) < 1e-6 * d_scale_terms
+
+
+def test_ssmjax_pallas_matches_sequential_with_traced_scale():
+    """gated_linear_attention(method="pallas") through its custom_vjp: per-head decay
+    given broadcastable ([1, t, h]), and a traced scale whose gradient flows through JAX
+    (:func:`assert_traced_scale_matches_sequential`). Arrays measured <= 2.4e-7 (asserted
+    < 2e-6); d scale (|d scale| = 5.5 against sum |terms| = 1.3e3): measured 1.4e-8 of sum
+    |terms| (asserted < 1e-6)."""
+    q, k, v, g, h0 = make_inputs(7, "head")
+
+    def attention(q, k, v, g, h0, scale, method):
+        return gated_linear_attention(q, k, v, log_decay=g, initial_state=h0, scale=scale, chunk_size=8, method=method)
+
+    assert_traced_scale_matches_sequential(attention, (q, k, v, g[:1], h0), *cotangents(8))
 
 
 def test_ssmjax_pallas_errors_per_backend(monkeypatch):
