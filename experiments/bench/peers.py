@@ -12,9 +12,14 @@ Median forward+backward ms (``sum(outputs).backward()``, one warm-up call) of
   a scalar decay per head) at ``(b, t, h, d) = SHAPES["gla"]``;
 
 the shapes of ``experiments.speed``'s comparison rows, so the ratios are read side by
-side; and the nanoGPT-shaped GPT of :mod:`experiments.bench.nanogpt` (nanoGPT's CPU baby
+side; the nanoGPT-shaped GPT of :mod:`experiments.bench.nanogpt` (nanoGPT's CPU baby
 GPT, the peer of ``python -m experiments.lm_speed``): median ms of one training step at
-batch 12 x 64 and of one KV-cache decoding token at batch 1. Without torch (or a peer
+batch 12 x 64 and of one KV-cache decoding token at batch 1; and the S4D classifier of
+:mod:`experiments.bench.s4d_torch` (the peer of ``python -m experiments.step_speed``): median
+ms of one training step at the sMNIST shape (batch 50 x 784, d 64, 4 layers).
+``--only KEYS`` (or the environment variable ``BENCH_PEERS``, which a caller running this
+module in another interpreter sets, e.g. ``experiments.step_speed``) times only those
+entries of :data:`PEERS`. Without torch (or a peer
 package) each entry is skipped with the reason, printed and kept in the JSON under
 ``skipped``; the exit status is 0 either way. This module
 imports no JAX, so it also runs in a torch-only environment.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,8 +39,12 @@ from experiments.bench.clock import median_of_calls
 #: The shapes the peers are timed at (and ``experiments.speed``'s comparison rows).
 SHAPES = {"selective_scan": dict(b=2, t=1024, d=256, n=16), "gla": dict(b=2, t=2048, h=4, d=64),
           # experiments.bench.nanogpt.BABY_GPT (written out: that module needs torch)
-          "nanogpt": dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)}
+          "nanogpt": dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+          # experiments.bench.s4d_torch.SMNIST (written out: that module needs torch)
+          "s4d_smnist": dict(batch=50, length=784, features=1, classes=10, d_model=64, n_layers=4, d_state=64)}
 INSTALL_HINT = "pip install -e '.[peers]'"
+#: The environment variable naming the :data:`PEERS` keys to time (comma-separated; unset: all).
+ONLY_ENV = "BENCH_PEERS"
 
 
 def missing(module: str) -> str | None:
@@ -97,18 +107,39 @@ def nanogpt_decode_token(reps: int, **shape) -> float:
     return median_of_calls(nanogpt.decode_fn(model), reps) / shape["block_size"]
 
 
+def s4d_train_step(reps: int, **shape) -> float:
+    """ms of one training step of the S4D classifier (:mod:`experiments.bench.s4d_torch`)."""
+    from experiments.bench import s4d_torch
+
+    return s4d_torch.train_step_ms(reps, **shape)[0]
+
+
 #: result key -> (module the peer needs, timing function, shape name)
 PEERS: dict[str, tuple[str, Callable[..., float], str]] = {
     "mambapy_selective_scan_fb_ms": ("mambapy", mambapy_selective_scan, "selective_scan"),
     "fla_naive_chunk_simple_gla_fb_ms": ("fla", fla_naive_chunk_simple_gla, "gla"),
     "nanogpt_train_step_ms": ("torch", nanogpt_train_step, "nanogpt"),
     "nanogpt_decode_token_ms": ("torch", nanogpt_decode_token, "nanogpt"),
+    "s4d_torch_train_step_ms": ("torch", s4d_train_step, "s4d_smnist"),
 }
 
 
-def peer_timings(reps: int = 5, threads: int = 2) -> dict:
+def selected(only: str | None = None) -> list[str]:
+    """The :data:`PEERS` keys named in ``only`` (comma-separated; ``None``: the environment
+    variable :data:`ONLY_ENV`, unset or empty: all); ``ValueError`` naming an unknown key."""
+    only = os.environ.get(ONLY_ENV, "") if only is None else only
+    keys = [k for k in only.split(",") if k]
+    unknown = sorted(set(keys) - set(PEERS))
+    if unknown:
+        raise ValueError(f"only: unknown peers {unknown}; choose from {sorted(PEERS)}")
+    return keys or list(PEERS)
+
+
+def peer_timings(reps: int = 5, threads: int = 2, only: str | None = None) -> dict:
     """``{key: ms, ..., "shapes": SHAPES, "skipped": {key: reason}}`` for every peer in
-    :data:`PEERS` (a peer whose package is missing is skipped, not an error)."""
+    :data:`PEERS` named by ``only`` (:func:`selected`; a peer whose package is missing is
+    skipped, not an error)."""
+    keys = selected(only)
     result: dict = {"shapes": SHAPES, "skipped": {}}
     reason = missing("torch")
     if reason is None:
@@ -117,7 +148,8 @@ def peer_timings(reps: int = 5, threads: int = 2) -> dict:
         torch.manual_seed(0)
         torch.set_num_threads(threads)
         result["torch"] = torch.__version__
-    for key, (module, timing, shape) in PEERS.items():
+    for key in keys:
+        module, timing, shape = PEERS[key]
         why = reason or missing(module)
         if why:
             result["skipped"][key] = why
@@ -187,11 +219,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--reps", type=int, default=5, help="timed calls per peer (median; default 5)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--json", default=None, help="also write the result to this file")
+    parser.add_argument("--only", default=None, help=f"comma-separated peers to time (default: ${ONLY_ENV}, else all)")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.threads < 1:
         parser.error(f"--reps, --threads: expected >= 1, got {args.reps}, {args.threads}")
-    result = peer_timings(args.reps, args.threads)
-    for key, (_, _, shape) in PEERS.items():
+    try:
+        keys = selected(args.only)
+    except ValueError as error:
+        parser.error(f"--only: {error}")
+    result = peer_timings(args.reps, args.threads, ",".join(keys))
+    for key in keys:
+        shape = PEERS[key][2]
         dims = ",".join(f"{k}={v}" for k, v in SHAPES[shape].items())
         value = f"{result[key]:.1f} ms" if key in result else f"skipped: {result['skipped'][key]}"
         print(f"{key:<34} {dims:<24} {value}", file=sys.stderr)

@@ -6,6 +6,10 @@ Two transition kinds share one implementation:
 * ``matrix_scan``: dense (or block-diagonal, via extra leading axes) ``A_t [..., n, n]``,
   ``h_t = A_t @ h_{t-1} + b_t``.
 
+``complex_lti_scan`` is the diagonal recurrence with a complex decay constant in time (the
+LRU's) on real/imaginary pairs ``[..., 2, N]``; on CPU it has its own loop and VJP without
+the layout copies of the general path (its docstring).
+
 Evaluations (``method=``):
 
 * ``"sequential"``: ``lax.scan`` over time; the oracle.
@@ -390,3 +394,183 @@ def matrix_scan(
         "matrix_scan", DENSE, method, a, b, h0, cut, reverse, chunk_size, None, out_dtype
     )
     return h.astype(out_dtype), h_last
+
+
+# ------------------------------------------------- constant complex decays, real arithmetic
+def _time_loop(time: int, reverse: bool, body: Callable, init):
+    """``body(t, carry)`` for ``t = 0 .. time-1`` (``time-1 .. 0`` if ``reverse``)."""
+    order = (lambda i: time - 1 - i) if reverse else (lambda i: i)  # noqa: E731
+    return jax.lax.fori_loop(0, time, lambda i, carry: body(order(i), carry), init)
+
+
+def _at(x: Array | None, t) -> Array | None:
+    """``x[:, t]`` (a strided slice: no batch/time swap of ``x``)."""
+    return None if x is None else jax.lax.dynamic_index_in_dim(x, t, 1, keepdims=False)
+
+
+def _put(x: Array, value: Array, t) -> Array:
+    """``x[:, t] = value`` in place."""
+    return jax.lax.dynamic_update_index_in_dim(x, value, t, 1)
+
+
+def _swap(x: Array) -> Array:
+    """``[re, im] -> [im, re]`` along the pair axis (-2): a reversed read, no concatenate."""
+    return jnp.flip(x, axis=-2)
+
+
+def _pair_loop(reverse, a1, a2, b, h0, keep):
+    """``h_t = a1 * h' + a2 * swap(h') + b_t`` with ``h' = keep_t h_{t-1}`` over axis 1 (the
+    complex product ``a h'`` on real pairs for ``a1 = [Re a, Re a]``, ``a2 = [-Im a, Im a]``),
+    ``a1, a2`` loop constants. Returns ``(h, last)``."""
+
+    def body(t, carry):  # h_t overwrites b_t in the one buffer (read first; no zero-filled output)
+        h, out = carry
+        k = _at(keep, t)
+        if k is not None:
+            h = k * h
+        h = a1 * h + a2 * _swap(h) + _at(out, t)
+        return h, _put(out, h, t)
+
+    last, h = _time_loop(b.shape[1], reverse, body, (h0, b))
+    return h, last
+
+
+def _sum_to_shape(x: Array, shape: tuple[int, ...]) -> Array:
+    """Sum ``x`` over the axes that ``shape`` broadcasts (the cotangent of a broadcast)."""
+    lead = x.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape) if s == 1 and x.shape[lead + i] != 1)
+    return jnp.sum(x, axis=axes).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pair_recurrence(reverse, a1, a2, b, h0, keep):
+    return _pair_loop(reverse, a1, a2, b, h0, keep)
+
+
+def _pair_recurrence_fwd(reverse, a1, a2, b, h0, keep):
+    h, last = _pair_loop(reverse, a1, a2, b, h0, keep)
+    return (h, last), (a1, a2, h, h0, keep)
+
+
+def _pair_recurrence_bwd(reverse, residuals, cotangents):
+    """One loop in the opposite direction, no flips of arrays over time and no
+    ``[batch, time, ...]`` decay: with ``m_t = keep_t g_t`` (``g_t`` the cotangent of
+    ``h_t``), ``g_t = dh_t + a1 m_{t+1} + swap(a2 m_{t+1})`` (the transposed step),
+    ``db_t = g_t``, ``da1 = sum_t m_t h_{t-1}``, ``da2 = sum_t m_t swap(h_{t-1})`` (accumulated
+    in the carry: cheaper than a reduction over a shifted copy of ``h`` afterwards) and
+    ``dh_{-1}`` what flows out of ``m_0``."""
+    a1, a2, h, h0, keep = residuals
+    dh, dlast = cotangents
+
+    def body(t, carry):  # g_t overwrites dh_t in the one buffer
+        f, m, acc1, acc2, g = carry  # f: what flows into h_t from the step after it
+        h_t = _at(h, t)
+        acc1, acc2 = acc1 + m * h_t, acc2 + m * _swap(h_t)
+        g_t = _at(g, t) + f
+        k = _at(keep, t)
+        m = g_t if k is None else k * g_t
+        return a1 * m + _swap(a2 * m), m, acc1, acc2, _put(g, g_t, t)
+
+    zero = jnp.zeros_like(h0)
+    f, m, acc1, acc2, g = _time_loop(h.shape[1], not reverse, body, (dlast + zero, zero, zero, zero, dh))
+    da1 = _sum_to_shape(acc1 + m * h0, a1.shape)
+    da2 = _sum_to_shape(acc2 + m * _swap(h0), a2.shape)
+    return da1, da2, g, f, None
+
+
+_pair_recurrence.defvjp(_pair_recurrence_fwd, _pair_recurrence_bwd)
+
+
+def complex_lti_scan(
+    a: ArrayLike,
+    b: ArrayLike,
+    *,
+    initial_state: ArrayLike | None = None,
+    reverse: bool = False,
+    segment_ids: ArrayLike | None = None,
+    reset: ArrayLike | None = None,
+    method: str = "auto",
+) -> tuple[Array, Array]:
+    """:func:`linear_scan` with a complex decay constant in time, on real pairs:
+    ``h_t = a * h_{t-1} + b_t`` where the axis before the last holds the real
+    (index 0) and imaginary (index 1) parts: ``a = a[..., 0, :] + i a[..., 1, :]``,
+    ``b_t = b[:, t, ..., 0, :] + i b[:, t, ..., 1, :]`` (the LRU's recurrence, whose
+    projections in and out are then real matrix products with ``2 N`` columns).
+
+    On CPU (``method="sequential"``, what ``"auto"`` picks there) it is one loop over time
+    that reads ``b[:, t]`` and writes ``h[:, t]`` in place (strided slices: no batch/time
+    swap of any array) with ``a`` a loop constant, and a custom VJP that runs one loop the
+    other way and accumulates ``da`` in its carry: no ``[batch, time, ...]`` decay, no flip
+    and no complex arithmetic (XLA's CPU transposes and complex products cost more than
+    the recurrence). Other methods (and ``"auto"`` elsewhere, or under
+    :func:`ssmjax.distributed.sequence_parallel`) run :func:`linear_scan` on complex
+    arrays: the same results.
+
+    Args:
+      a: the decay as real pairs, broadcastable to ``[batch, ..., 2, N]`` (e.g. ``[2, N]``).
+      b: inputs ``[batch, time, ..., 2, N]``, real.
+      initial_state: ``h_{-1}`` ``[batch, ..., N]`` (complex), zeros if ``None``.
+      reverse, segment_ids, reset: as in :func:`linear_scan`.
+      method: ``"auto"``, ``"sequential"``, ``"associative"`` or ``"chunked"``.
+
+    Returns:
+      ``(h, final_state)``: ``h`` ``[batch, time, ..., 2, N]`` (real pairs, in the promoted
+      real dtype, at least float32) and the complex state after the last step
+      ``[batch, ..., N]``.
+    """
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if method == "pallas":
+        raise ValueError("method: the Pallas kernel takes real inputs only; expected one of "
+                         "('auto', 'sequential', 'associative', 'chunked') for complex_lti_scan")
+    _dispatch.check_method("linear_scan", method)
+    for name, x in (("a", a), ("b", b)):
+        check_floating(name, x)
+        if jnp.iscomplexobj(x):
+            raise ValueError(f"{name}: expected real pairs [..., 2, N] of a real floating dtype, got {x.dtype}")
+    check_ndim("b", b, range(4, 64), "[batch, time, ..., 2, N]")
+    if b.shape[-2] != 2:
+        raise ValueError(f"b: expected real pairs [batch, time, ..., 2, N] (axis -2 of size 2), got {tuple(b.shape)}")
+    batch, time = b.shape[:2]
+    pairs_shape = (batch,) + b.shape[2:]
+    check_broadcastable("a", a, pairs_shape, "[batch, ..., 2, N] (b without its time axis)")
+    real = jnp.result_type(jnp.float32, a.dtype, b.dtype)
+    state_shape = pairs_shape[:-2] + pairs_shape[-1:]
+    if initial_state is None:
+        h0 = jnp.zeros(pairs_shape, real)
+    else:
+        h0 = jnp.asarray(initial_state)
+        check_floating("initial_state", h0)
+        check_shape("initial_state", h0, state_shape, "[batch, ..., N]")
+        real = jnp.result_type(real, jnp.real(h0).dtype)
+        h0 = jnp.stack([jnp.real(h0), jnp.imag(h0)], axis=-2).astype(real)
+    cut = carry_cut_mask(segment_ids, reset, batch, time, reverse)
+    a, b = a.astype(real), b.astype(real)
+
+    def as_complex(pairs):
+        return jax.lax.complex(pairs[..., 0, :], pairs[..., 1, :])
+
+    if time == 0:
+        return b, as_complex(h0)
+
+    def through_linear_scan(resolved: str, a, b, h0, keep):
+        h, last = linear_scan(
+            jnp.expand_dims(jnp.broadcast_to(as_complex(a), state_shape), 1), as_complex(b),
+            initial_state=as_complex(h0), reverse=reverse, segment_ids=segment_ids, reset=reset, method=resolved,
+        )
+        return jnp.stack([h.real, h.imag], axis=-2), last
+
+    if _dispatch.active_sequence_parallel() is not None:  # linear_scan routes itself
+        return through_linear_scan(method, a, b, h0, None)
+    keep = None if cut is None else expand_mask(~cut, b.ndim).astype(real)
+
+    def loop(a, b, h0, keep):
+        a_re, a_im = a[..., :1, :], a[..., 1:, :]
+        h, last = _pair_recurrence(reverse, jnp.concatenate([a_re, a_re], -2), jnp.concatenate([-a_im, a_im], -2),
+                                   b, h0, keep)
+        return h, as_complex(last)
+
+    def branch(resolved: str, platform: str):
+        return loop if resolved == "sequential" else functools.partial(through_linear_scan, resolved)
+
+    case = _dispatch.case(jnp.result_type(real, jnp.complex64), packed=cut is not None, time=time)
+    return _dispatch.dispatch(_dispatch.plan("linear_scan", method, case), branch, a, b, h0, keep)

@@ -3,14 +3,15 @@
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from jax.test_util import check_grads
 
-from ssmjax.scan import linear_scan, matrix_scan
-from ssmjax.scan.linear import DENSE, DIAGONAL, combine
+from ssmjax.scan import linear_scan, matrix_scan, staged_platforms
+from ssmjax.scan.linear import DENSE, DIAGONAL, combine, complex_lti_scan
 from tests.scan.compiled import compiled
 
 METHODS = ["sequential", "associative", "chunked"]
@@ -268,3 +269,108 @@ def test_empty_sequence_returns_initial_state(scan, a_shape):
     h, h_last = scan(jnp.ones(a_shape), jnp.ones((2, 0, 3)), initial_state=h0)
     assert h.shape == (2, 0, 3)
     np.testing.assert_array_equal(h_last, h0)
+
+
+# --------------------------------------------------- complex_lti_scan (constant complex decay, real pairs)
+def pairs(z):
+    """complex ``[..., N]`` -> real pairs ``[..., 2, N]``."""
+    return jnp.stack([jnp.real(z), jnp.imag(z)], axis=-2)
+
+
+def lti_inputs(key, shape=(B, T, D)):
+    """A constant complex decay [N] (|a| < 1), complex inputs and state, and pairs of a and b."""
+    a, b, h0 = random_inputs(key, shape, complex_=True)
+    return a[0, 0], b, h0
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_complex_lti_scan_matches_oracle(method, reverse, packed):
+    a, b, h0 = lti_inputs(jax.random.PRNGKey(20))
+    segment_ids = jnp.array([np.repeat(np.arange(3), [5, 11, 7]), np.zeros(T, int)]) if packed else None
+    cut = None if segment_ids is None else np.asarray(
+        carry_cut_mask_for_test(segment_ids, reverse))
+    h, last = compiled(complex_lti_scan)(pairs(a), pairs(b), initial_state=h0, reverse=reverse,
+                                         segment_ids=segment_ids, method=method)
+    ref_h, ref_last = oracle(a, b, h0, reverse=reverse, cut=cut)
+    np.testing.assert_allclose(h, pairs(ref_h), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(last, ref_last, rtol=1e-12, atol=1e-12)
+
+
+def carry_cut_mask_for_test(segment_ids, reverse):
+    """Where the state is cut, in time order (the oracle's ``cut``): the id changes between
+    a position and its predecessor in the scan direction."""
+    change = np.asarray(segment_ids[:, 1:] != segment_ids[:, :-1])
+    no = np.zeros((segment_ids.shape[0], 1), bool)
+    return np.concatenate([change, no] if reverse else [no, change], axis=1)
+
+
+@pytest.mark.parametrize("a_shape", ["shared", "per_row"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_complex_lti_scan_gradients_match_linear_scan(a_shape, reverse):
+    """The custom VJP (one loop the other way, da accumulated in its carry) == linear_scan's
+    gradients for the decay (summed over what it broadcasts), the inputs and the state,
+    with resets."""
+    a, b, h0 = lti_inputs(jax.random.PRNGKey(21))
+    a = a if a_shape == "shared" else a * jnp.linspace(0.5, 1.0, B)[:, None]  # [N] or [B, N]
+    reset = jax.random.bernoulli(jax.random.PRNGKey(22), 0.2, (B, T))
+    ct_h, ct_last = pairs(random_inputs(jax.random.PRNGKey(23), complex_=True)[1]), h0[::-1]
+
+    def ours(a, b, h0):
+        return complex_lti_scan(a, b, initial_state=h0, reverse=reverse, reset=reset, method="sequential")
+
+    def reference(a, b, h0):
+        a = jax.lax.complex(a[..., 0, :], a[..., 1, :])
+        h, last = linear_scan(a if a.ndim == 1 else a[:, None], jax.lax.complex(b[..., 0, :], b[..., 1, :]),
+                              initial_state=h0, reverse=reverse, reset=reset, method="sequential")
+        return pairs(h), last
+
+    got = vjp(ours, (pairs(a), pairs(b), h0), (ct_h, ct_last))
+    want = vjp(reference, (pairs(a), pairs(b), h0), (ct_h, ct_last))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-11)
+
+
+def test_complex_lti_scan_cpu_path_has_no_time_sized_copies():
+    """On CPU the value and gradient trace to loops over strided slices: no flip, no
+    transpose and no broadcast of anything the size of the sequence (the copies that cost
+    the LRU layer half its time under linear_scan)."""
+    a, b, _ = lti_inputs(jax.random.PRNGKey(24), shape=(3, 17, 5))
+
+    def loss(a, b, w):  # a cotangent of h that is an input, not a broadcast of the loss's 1.0
+        h, last = complex_lti_scan(a, b, method="auto")
+        return jnp.vdot(h, w) + jnp.sum(jnp.abs(last) ** 2)
+
+    with staged_platforms("cpu"):
+        jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(pairs(a), pairs(b), pairs(b))
+    size = b.size * 2
+
+    def equations(j):
+        for eqn in j.eqns:
+            yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from equations(sub)
+
+    copies = [eqn for eqn in equations(jaxpr.jaxpr) if eqn.primitive.name in ("rev", "transpose", "broadcast_in_dim")]
+    assert copies  # the per-step swap of real and imaginary parts is a rev of one step
+    for eqn in copies:
+        assert all(np.prod(v.aval.shape) < size for v in eqn.outvars), eqn
+
+
+def test_complex_lti_scan_empty_sequence_and_bad_inputs():
+    h0 = (jnp.arange(6.0) + 1j).reshape(2, 3)
+    h, last = complex_lti_scan(jnp.ones((2, 3)), jnp.ones((2, 0, 2, 3)), initial_state=h0)
+    assert h.shape == (2, 0, 2, 3)
+    np.testing.assert_array_equal(last, h0)
+    for kwargs, message in [
+        (dict(b=jnp.ones((2, 5, 3, 4))), "b: expected real pairs"),
+        (dict(b=jnp.ones((2, 5, 2, 4), jnp.complex64)), "b: expected real pairs"),
+        (dict(a=jnp.ones((2, 3))), "a: expected a shape broadcastable"),
+        (dict(method="pallas"), "method"),
+        (dict(method="fft"), "method"),
+        (dict(initial_state=jnp.ones((2, 2, 4))), "initial_state"),
+    ]:
+        args = dict(a=jnp.ones((2, 4)), b=jnp.ones((2, 5, 2, 4))) | kwargs
+        with pytest.raises(ValueError, match=message):
+            complex_lti_scan(args.pop("a"), args.pop("b"), **args)
