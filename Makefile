@@ -122,3 +122,4 @@ $(PEERS_VENV)/.installed: pyproject.toml
 peers: $(PEERS_VENV)/.installed
 	$(PEERS_VENV)/bin/python -m experiments.speed --ops selective_scan,gla --lengths 1024 --peers
 	$(PEERS_VENV)/bin/python -m experiments.lm_speed --report experiments/results/lm_speed.md
+	$(PEERS_VENV)/bin/python -m experiments.step_speed --peers-python $(PEERS_VENV)/bin/python

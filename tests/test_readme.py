@@ -55,6 +55,8 @@ QUICK_VARIANTS = {
     ".venv/bin/python -m experiments.layer_speed": "{py} -m experiments.layer_speed --layers s4d --t 16 --b 1 "
                                                    "--d 8 --reps 1 --hybrid ''",
     ".venv/bin/python -m experiments.kernel_report": "{py} -m experiments.kernel_report --help",
+    # tests/experiments/test_step_speed.py runs it at a tiny shape
+    ".venv/bin/python -m experiments.step_speed": "{py} -m experiments.step_speed --help",
     # real data (../shared/data) is not assumed here: their CLIs are checked, and each
     # protocol runs end to end on tiny files in tests/experiments/test_{ltsf,dynamics,lm}.py
     ".venv/bin/python -m experiments ltsf --model dlinear --data ETTh1 --set horizon=96 --set epochs=1":
