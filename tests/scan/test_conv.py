@@ -1,10 +1,14 @@
-"""Causal depthwise conv and the FFT convolution against direct sums (float64)."""
+"""Causal depthwise conv and the FFT convolution against direct sums (float64); the conv
+on CPU both as the C++ kernels (where they build) and in XLA."""
+
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssmjax.scan import _ffi
 from ssmjax.scan.conv import causal_conv1d, causal_conv1d_step, fft_causal_convolution
 from tests.scan.compiled import compiled
 
@@ -24,6 +28,13 @@ def direct_conv(x, w, history, bias=None, doc=None):
     return y + (0 if bias is None else np.asarray(bias))
 
 
+@pytest.fixture(params=[True, False], ids=["kernels", "xla"])
+def evaluation(request):
+    """The CPU kernels on (where built) or off for the test's calls."""
+    with _ffi.cpu_kernels(request.param):
+        yield request.param
+
+
 @pytest.fixture
 def inputs():
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -31,7 +42,7 @@ def inputs():
             jax.random.normal(ks[2], (3,)), jax.random.normal(ks[3], (2, 3, 3)))
 
 
-def test_conv_matches_direct_sum_and_steps(inputs):
+def test_conv_matches_direct_sum_and_steps(inputs, evaluation):
     x, w, bias, history = inputs
     y, state = conv(x, w, bias, initial_state=history)
     np.testing.assert_allclose(y, direct_conv(x, w, history, bias), rtol=1e-12)
@@ -46,7 +57,7 @@ def test_conv_matches_direct_sum_and_steps(inputs):
     np.testing.assert_allclose(last, state, rtol=1e-12)
 
 
-def test_conv_packed_documents_do_not_mix(inputs):
+def test_conv_packed_documents_do_not_mix(inputs, evaluation):
     x, w, bias, history = inputs
     seg = jnp.array([[0] * 4 + [1] * 2 + [2] * 5, [7] * 11])
     y, state = conv(x, w, initial_state=history, segment_ids=seg)
@@ -73,3 +84,30 @@ def test_bad_input():
         causal_conv1d(jnp.ones((2, 5, 3)), jnp.ones((4, 3)), initial_state=jnp.ones((2, 4, 3)))
     with pytest.raises(ValueError, match="kernel"):
         fft_causal_convolution(jnp.ones((2, 5, 3)), jnp.ones((5, 2)))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or jax.default_backend() != "cpu",
+                    reason="no C++ compiler or not on CPU")
+def test_cpu_kernels_lower_and_match_xla_in_float32_and_under_vmap():
+    """On a CPU host with a compiler the conv (and its backward) lower to the kernels'
+    custom calls; float32 values and gradients equal the XLA evaluation's (several time
+    blocks per row); under vmap the kernels run once per mapped element."""
+    ks = jax.random.split(jax.random.PRNGKey(2), 3)
+    x, w = jax.random.normal(ks[0], (2, 700, 40), jnp.float32), jax.random.normal(ks[1], (4, 40), jnp.float32)
+    ct = jax.random.normal(ks[2], x.shape, jnp.float32)
+    seg = jnp.repeat(jnp.arange(7)[None], 100, axis=1).reshape(1, 700).repeat(2, 0)
+
+    def value_and_grads(x, w):
+        y, vjp = jax.vjp(lambda x, w: causal_conv1d(x, w, segment_ids=seg)[0], x, w)
+        return (y,) + vjp(ct)
+
+    assert "ssmjax_causal_conv_backward" in jax.jit(value_and_grads).lower(x, w).as_text()
+    got = jax.jit(value_and_grads)(x, w)
+    with _ffi.cpu_kernels(False):
+        assert "ssmjax_causal_conv" not in jax.jit(value_and_grads).lower(x, w).as_text()
+        want = jax.jit(value_and_grads)(x, w)
+    for g, v in zip(got, want):
+        np.testing.assert_allclose(g, v, rtol=1e-5, atol=1e-4)
+    mapped = jax.jit(jax.vmap(value_and_grads, in_axes=(0, None)))(jnp.stack([x, -x]), w)
+    for g, v in zip(mapped, got):
+        np.testing.assert_allclose(g[0], v, rtol=1e-6, atol=1e-6)

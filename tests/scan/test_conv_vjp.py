@@ -1,12 +1,14 @@
 """The custom VJP of ``causal_conv1d``: gradients of every input (x, weight, bias, the
 initial state) equal autodiff through a plain per-token float64 oracle, with packed
-documents and with more taps than tokens."""
+documents and with more taps than tokens. On CPU both evaluations: the C++ kernels
+(``ssmjax/scan/_conv_cpu.cc``, where they build) and the XLA one."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ssmjax.scan import _ffi
 from ssmjax.scan.conv import causal_conv1d
 
 
@@ -24,8 +26,9 @@ def conv_oracle(x, weight, bias, history, segment_ids):
     return jnp.stack(rows, axis=1)
 
 
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("k, time", [(4, 9), (6, 3)])
-def test_gradients_match_the_oracle(k, time):
+def test_gradients_match_the_oracle(k, time, kernels):
     keys = jax.random.split(jax.random.key(0), 5)
     batch, channels = 2, 3
     x = jax.random.normal(keys[0], (batch, time, channels), jnp.float64)
@@ -45,15 +48,19 @@ def test_gradients_match_the_oracle(k, time):
         return jax.jit(lambda *args: (fn(*args), jax.vjp(fn, *args)[1](cotangent)))
 
     args = (x, weight, bias, history)
-    (y, grads), (y_ref, grads_ref) = value_and_vjp(ours)(*args), value_and_vjp(oracle)(*args)
+    with _ffi.cpu_kernels(kernels):
+        y, grads = value_and_vjp(ours)(*args)
+    y_ref, grads_ref = value_and_vjp(oracle)(*args)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, grads_ref):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_gradient_of_the_final_state():
+@pytest.mark.parametrize("kernels", [True, False])
+def test_gradient_of_the_final_state(kernels):
     """The returned state (the last k - 1 inputs) is differentiable too."""
     x = jax.random.normal(jax.random.key(1), (1, 5, 2), jnp.float64)
     weight = jnp.ones((3, 2), jnp.float64)
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(causal_conv1d(x, weight)[1])))(x)
+    with _ffi.cpu_kernels(kernels):
+        grad = jax.jit(jax.grad(lambda x: jnp.sum(causal_conv1d(x, weight)[1])))(x)
     np.testing.assert_array_equal(grad[0, :, 0], [0, 0, 0, 1, 1])
