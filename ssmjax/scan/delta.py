@@ -35,9 +35,11 @@ Evaluations (``method=``):
       O     = scale * (diag(exp G) Q S_0 + (Q K^T * D) delta)
       S_C   = exp(G_C) S_0 + (diag(D_{C,:}) K)^T delta
 
-  The chunk-to-chunk recurrence ``S_C = (exp(G_C) I - K_C^T W) S_0 + K_C^T U`` runs as a
-  ``lax.scan`` over the ``T / C`` chunks; the outputs are formed afterwards for all chunks
-  at once. ``O(T C (dk + dv) + T dk dv)`` work, ``T / C`` sequential steps.
+  The chunk-to-chunk recurrence ``S_C = (exp(G_C) I - K_C^T W) S_0 + K_C^T U`` (with
+  ``K_C = diag(D_{C,:}) K``) runs as a ``lax.scan`` over the ``T / C`` chunks; the outputs
+  are formed afterwards for all chunks at once (:func:`ssmjax.scan._chunked.pass_states`,
+  shared with gated linear attention). ``O(T C (dk + dv) + T dk dv)`` work, ``T / C``
+  sequential steps.
 * ``"pallas"``: the kernels of :mod:`pallas_kernels.chunked_delta` behind a
   ``custom_vjp``: the same WY / UT chunked form, one program per (batch, head, value
   block) looping over the chunks with the ``[dk, dv]`` state in registers (``T`` by
@@ -69,8 +71,12 @@ chunked form masks ``D_ij`` to pairs in the same document (no cut in ``j+1..i``)
 the ``S_0`` terms to positions before the chunk's first cut, and the carried state to
 positions after its last cut, so cuts may fall anywhere inside a chunk.
 
-Gradients are JAX autodiff through either form (``lax.scan`` and the block inverse
-have exact VJPs); they include ``beta``, ``log_decay`` and ``initial_state``.
+Gradients include ``beta``, ``log_decay`` and ``initial_state``. The sequential form is
+differentiated by JAX. The chunked form splits into chunk-local terms (the WY
+representation; plain autodiff, the block inverse has an exact VJP) and the state passing
+across chunks, whose custom VJP runs the state cotangent backwards through the transposed
+recurrence, ``dS_{n-1} = (exp(G_C) I - W^T K_C)_n dS_n`` plus chunk ``n``'s output terms,
+so the backward stores only the chunk-boundary states.
 """
 
 from __future__ import annotations
@@ -86,17 +92,10 @@ from jaxtyping import Bool, Float
 from pallas_kernels import chunked_delta as kernels
 from pallas_kernels.chunked_delta import BlockSizes as DeltaBlockSizes
 from ssmjax.scan import _chunked, _dispatch
-from ssmjax.scan._checks import (
-    carry_cut_mask,
-    check_chunk_size,
-    check_real_floating,
-    check_shape,
-    expand_mask,
-    pad_time,
-    state_dtype,
-)
+from ssmjax.scan._checks import check_real_floating, check_shape, expand_mask
 
 DELTA_METHODS = _dispatch.TABLE["delta_rule"].methods
+_OP = _chunked.Op("delta_rule", DeltaBlockSizes, "q, k, v, beta")
 
 
 # ----------------------------------------------------------------------------- sequential
@@ -198,6 +197,27 @@ def _wy_representation(
     return W, U
 
 
+def _chunk_terms(
+    q: Float[Array, "n batch heads C dk"],
+    k: Float[Array, "n batch heads C dk"],
+    v: Float[Array, "n batch heads C dv"],
+    beta: Float[Array, "n batch heads C"],
+    g: Float[Array, "n batch heads C"],
+    masks: _chunked.ChunkMasks,
+) -> _chunked.ChunkTerms:
+    """Everything that involves one chunk only (plain autodiff differentiates it): the
+    written values ``delta = U - W S_0`` (:func:`_wy_representation`), the scores
+    ``Q K^T * D``, the queries decayed from the chunk start, the keys decayed to its last
+    position and the decay of the incoming state across the whole chunk."""
+    D, decay_in = _intra_chunk_decays(g, masks)  # [n, b, h, C, C], [n, b, h, C]
+    W, U = _wy_representation(k, v, beta, D, decay_in)
+    scores = jnp.einsum("...ik,...jk->...ij", q, k) * D
+    q_from_start = decay_in[..., None] * q
+    k_to_end = D[..., -1, :, None] * k
+    through = decay_in[..., -1:]  # [n, b, h, 1]
+    return _chunked.ChunkTerms(scores, q_from_start, k_to_end, through, U, W)
+
+
 def _delta_rule_chunked(
     q: Float[Array, "batch time heads dk"],
     k: Float[Array, "batch time heads dk"],
@@ -209,76 +229,19 @@ def _delta_rule_chunked(
     scale: Float[Array, ""],
     chunk_size: int,
 ) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
-    """WY-representation chunked delta rule (see the module docstring for the algebra),
-    in the chunk-major ``[n, batch, heads, C, .]`` layout of :mod:`ssmjax.scan._chunked`."""
-    time = q.shape[1]
-    c = min(chunk_size, time)
-    # Padding: beta = 0 writes nothing and g = 0 keeps the state, so the final state is
-    # the one after the last real token.
-    q, k, v, beta, g = (_chunked.to_chunks(pad_time(x, c), c) for x in (q, k, v, beta, log_decay))
-    masks = _chunked.chunk_masks(
-        None if cut is None else _chunked.to_chunks(pad_time(cut, c)[:, :, None], c), c
-    )
-    D, decay_in = _intra_chunk_decays(g, masks)  # [n, b, h, C, C], [n, b, h, C]
-    W, U = _wy_representation(k, v, beta, D, decay_in)
-    k_to_end = D[..., -1, :, None] * k  # keys decayed to the chunk's last position
-    decay_through = decay_in[..., -1]  # whole-chunk decay of the incoming state
-
-    def across_chunks(S, chunk):  # S [b, h, dk, dv]: state entering the chunk
-        W_n, U_n, k_n, a_n = chunk
-        delta = U_n - W_n @ S
-        return a_n[..., None, None] * S + jnp.swapaxes(k_n, -1, -2) @ delta, S
-
-    final_state, S_in = jax.lax.scan(across_chunks, initial_state, (W, U, k_to_end, decay_through))
-    delta = U - W @ S_in
-    scores = jnp.einsum("...ik,...jk->...ij", q, k) * D
-    o = scale * ((decay_in[..., None] * q) @ S_in + scores @ delta)
-    return _chunked.from_chunks(o)[:, :time], final_state
+    """WY-representation chunked delta rule (see the module docstring for the algebra):
+    :func:`ssmjax.scan._chunked.chunked` of :func:`_chunk_terms`."""
+    arrays = (q, k, v, beta, log_decay)
+    return _chunked.chunked(_chunk_terms, arrays, cut, initial_state, scale, chunk_size)
 
 
 # ----------------------------------------------------------------------------- pallas
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def delta_rule_pallas(
-    q: Float[Array, "batch time heads dk"],
-    k: Float[Array, "batch time heads dk"],
-    v: Float[Array, "batch time heads dv"],
-    beta: Float[Array, "batch time heads"],
-    log_decay: Float[Array, "batch time heads"] | None,
-    initial_state: Float[Array, "batch heads dk dv"],
-    scale: float,
-    block_sizes: DeltaBlockSizes,
-    platform: str,
-) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
-    """The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
-    chunk-entry states the forward saved (inputs in their own dtypes, ``scale`` static,
-    ``platform`` the lowering target)."""
-    o, final_state, _ = kernels.chunked_delta_forward(
-        q, k, v, beta, log_decay, initial_state, save_states=False,
-        **_chunked.kernel_options(scale, block_sizes, platform),
-    )
-    return o, final_state
-
-
-def _delta_rule_pallas_fwd(q, k, v, beta, log_decay, initial_state, scale, block_sizes, platform):
-    o, final_state, states = kernels.chunked_delta_forward(
-        q, k, v, beta, log_decay, initial_state,
-        **_chunked.kernel_options(scale, block_sizes, platform),
-    )
-    return (o, final_state), (q, k, v, beta, log_decay, initial_state, states)
-
-
-def _delta_rule_pallas_bwd(scale, block_sizes, platform, residuals, cotangents):
-    *primals, states = residuals
-    q, k, v, beta, log_decay, _ = primals
-    do, d_final = cotangents
-    grads = kernels.chunked_delta_backward(
-        q, k, v, beta, log_decay, states, do, d_final,
-        **_chunked.kernel_options(scale, block_sizes, platform),
-    )
-    return tuple(None if x is None else dx.astype(x.dtype) for dx, x in zip(grads, primals))
-
-
-delta_rule_pallas.defvjp(_delta_rule_pallas_fwd, _delta_rule_pallas_bwd)
+#: The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
+#: chunk-entry states the forward saved: ``delta_rule_pallas((q, k, v, beta, log_decay),
+#: s0, scale, block_sizes, platform)`` (``log_decay``: ``None`` or per head).
+delta_rule_pallas = _chunked.kernels_with_vjp(
+    kernels.chunked_delta_forward, kernels.chunked_delta_backward
+)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -337,73 +300,29 @@ def delta_rule(
     :func:`ssmjax.distributed.delta_rule_sp` when ``time`` divides over the ``seq`` axis
     (unchanged otherwise; see :mod:`ssmjax.distributed.context`).
     """
-    _dispatch.check_method("delta_rule", method)
-    _dispatch.check_block_sizes("delta_rule", block_sizes, DeltaBlockSizes)
-    check_chunk_size(chunk_size)
-    q, k, v, beta = (jnp.asarray(x) for x in (q, k, v, beta))
-    initial_state = None if initial_state is None else jnp.asarray(initial_state)
-    batch, time, heads, dk, dv = _chunked.check_attention_inputs(q, k, v, initial_state)
+    q, k, v, initial_state, dims = _chunked.check_inputs(
+        _OP, method, block_sizes, chunk_size, q, k, v, initial_state
+    )
+    beta = jnp.asarray(beta)
     check_real_floating("beta", beta)
-    check_shape("beta", beta, (batch, time, heads), "[batch, time, heads]")
-    dtypes = [q.dtype, k.dtype, v.dtype, beta.dtype]
-    out_dtype = jnp.result_type(*dtypes)
+    check_shape("beta", beta, dims[:3], "[batch, time, heads]")
     if log_decay is not None:
         log_decay = jnp.asarray(log_decay)
         check_real_floating("log_decay", log_decay)
-        check_shape("log_decay", log_decay, (batch, time, heads), "[batch, time, heads]")
-        dtypes.append(log_decay.dtype)
-    if initial_state is not None:
-        dtypes.append(initial_state.dtype)
-    _chunked.check_scalar_scale(scale)
-    dtype = state_dtype(*dtypes)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
-    reset = None if reset is None else jnp.asarray(reset)
-    cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
-    block_sizes = _dispatch.kernel_block_sizes(DeltaBlockSizes, block_sizes, method, chunk_size)
-    case = _dispatch.case(
-        out_dtype, packed=cut is not None, time=time, head_dim=dk,
-        decay="none" if log_decay is None else "head",
-        chunk=None if block_sizes is None else block_sizes.chunk,
+        check_shape("log_decay", log_decay, dims[:3], "[batch, time, heads]")
+    plan = _chunked.plan_call(
+        _OP, method, (q, k, v, beta), (log_decay, initial_state),
+        "none" if log_decay is None else "head", scale=scale, segment_ids=segment_ids,
+        reset=reset, block_sizes=block_sizes, chunk_size=chunk_size,
     )
-    if method == "pallas":
-        _dispatch.check_pallas("delta_rule", case, "q, k, v, beta")
-    if time == 0:
-        s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
-        return jnp.zeros((batch, 0, heads, dv), out_dtype), s0
-
-    def pallas(platform, q, k, v, beta, log_decay, initial_state, cut):
-        return _delta_rule_pallas_call(
-            q, k, v, beta, log_decay, initial_state, scale, dtype, block_sizes, platform
-        )
-
-    def xla(resolved, q, k, v, beta, log_decay, initial_state, cut):
-        return _delta_rule_xla(
-            resolved, q, k, v, beta, log_decay, initial_state, cut, scale, dtype, chunk_size
-        )
-
-    return _chunked.run(
-        "delta_rule", method, case, pallas, xla, out_dtype, dtype,
-        q, k, v, beta, log_decay, initial_state, cut,
-    )
+    xla = functools.partial(_delta_rule_xla, chunk_size=chunk_size)
+    inputs = (q, k, v, beta, log_decay)
+    return _chunked.run(_OP, method, plan, scale, delta_rule_pallas, xla, inputs, initial_state)
 
 
-def _delta_rule_xla(method, q, k, v, beta, log_decay, initial_state, cut, scale, dtype, chunk_size):
-    """The XLA evaluations (sequential, chunked) in the state dtype."""
-    batch, time, heads, dk = q.shape
-    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
-    q, k, v, beta = (x.astype(dtype) for x in (q, k, v, beta))
-    g = jnp.zeros((batch, time, heads), dtype) if log_decay is None else log_decay.astype(dtype)
-    scale = jnp.asarray(dk**-0.5 if scale is None else scale, dtype)
+def _delta_rule_xla(method, q, k, v, beta, log_decay, cut, initial_state, scale, *, chunk_size):
+    """The XLA evaluations (sequential, chunked), all arrays in the state dtype."""
+    g = jnp.zeros(beta.shape, beta.dtype) if log_decay is None else log_decay
     if method == "sequential":
-        return _delta_rule_sequential(q, k, v, beta, g, cut, s0, scale)
-    return _delta_rule_chunked(q, k, v, beta, g, cut, s0, scale, chunk_size)
-
-
-def _delta_rule_pallas_call(
-    q, k, v, beta, log_decay, initial_state, scale, dtype, block_sizes, platform
-):
-    """``method="pallas"`` after the argument checks: inputs keep their dtypes."""
-    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
-    q, static = _chunked.static_scale_of(q, scale, dtype)
-    tiling = _dispatch.block_sizes_for("delta_rule", block_sizes, platform)
-    return delta_rule_pallas(q, k, v, beta, log_decay, s0, static, tiling, platform)
+        return _delta_rule_sequential(q, k, v, beta, g, cut, initial_state, scale)
+    return _delta_rule_chunked(q, k, v, beta, g, cut, initial_state, scale, chunk_size)

@@ -65,17 +65,18 @@ space. Only sums of log-decays over a contiguous stretch of tokens are exponenti
 (never ``-G_j`` alone, which overflows for long chunks), and each such sum is formed from
 terms of one sign rather than as the difference of two large cumulative sums (which
 would lose the small differences that matter). Chunks are split into sub-chunks of
-``s <= 8`` tokens: inside a sub-chunk the pairwise log-decays are a masked segment sum
-(as in ``ssd_minimal``'s ``segsum``); across sub-chunks ``J < I`` they are
-``L_i + R_j + P_IJ`` (sum from the start of ``I`` to ``i``, after ``j`` to the end of ``J``,
-and over the whole sub-chunks between), all ``<= 0``. A per-head decay multiplies the
-``[C, C]`` matrix ``q k^T``; a per-channel decay cannot leave the ``dk`` contraction, so
-pairs across sub-chunks factor through the start of ``I``,
-``exp(L_i) * exp(R_j + P_IJ)``, both exponents ``<= 0`` (the secondary chunking of the
-GLA paper), and pairs inside a sub-chunk use the explicit ``[s, s, dk]`` decays
-``exp(L_i - L_j)``. Entries outside the causal / same-document mask are masked *before*
-``exp``. With ``g <= 0`` nothing overflows, whatever the chunk size or the decay strength;
-``g`` must be finite (use ``reset`` / ``segment_ids`` for hard cuts).
+``s`` tokens (``s <= 64`` per head, so a chunk of 64 is one sub-chunk; ``s <= 8`` per
+channel): inside a sub-chunk the pairwise log-decays are a masked segment sum (as in
+``ssd_minimal``'s ``segsum``); across sub-chunks ``J < I`` they are ``L_i + R_j + P_IJ``
+(sum from the start of ``I`` to ``i``, after ``j`` to the end of ``J``, and over the whole
+sub-chunks between), all ``<= 0``. A per-head decay multiplies the ``[C, C]`` matrix
+``q k^T``; a per-channel decay cannot leave the ``dk`` contraction, so pairs across
+sub-chunks factor through the start of ``I``, ``exp(L_i) * exp(R_j + P_IJ)``, both
+exponents ``<= 0`` (the secondary chunking of the GLA paper), and pairs inside a sub-chunk
+use the explicit ``[s, s, dk]`` decays ``exp(L_i - L_j)``. Entries outside the causal /
+same-document mask are masked *before* ``exp``. With ``g <= 0`` nothing overflows,
+whatever the chunk size or the decay strength; ``g`` must be finite (use ``reset`` /
+``segment_ids`` for hard cuts).
 
 Packed sequences: ``segment_ids`` / ``reset`` cut the state (``carry_cut_mask``); a cut at
 ``t`` acts as ``g_t = -inf`` and is implemented by masking, never by an infinite
@@ -85,8 +86,9 @@ chunk's last cut on feed its outgoing state.
 
 Gradients include ``log_decay`` and ``initial_state``. The sequential form is
 differentiated by JAX. The chunked and parallel forms split into chunk-local terms
-(scores, decayed queries and keys; plain autodiff) and the state passing across chunks,
-whose custom VJP runs the state cotangent backwards through the same recurrence,
+(scores, decayed queries and keys; plain autodiff) and the state passing across chunks
+(:func:`ssmjax.scan._chunked.pass_states`, shared with the delta rule), whose custom VJP
+runs the state cotangent backwards through the same recurrence,
 ``dS_{n-1} = diag(exp(G_C))_n dS_n + (exp(G) q)_n^T do_n``, with every other cotangent a
 batched matrix product, so the backward stores only the chunk-boundary states.
 """
@@ -105,20 +107,19 @@ from jaxtyping import Bool, Float
 from pallas_kernels import chunked_gla as kernels
 from pallas_kernels.chunked_gla import BlockSizes as GLABlockSizes
 from ssmjax.scan import _chunked, _dispatch
-from ssmjax.scan._checks import (
-    carry_cut_mask,
-    check_broadcastable,
-    check_chunk_size,
-    check_real_floating,
-    pad_time,
-    state_dtype,
-)
+from ssmjax.scan._checks import check_broadcastable, check_real_floating
 
 GLA_METHODS = _dispatch.TABLE["gated_linear_attention"].methods
+_OP = _chunked.Op("gated_linear_attention", GLABlockSizes, "q, k, v")
 
 #: Longest sub-chunk over which the per-channel decay tensor ``[s, s, dk]`` is formed
 #: (8 was the fastest of 4 / 8 / 16 for per-channel decay at chunk sizes 32 and 64 on CPU).
 MAX_SUB_CHUNK = 8
+#: Longest sub-chunk whose per-head pairwise log-decays are one ``[s, s]`` segment sum (a
+#: matrix product, ``O(s)`` per entry). At chunk 64 it is the whole chunk: ~15% faster
+#: forward + backward on CPU than sub-chunks of 8, 16 or 32. The cap keeps the
+#: whole-sequence parallel form at ``O(T^2 s)`` rather than ``O(T^3)``.
+MAX_SEGMENT = 64
 
 
 # ----------------------------------------------------------------------------- sequential
@@ -176,9 +177,12 @@ def _pairwise_log_decay(g: Float[Array, "*lead C"], sub: int) -> Float[Array, "*
 
     Inside sub-chunks of ``sub`` tokens a masked segment sum; across sub-chunks
     ``L_i + R_j + P_IJ`` (``_sums_across_sub_chunks``): as accurate as a full
-    ``segment_sum`` at ``O(C sub)`` instead of ``O(C^2)`` cost per row.
+    ``segment_sum`` at ``O(C sub)`` instead of ``O(C^2)`` cost per row. One sub-chunk
+    (``sub = C``) is the segment sum itself.
     """
     lead, c = g.shape[:-1], g.shape[-1]
+    if sub == c:
+        return _chunked.segment_sum(g)
     m = c // sub
     g = g.reshape(lead + (m, sub))
     L, R, P = (x[..., 0] for x in _sums_across_sub_chunks(g[..., None]))
@@ -233,88 +237,31 @@ def _intra_chunk_scores_per_channel(
     return jnp.where(pairs, A, 0.0)
 
 
-def _chunk_local_terms(
+def _chunk_terms(
     q: Float[Array, "n batch heads C dk"],
     k: Float[Array, "n batch heads C dk"],
+    v: Float[Array, "n batch heads C dv"],
     g: Float[Array, "n batch heads C #dk"],
     masks: _chunked.ChunkMasks,
-) -> tuple[
-    Float[Array, "n batch heads C C"],
-    Float[Array, "n batch heads C dk"],
-    Float[Array, "n batch heads C dk"],
-    Float[Array, "n batch heads #dk"],
-]:
+) -> _chunked.ChunkTerms:
     """Everything that involves one chunk only (plain autodiff differentiates it).
 
     With ``G_i = g_0 + ... + g_i`` local to the chunk: the intra-chunk scores ``A``; the
     queries decayed from the chunk start, ``exp(G_i) * q_i``; the keys decayed to the
     chunk end, ``exp(G_{C-1} - G_j) * k_j``; and the decay across the whole chunk,
-    ``exp(G_{C-1})`` (all masked by the document cuts).
+    ``exp(G_{C-1})`` (all masked by the document cuts). The values are written as they
+    are (``W = None``).
     """
     c = q.shape[-2]
-    sub = math.gcd(c, MAX_SUB_CHUNK)
     if g.shape[-1] == 1:
-        A = _intra_chunk_scores_per_head(q, k, g[..., 0], masks.pairs, sub)
+        A = _intra_chunk_scores_per_head(q, k, g[..., 0], masks.pairs, math.gcd(c, MAX_SEGMENT))
     else:
-        A = _intra_chunk_scores_per_channel(q, k, g, masks.pairs, sub)
+        A = _intra_chunk_scores_per_channel(q, k, g, masks.pairs, math.gcd(c, MAX_SUB_CHUNK))
     G = jnp.cumsum(g, axis=-2)
     q_from_start = q * _chunked.masked_exp(G, masks.reads_state)
     k_to_end = k * _chunked.masked_exp(_chunked.suffix_sum(g), masks.feeds_state)
     through = _chunked.masked_exp(G[..., -1, :], masks.passes_state)
-    return A, q_from_start, k_to_end, through
-
-
-def _pass_states_forward(A, q_from_start, k_to_end, through, v, initial_state):
-    written = jnp.einsum("...jd,...je->...de", k_to_end, v)  # [n, b, h, dk, dv]
-
-    def across_chunks(S, chunk):  # S: the state entering the chunk
-        a_n, w_n = chunk
-        return a_n[..., None] * S + w_n, S
-
-    final_state, S_in = jax.lax.scan(across_chunks, initial_state, (through, written))
-    y = A @ v + q_from_start @ S_in
-    return (y, final_state), S_in
-
-
-@jax.custom_vjp
-def _pass_states(A, q_from_start, k_to_end, through, v, initial_state):
-    """``y = A v + (exp(G) q) S_in`` with ``S_in`` carried by
-    ``S_n = diag(through_n) S_{n-1} + (exp(G_C - G) k)^T v`` across chunks (a ``lax.scan``
-    over the ``n`` chunk-major leading axis).
-
-    Custom VJP: the cotangent of the state runs backwards through the same recurrence,
-    ``dS_{n-1} = diag(through_n) dS_n + (exp(G) q)_n^T dy_n``, and every other cotangent
-    is a batched matrix product; nothing but the chunk-boundary states is stored.
-    """
-    return _pass_states_forward(A, q_from_start, k_to_end, through, v, initial_state)[0]
-
-
-def _pass_states_fwd(A, q_from_start, k_to_end, through, v, initial_state):
-    out, S_in = _pass_states_forward(A, q_from_start, k_to_end, through, v, initial_state)
-    return out, (A, q_from_start, k_to_end, through, v, S_in)
-
-
-def _pass_states_bwd(residuals, cotangents):
-    A, q_from_start, k_to_end, through, v, S_in = residuals
-    dy, d_final = cotangents
-    read = jnp.einsum("...ci,...ce->...ie", q_from_start, dy)  # [n, b, h, dk, dv]
-
-    def back_across_chunks(dS_out, chunk):  # dS_out: cotangent of the state leaving
-        a_n, read_n = chunk
-        return a_n[..., None] * dS_out + read_n, dS_out
-
-    d_initial, dS_out = jax.lax.scan(back_across_chunks, d_final, (through, read), reverse=True)
-    d_through = jnp.sum(dS_out * S_in, axis=-1)  # [n, b, h, dk]
-    if through.shape[-1] == 1:
-        d_through = jnp.sum(d_through, axis=-1, keepdims=True)
-    dA = dy @ jnp.swapaxes(v, -1, -2)
-    dq = dy @ jnp.swapaxes(S_in, -1, -2)
-    dk = v @ jnp.swapaxes(dS_out, -1, -2)
-    dv = jnp.swapaxes(A, -1, -2) @ dy + k_to_end @ dS_out
-    return dA, dq, dk, d_through, dv, d_initial
-
-
-_pass_states.defvjp(_pass_states_fwd, _pass_states_bwd)
+    return _chunked.ChunkTerms(A, q_from_start, k_to_end, through, v, None)
 
 
 def gla_chunked(
@@ -335,62 +282,18 @@ def gla_chunked(
         o_i  = scale * (sum_{j <= i} A_ij v_j + (exp(G_i) * q_i)^T S_0)
         S_C  = diag(exp(G_C)) S_0 + sum_j (exp(G_C - G_j) * k_j) v_j^T
 
-    Works in a chunk-major ``[n, batch, heads, C, .]`` layout (one transpose in, one
-    out). ``chunk_size >= time`` gives the parallel (whole-sequence quadratic) form.
+    (:func:`ssmjax.scan._chunked.chunked` with ``W = 0``). ``chunk_size >= time`` gives
+    the parallel (whole-sequence quadratic) form.
     """
-    time = q.shape[1]
-    c = min(chunk_size, time)
-    # Padding with k = 0 writes nothing and g = 0 keeps the state: the final state is
-    # the one after the last real token.
-    q, k, v, g = (_chunked.to_chunks(pad_time(x, c), c) for x in (q, k, v, log_decay))
-    masks = _chunked.chunk_masks(
-        None if cut is None else _chunked.to_chunks(pad_time(cut, c)[:, :, None], c), c
-    )
-    A, q_from_start, k_to_end, through = _chunk_local_terms(q, k, g, masks)
-    y, final_state = _pass_states(A, q_from_start, k_to_end, through, v, initial_state)
-    return scale * _chunked.from_chunks(y)[:, :time], final_state
+    arrays = (q, k, v, log_decay)
+    return _chunked.chunked(_chunk_terms, arrays, cut, initial_state, scale, chunk_size)
 
 
 # ----------------------------------------------------------------------------- pallas
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def gla_pallas(
-    q: Float[Array, "batch time heads dk"],
-    k: Float[Array, "batch time heads dk"],
-    v: Float[Array, "batch time heads dv"],
-    log_decay: Float[Array, "batch time heads"] | Float[Array, "batch time heads dk"] | None,
-    initial_state: Float[Array, "batch heads dk dv"],
-    scale: float,
-    block_sizes: GLABlockSizes,
-    platform: str,
-) -> tuple[Float[Array, "batch time heads dv"], Float[Array, "batch heads dk dv"]]:
-    """The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
-    chunk-entry states the forward saved (``log_decay``: ``None``, per head or per channel;
-    inputs in their own dtypes, ``scale`` a static float, ``platform`` the lowering target)."""
-    o, final_state, _ = kernels.chunked_gla_forward(
-        q, k, v, log_decay, initial_state, save_states=False,
-        **_chunked.kernel_options(scale, block_sizes, platform),
-    )
-    return o, final_state
-
-
-def _gla_pallas_fwd(q, k, v, log_decay, initial_state, scale, block_sizes, platform):
-    o, final_state, states = kernels.chunked_gla_forward(
-        q, k, v, log_decay, initial_state, **_chunked.kernel_options(scale, block_sizes, platform)
-    )
-    return (o, final_state), (q, k, v, log_decay, initial_state, states)
-
-
-def _gla_pallas_bwd(scale, block_sizes, platform, residuals, cotangents):
-    q, k, v, log_decay, initial_state, states = residuals
-    do, d_final = cotangents
-    grads = kernels.chunked_gla_backward(
-        q, k, v, log_decay, states, do, d_final, **_chunked.kernel_options(scale, block_sizes, platform)
-    )
-    primals = (q, k, v, log_decay, initial_state)
-    return tuple(None if x is None else dx.astype(x.dtype) for dx, x in zip(grads, primals))
-
-
-gla_pallas.defvjp(_gla_pallas_fwd, _gla_pallas_bwd)
+#: The Pallas forward kernel; its ``custom_vjp`` runs the backward kernel on the
+#: chunk-entry states the forward saved: ``gla_pallas((q, k, v, log_decay), s0, scale,
+#: block_sizes, platform)`` (``log_decay``: ``None``, per head or per channel).
+gla_pallas = _chunked.kernels_with_vjp(kernels.chunked_gla_forward, kernels.chunked_gla_backward)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -456,76 +359,32 @@ def gated_linear_attention(
     :func:`ssmjax.distributed.gated_linear_attention_sp` when ``time`` divides over the ``seq`` axis
     (unchanged otherwise; see :mod:`ssmjax.distributed.context`).
     """
-    _dispatch.check_method("gated_linear_attention", method)
-    _dispatch.check_block_sizes("gated_linear_attention", block_sizes, GLABlockSizes)
-    check_chunk_size(chunk_size)
-    q, k, v = (jnp.asarray(x) for x in (q, k, v))
-    initial_state = None if initial_state is None else jnp.asarray(initial_state)
-    batch, time, heads, dk, dv = _chunked.check_attention_inputs(q, k, v, initial_state)
-    dtypes = [q.dtype, k.dtype, v.dtype]
-    out_dtype = jnp.result_type(*dtypes)
+    q, k, v, initial_state, dims = _chunked.check_inputs(
+        _OP, method, block_sizes, chunk_size, q, k, v, initial_state
+    )
     decay = "none"
     if log_decay is not None:
         log_decay = jnp.asarray(log_decay)
         check_real_floating("log_decay", log_decay)
-        check_log_decay(log_decay, batch, time, heads, dk)
-        dtypes.append(log_decay.dtype)
+        check_log_decay(log_decay, dims.batch, dims.time, dims.heads, dims.dk)
         decay = "head" if log_decay.ndim == 3 else "channel"
-    if initial_state is not None:
-        dtypes.append(initial_state.dtype)
-    _chunked.check_scalar_scale(scale)
-    dtype = state_dtype(*dtypes)
-    segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
-    reset = None if reset is None else jnp.asarray(reset)
-    cut = carry_cut_mask(segment_ids, reset, batch, time, reverse=False)
-    block_sizes = _dispatch.kernel_block_sizes(GLABlockSizes, block_sizes, method, chunk_size)
-    case = _dispatch.case(
-        out_dtype, packed=cut is not None, time=time, head_dim=dk, decay=decay,
-        chunk=None if block_sizes is None else block_sizes.chunk,
+        log_decay = jnp.broadcast_to(log_decay, q.shape[: log_decay.ndim])
+    plan = _chunked.plan_call(
+        _OP, method, (q, k, v), (log_decay, initial_state), decay, scale=scale,
+        segment_ids=segment_ids, reset=reset, block_sizes=block_sizes, chunk_size=chunk_size,
     )
-    if method == "pallas":
-        _dispatch.check_pallas("gated_linear_attention", case, "q, k, v")
-    if time == 0:
-        s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
-        return jnp.zeros((batch, 0, heads, dv), out_dtype), s0
-
-    def pallas(platform, q, k, v, log_decay, initial_state, cut):
-        return _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, block_sizes, platform)
-
-    def xla(resolved, q, k, v, log_decay, initial_state, cut):
-        return _gla_xla(resolved, q, k, v, log_decay, initial_state, cut, scale, dtype, chunk_size)
-
-    return _chunked.run(
-        "gated_linear_attention", method, case, pallas, xla, out_dtype, dtype,
-        q, k, v, log_decay, initial_state, cut,
-    )
+    xla = functools.partial(_gla_xla, chunk_size=chunk_size)
+    inputs = (q, k, v, log_decay)
+    return _chunked.run(_OP, method, plan, scale, gla_pallas, xla, inputs, initial_state)
 
 
-def _gla_xla(method, q, k, v, log_decay, initial_state, cut, scale, dtype, chunk_size):
-    """The XLA evaluations (sequential, parallel, chunked) in the state dtype."""
-    batch, time, heads, dk = q.shape
-    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
-    q, k, v = (x.astype(dtype) for x in (q, k, v))
+def _gla_xla(method, q, k, v, log_decay, cut, initial_state, scale, *, chunk_size):
+    """The XLA evaluations (sequential, parallel, chunked), all arrays in the state dtype."""
     if log_decay is None:
-        g = jnp.zeros((batch, time, heads, 1), dtype)
-    elif log_decay.ndim == 3:
-        g = jnp.broadcast_to(log_decay, (batch, time, heads)).astype(dtype)[..., None]
+        g = jnp.zeros(q.shape[:3] + (1,), q.dtype)
     else:
-        g = jnp.broadcast_to(log_decay, (batch, time, heads, dk)).astype(dtype)
-    scale = jnp.asarray(dk**-0.5 if scale is None else scale, dtype)
+        g = log_decay[..., None] if log_decay.ndim == 3 else log_decay
     if method == "sequential":
-        return gla_sequential(q, k, v, g, cut, s0, scale)
-    chunk = time if method == "parallel" else chunk_size
-    return gla_chunked(q, k, v, g, cut, s0, scale, chunk)
-
-
-def _gla_pallas_call(q, k, v, log_decay, initial_state, scale, dtype, block_sizes, platform):
-    """``method="pallas"`` after the argument checks: inputs keep their dtypes."""
-    batch, time, heads = q.shape[:3]
-    if log_decay is not None:
-        shape = (batch, time, heads) if log_decay.ndim == 3 else q.shape
-        log_decay = jnp.broadcast_to(log_decay, shape)
-    s0 = _chunked.initial_state_or_zeros(initial_state, q, v, dtype)
-    q, static = _chunked.static_scale_of(q, scale, dtype)
-    tiling = _dispatch.block_sizes_for("gated_linear_attention", block_sizes, platform)
-    return gla_pallas(q, k, v, log_decay, s0, static, tiling, platform)
+        return gla_sequential(q, k, v, g, cut, initial_state, scale)
+    chunk = q.shape[1] if method == "parallel" else chunk_size
+    return gla_chunked(q, k, v, g, cut, initial_state, scale, chunk)
