@@ -11,6 +11,8 @@ calls and its step each compile one program instead of dispatching op by op.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,12 +32,21 @@ def cast_floats(tree, dtype):
     return jax.tree.map(cast, tree)
 
 
+@functools.cache
+def _float32_build(name: str, d_model: int, fields: tuple):
+    layer = ssmjax.layers.get(name, d_model=d_model, **dict(fields))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, d_model), jnp.float32)
+    return layer, jax.jit(layer.init)(jax.random.PRNGKey(1), x), x
+
+
 def build(name: str, d_model: int = 16, dtype=jnp.float32, **fields):
     """``(layer, params, x)`` for a registered layer on a small random ``[2, 12, d_model]``
-    input of ``dtype`` (parameters initialised in float32, then cast to ``dtype``)."""
-    layer = ssmjax.layers.get(name, d_model=d_model, **fields)
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, d_model), jnp.float32)
-    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    input of ``dtype`` (parameters initialised in float32, then cast to ``dtype``).
+
+    The float32 initialisation is cached per process (a compile of the layer's
+    initialisers takes seconds): the float32 and float64 contracts of a layer share it.
+    Fields must be hashable."""
+    layer, params, x = _float32_build(name, d_model, tuple(sorted(fields.items())))
     return layer, cast_floats(params, dtype), x.astype(dtype)
 
 
