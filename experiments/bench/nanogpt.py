@@ -37,13 +37,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp (module docstring)
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
+from experiments.bench.table import write_json  # noqa: E402
 
 #: nanoGPT's CPU "baby GPT" (README, shakespeare_char): the shape both sides are timed at.
 BABY_GPT = dict(vocab_size=65, n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)
@@ -252,8 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"decode {result['nanogpt_decode_ms']:.3f} ms/token with the KV cache, "
           f"{result['nanogpt_recompute_ms']:.3f} without", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     print(json.dumps(result))
     return result
 

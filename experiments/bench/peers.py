@@ -32,9 +32,9 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from experiments.bench.clock import median_of_calls
+from experiments.bench.table import write_json
 
 #: The shapes the peers are timed at (and ``experiments.speed``'s comparison rows).
 SHAPES = {"selective_scan": dict(b=2, t=1024, d=256, n=16), "gla": dict(b=2, t=2048, h=4, d=64),
@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         value = f"{result[key]:.1f} ms" if key in result else f"skipped: {result['skipped'][key]}"
         print(f"{key:<34} {dims:<24} {value}", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     print(json.dumps(result))
     return result
 

@@ -31,7 +31,6 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp (module docstring)
 
@@ -40,6 +39,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from experiments.bench.clock import median_of_calls  # noqa: E402
+from experiments.bench.table import write_json  # noqa: E402
 
 #: The sMNIST cpu size of ``experiments.configs`` (batch 50 x 784 pixels, d 64, 4 layers, S4D state 64).
 SMNIST = dict(batch=50, length=784, features=1, classes=10, d_model=64, n_layers=4, d_state=64)
@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"S4D classifier (torch {result['torch']}, {args.threads} threads, {params:,} parameters): "
           f"{ms:.1f} ms per training step", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     print(json.dumps(result))
     return result
 

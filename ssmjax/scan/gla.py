@@ -58,7 +58,8 @@ Evaluations (``method=``):
   cores, chunk 64: per-head decay ~46 ms (sequential ~360 ms, parallel ~540 ms),
   per-channel ~150 ms (sequential ~375 ms). Forward only, the sequential form is as fast
   (per-head, ~13 ms) or faster (per-channel, ~16 vs ~55 ms): prefer it for CPU inference
-  with per-channel decay.
+  with per-channel decay. (Measured before per-head decays took one segment sum per
+  chunk; that made per-head forward+backward ~15% faster, back to back under load.)
 
 Numerics. All arithmetic runs in at least float32 (``state_dtype``) and decays stay in log
 space. Only sums of log-decays over a contiguous stretch of tokens are exponentiated
