@@ -15,53 +15,18 @@
 // doc [b, T] int32.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "_cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using ssmjax_cpu::data;
+using ssmjax_cpu::parallel_for;
 
 namespace {
-
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t units, int64_t threads, const F& body) {
-  threads = std::min(threads, units);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < units; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mutex;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  const F* fn = &body;
-  auto run = [state, units, fn]() {
-    for (;;) {
-      int64_t i = state->next.fetch_add(1);
-      if (i >= units) return;
-      (*fn)(i);
-      if (state->done.fetch_add(1) + 1 == units) {
-        std::lock_guard<std::mutex> lock(state->mutex);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    auto task = run;
-    pool.Schedule(std::move(task));
-  }
-  run();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->cv.wait(lock, [&] { return state->done.load() == units; });
-}
 
 constexpr int64_t kBlock = 256;  // tokens per unit
 
@@ -148,11 +113,6 @@ ffi::Error shape_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, Shape* s) 
   *s = Shape{xd[0], xd[1], xd[2], wd[0]};
   return ffi::Error::Success();
 }
-
-template <typename T>
-T* data(ffi::AnyBuffer& x) { return static_cast<T*>(x.untyped_data()); }
-template <typename T>
-T* data(ffi::Result<ffi::AnyBuffer>& x) { return static_cast<T*>(x->untyped_data()); }
 
 template <typename T>
 ffi::Error forward_typed(ffi::ThreadPool pool, const Shape& s, ffi::AnyBuffer x, ffi::AnyBuffer w,

@@ -1,12 +1,12 @@
 """CPU kernels of the scan ops written in C++ and called through XLA's FFI
 (:func:`jax.ffi.ffi_call`), built on first use.
 
-A kernel's source lives next to this module (``_<name>.cc``). :func:`load` compiles it once
-per machine with the host's C++ compiler (``$CXX``, else ``c++``; ``-O3 -march=native``)
-against the FFI headers of the installed jaxlib, caches the shared library under
-``$SSMJAX_CACHE_DIR`` (default ``~/.cache/ssmjax``; the file name hashes the source, the
-flags, the compiler, jaxlib's version and the CPU), and registers its handlers for the
-``cpu`` platform. Without a compiler, or when the build fails, :func:`load` returns
+A kernel's source lives next to this module (``_<name>.cc``, sharing ``_cpu_common.h``).
+:func:`load` compiles it once per machine with the host's C++ compiler (``$CXX``, else
+``c++``; ``-O3 -march=native``) against the FFI headers of the installed jaxlib, caches
+the shared library under ``$SSMJAX_CACHE_DIR`` (default ``~/.cache/ssmjax``; the file name
+hashes the sources, the flags, the compiler, jaxlib's version and the CPU), and registers
+its handlers for the ``cpu`` platform. Without a compiler, or when the build fails, :func:`load` returns
 ``False`` (the reason in :func:`status`, logged once) and the ops keep their XLA
 evaluation: the kernels are an optimisation, never a requirement.
 
@@ -86,6 +86,11 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+def _headers() -> list[str]:
+    """The shared headers' text (part of every kernel's cache key)."""
+    return [h.read_text() for h in sorted(_HERE.glob("_*.h"))]
+
+
 def _build(source: Path) -> Path:
     import jaxlib
 
@@ -94,7 +99,7 @@ def _build(source: Path) -> Path:
         raise RuntimeError("no C++ compiler (set $CXX)")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(
-        "\0".join([source.read_text(), " ".join(FLAGS), version, jaxlib.__version__, _cpu_id()]).encode()
+        "\0".join([source.read_text(), *_headers(), " ".join(FLAGS), version, jaxlib.__version__, _cpu_id()]).encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ssmjax")
     try:

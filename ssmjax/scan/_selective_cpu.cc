@@ -23,18 +23,17 @@
 // most of the forward and half the backward.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "_cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using ssmjax_cpu::data;
+using ssmjax_cpu::parallel_for;
 
 namespace {
 
@@ -66,42 +65,6 @@ struct Shape {
   int64_t chunks() const { return (T + chunk - 1) / chunk; }
   int64_t per_group() const { return d / g; }
 };
-
-// Runs body(unit) for unit in [0, units) on the pool (the caller works too) and returns
-// when every unit is done. Late pool tasks find no unit left and touch only `state`.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t units, int64_t threads, const F& body) {
-  threads = std::min(threads, units);
-  if (threads <= 1) {
-    for (int64_t i = 0; i < units; ++i) body(i);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mutex;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  const F* fn = &body;
-  auto run = [state, units, fn]() {
-    for (;;) {
-      int64_t i = state->next.fetch_add(1);
-      if (i >= units) return;
-      (*fn)(i);
-      if (state->done.fetch_add(1) + 1 == units) {
-        std::lock_guard<std::mutex> lock(state->mutex);
-        state->cv.notify_all();
-      }
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) {
-    auto task = run;
-    pool.Schedule(std::move(task));
-  }
-  run();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->cv.wait(lock, [&] { return state->done.load() == units; });
-}
 
 // Channel blocks per batch row: 8 or more units when the rows are few, blocks of >= 64
 // channels. A function of the shape only, so the sums over blocks (dB, dC) are the same
@@ -266,11 +229,6 @@ ffi::Error check(const ffi::AnyBuffer& u, const ffi::AnyBuffer& A, const ffi::An
     return ffi::Error::InvalidArgument("selective scan kernel: bad shapes");
   return ffi::Error::Success();
 }
-
-template <typename T>
-T* data(ffi::AnyBuffer& x) { return static_cast<T*>(x.untyped_data()); }
-template <typename T>
-T* data(ffi::Result<ffi::AnyBuffer>& x) { return static_cast<T*>(x->untyped_data()); }
 
 template <typename T>
 ffi::Error forward_typed(ffi::ThreadPool pool, const Shape& s, ffi::AnyBuffer u, ffi::AnyBuffer delta,
