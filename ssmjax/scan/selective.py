@@ -341,7 +341,7 @@ def _selective_core(
 def _xla_core(method, chunk_size, u, delta, A, B, C, keep, state):
     """The XLA evaluations (time-major inside)."""
     xs = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (u, delta, B, C, keep))
-    if method == "sequential":
+    if method == "sequential" or u.shape[1] == 0:  # T = 0: no chunk to split into
         final, y = _scan_steps(A, state, xs)
     elif method == "associative":
         final, y = _associative(A, state, xs)

@@ -149,6 +149,16 @@ def _split_sequence_and_reverse(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_empty_sequence_returns_the_initial_state(method):
+    """T = 0 (e.g. a split call at a boundary): no output, the state passes through."""
+    (u, delta, A, B, C), h0, _ = make_inputs(jax.random.PRNGKey(6))
+    with evaluation(method) as method:
+        y, last = scan(u[:, :0], delta[:, :0], A, B[:, :0], C[:, :0], initial_state=h0, method=method)
+    assert y.shape == (u.shape[0], 0, u.shape[2])
+    np.testing.assert_array_equal(last, h0)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_packed_sequences(method):
     with evaluation(method) as method:
         _packed_sequences(method)
