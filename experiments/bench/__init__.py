@@ -13,9 +13,17 @@ decoding, ``bench.peers``: the PyTorch peers).
 
 The names below are imported lazily, so ``experiments.bench.clock`` and ``.peers`` load
 without JAX.
+
+PyTorch peers' threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless the environment
+sets it), set here so it precedes any module of this package importing torch (libgomp reads
+it when it loads): with OpenMP's default spinning, two torch threads on two shared cores run
+5-30x slower whenever another process holds a core.
 """
 
 import importlib
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _HOMES = {
     "Column": "table", "legend": "table", "markdown_table": "table", "shape_text": "table", "text_table": "table",

@@ -21,9 +21,7 @@ Two timings (median over rounds, each round a block of consecutive calls):
   the context growing from 1 to ``block`` tokens), under ``torch.inference_mode``;
   ``recompute_ms``: the same re-running the whole context per token (nanoGPT's ``generate``).
 
-Threads wait passively (``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it, applied
-when this module is the first to import torch): with OpenMP's default spinning, two torch
-threads on two shared cores run 5-30x slower whenever another process holds a core. This
+Threads wait passively (``OMP_WAIT_POLICY=PASSIVE``, see :mod:`experiments.bench`). This
 module imports no JAX; it needs torch (``pip install -e '.[peers]'``).
 """
 
@@ -38,11 +36,9 @@ import sys
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp (module docstring)
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
+import torch
+from torch import nn
+from torch.nn import functional as F
 from experiments.bench.table import write_json  # noqa: E402
 
 #: nanoGPT's CPU "baby GPT" (README, shakespeare_char): the shape both sides are timed at.

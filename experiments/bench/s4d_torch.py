@@ -19,7 +19,7 @@ classifier.
 recipe: forward, mean cross-entropy, backward, AdamW at lr 0.01 (betas 0.9, 0.98) with weight
 decay 0.01 on the matrices, the SSM parameters (``log_A_real, A_imag, B, log_dt``) in their
 own group at lr 0.001 without weight decay, ``zero_grad``. Threads wait passively
-(``OMP_WAIT_POLICY=PASSIVE`` unless set; see :mod:`experiments.bench.nanogpt`). This module
+(``OMP_WAIT_POLICY=PASSIVE`` unless set; see :mod:`experiments.bench`). This module
 imports no JAX; it needs torch (``pip install -e '.[peers]'``).
 """
 
@@ -28,18 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections.abc import Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp (module docstring)
+import torch
+from torch import nn
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from experiments.bench.clock import median_of_calls  # noqa: E402
-from experiments.bench.table import write_json  # noqa: E402
+from experiments.bench.clock import median_of_calls
+from experiments.bench.table import write_json
 
 #: The sMNIST cpu size of ``experiments.configs`` (batch 50 x 784 pixels, d 64, 4 layers, S4D state 64).
 SMNIST = dict(batch=50, length=784, features=1, classes=10, d_model=64, n_layers=4, d_state=64)
