@@ -16,7 +16,9 @@ with ``fold_in(key(seed), i)`` in every mode, so sampled texts are comparable). 
 is the reference: the model's own test-time forward); adaptive with each KL ``--thresholds``
 value (and ACT's halting for a ``halting="act"`` model); parallel with the budget
 ``max_steps`` (exact), with that budget and the middle threshold as an early commit, and with
-the budget ``max_steps / 2``.
+the budget ``max_steps / 2``. A run whose layer has ``think_at_hard_tokens=True``
+(Think-at-Hard) is sampled in its own mode only, ``think`` (its decider picks each token's
+iterations; the reference, exactly the model's forward): the other modes do not apply to it.
 
 Per mode: ``agreement`` (fraction of generated tokens equal to the reference's at the same
 position), ``prefix`` (mean length of the agreeing prefix, as a fraction of ``--tokens``),
@@ -41,12 +43,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DESCRIPTION = "fixed / adaptive / parallel recurrent-depth sampling of a looped-transformer lm run (--run DIR)"
+DESCRIPTION = ("fixed / adaptive / parallel (or think-at-hard) recurrent-depth sampling of a "
+               "looped-transformer lm run (--run DIR)")
 
 
 def modes(layer, thresholds: list[float]) -> list[tuple[str, dict]]:
     """``(name, depth_generate options)`` of every mode compared (module docstring); the first
-    is the reference."""
+    is the reference. A think_at_hard_tokens layer has the one mode ``think``."""
+    if layer.think_at_hard_tokens:
+        return [("think", dict(mode="think"))]
     R = layer.max_steps
     depths = sorted({R, max(1, R // 2), max(1, R // 4)}, reverse=True)
     out = [(f"fixed r={r}", dict(mode="fixed", iterations_per_token=r)) for r in depths]

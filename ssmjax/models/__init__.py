@@ -1,7 +1,8 @@
 """Backbones and heads assembled from registered mixers, forecasters
 (:mod:`ssmjax.models.forecasters`: LTSF-Linear, iTransformer and our backbones over time or
 over variates) and the recurrent-depth samplers of a looped-transformer LM
-(:mod:`ssmjax.models.depth_sampling`: fixed, adaptive exit, diffusion-forcing parallel)."""
+(:mod:`ssmjax.models.depth_sampling`: fixed, adaptive exit, diffusion-forcing parallel,
+Think-at-Hard)."""
 
 from ssmjax.models.backbone import (
     DEFAULT_MIN_LAYERS,

@@ -50,6 +50,20 @@ def test_lm_depth_writes_every_mode(root, capsys):
     assert "| 1 | parallel r=4 | 1.000 |" in table and table in capsys.readouterr().out
 
 
+def test_modes_follow_the_layer():
+    """A Think-at-Hard layer gets the one mode 'think'; any other layer the three samplers."""
+    import ssmjax.layers
+    from experiments.lm_depth import modes
+
+    def layer(**fields):
+        return ssmjax.layers.get("universal_transformer", d_model=16, halting="fixed", max_steps=4, **fields)
+
+    assert modes(layer(think_at_hard_tokens=True), [1e-2]) == [("think", dict(mode="think"))]
+    names = [name for name, _ in modes(layer(), [1e-2])]
+    assert names == ["fixed r=4", "fixed r=2", "fixed r=1", "adaptive kl<0.01", "parallel r=4",
+                     "parallel r=4 kl<0.01", "parallel r=2"]
+
+
 def test_lm_depth_refuses_other_models(root, capsys):
     run_dir = train(root, "attention", "n_layers=1")
     with pytest.raises(SystemExit) as exit_info:
