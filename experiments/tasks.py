@@ -40,6 +40,7 @@ from ssmjax.data.text import Corpus, TextTask, load_corpus, repeat_passages
 from experiments.urpe import URPETask
 from experiments.sequential_functions import SequentialFunctionsTask
 from experiments.structural_recursion import StructuralRecursionTask
+from experiments.gsm_graphs import GsmGraphsTask
 
 EVAL_STREAM = 1
 Predict = Callable[[np.ndarray], np.ndarray]
@@ -553,6 +554,7 @@ TASKS = {
     "urpe": URPETask,
     "sequential_functions": SequentialFunctionsTask,
     "structural_recursion": StructuralRecursionTask,
+    "gsm_graphs": GsmGraphsTask,
 }
 
 DESCRIPTIONS = {
@@ -575,6 +577,7 @@ DESCRIPTIONS = {
     "urpe": "URPE: predict each token's position (random and constant rows); RPE-only attention cannot (Luo 2022)",
     "sequential_functions": "learn Mealy machines / linear recurrences mod p in context; output accuracy per class and by examples",
     "structural_recursion": "binary successor / tree traversal: train small, test larger; exact match vs bits / depth",
+    "gsm_graphs": "GSM++ graph tasks (connectivity, cycle, shortest path, counts) as token sequences; acc vs nodes",
 }
 
 
