@@ -1,10 +1,9 @@
 """The ``gsm_graphs`` experiment: the graph tasks of GSM++ (Behrouz, Parviz, Karami,
 Sanford, Perozzi & Mirrokni, ICML 2025, "Best of Both Worlds: Advantages of Hybrid Graph
-Sequence Models"): connectivity, cycle
-detection, shortest-path length, node and edge counting on random graphs tokenised by a
-node ordering (random, BFS, DFS, degree) or a hierarchical clustering (data:
-:mod:`ssmjax.data.graphs`), read by a sequence model that predicts the answer's class
-token.
+Sequence Models"): connectivity, cycle detection, shortest-path length, node and edge
+counting on random graphs tokenised by a node ordering (random, BFS, DFS, degree) or a
+hierarchical clustering (data: :mod:`ssmjax.data.graphs`), read by a sequence model that
+predicts the answer's class token.
 
 The GSM++ global encoder is a hybrid of Mamba and attention layers: here that is the
 hybrid model pattern, ``--model "mamba,attention"`` (any registry model or pattern
