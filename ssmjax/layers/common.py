@@ -39,14 +39,6 @@ from ssmjax.scan.linear import linear_scan
 from ssmjax.scan.softmax_attention import prefix_softmax_attention
 
 
-def on_rows(f, x: Array) -> Array:
-    """``f`` (a map of the last axis, e.g. a ``Dense``) applied to ``x [..., d]`` as one
-    ``[rows, d]`` matrix (a free reshape): on a 3-d operand XLA's CPU backend transposes the
-    output's cotangent for the weight gradient, a slow fused copy."""
-    y = f(x.reshape(-1, x.shape[-1]))
-    return y.reshape(x.shape[:-1] + y.shape[-1:])
-
-
 def check_layer_input(x: Array, d_model: int) -> None:
     """``x`` must be ``[batch, time, d_model]`` (``ValueError`` naming ``x`` otherwise)."""
     check_ndim("x", x, 3, "[batch, time, d_model]")

@@ -55,7 +55,6 @@ from ssmjax.layers.common import (
     check_layer_input,
     dt_bias_init,
     log_uniform_init,
-    on_rows,
     short_conv,
     short_conv_params,
     uniform_init,
@@ -148,16 +147,16 @@ class Mamba(_MambaBase):
     def mix(self, x, state, segment_ids, reset):
         N, R = self.d_state, self.rank
         real = jnp.result_type(x.dtype, jnp.float32)
-        xs, z = jnp.split(on_rows(self.in_proj, x), 2, axis=-1)
+        xs, z = jnp.split(self.in_proj(x), 2, axis=-1)
         xs, conv_state = short_conv(xs, self.conv_w, self.conv_b, state["conv"], segment_ids, reset)
-        dt, B, C = jnp.split(on_rows(self.x_proj, xs), [R, R + N], axis=-1)
+        dt, B, C = jnp.split(self.x_proj(xs), [R, R + N], axis=-1)
         y, ssm_state = selective_scan(
-            xs, on_rows(lambda r: r @ self.dt_proj_kernel.astype(r.dtype), dt), -jnp.exp(self.A_log.astype(real)), B, C,
+            xs, dt @ self.dt_proj_kernel.astype(dt.dtype), -jnp.exp(self.A_log.astype(real)), B, C,
             D=self.D, z=z, delta_bias=self.dt_proj_bias, delta_softplus=True,
             initial_state=state["ssm"], segment_ids=segment_ids, reset=reset,
             method=self.method, chunk_size=self.chunk_size,
         )
-        return on_rows(self.out_proj, y), dict(conv=conv_state, ssm=ssm_state)
+        return self.out_proj(y), dict(conv=conv_state, ssm=ssm_state)
 
 
 @register("mamba2")

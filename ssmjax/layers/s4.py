@@ -69,7 +69,6 @@ from ssmjax.layers.common import (
     complex_pairs,
     constant,
     no_state_when_bidirectional,
-    on_rows,
     state_float,
     uniform_log_init,
 )
@@ -126,8 +125,11 @@ class ConvSSMBlock(nn.Module):
     def block_output(self, y_ssm: Array, u: Array, out_dtype) -> Array:
         y = jax.nn.gelu(y_ssm + self.D.astype(u.dtype) * u, approximate=False)
         y = self.drop(y, deterministic=self.deterministic)
-        a, gate = jnp.split(on_rows(self.output_linear, y.astype(out_dtype)), 2, axis=-1)
-        return a * jax.nn.sigmoid(gate)
+        # The product on [rows, H] (a free reshape): on a 3-d operand XLA transposes the
+        # output's cotangent for the weight gradient (a slow fused copy on CPU).
+        rows = y.astype(out_dtype).reshape(-1, y.shape[-1])
+        a, gate = jnp.split(self.output_linear(rows), 2, axis=-1)
+        return (a * jax.nn.sigmoid(gate)).reshape(y.shape[:-1] + (a.shape[-1],))
 
     def __call__(self, x, *, state=None, return_state=False):
         x = jnp.asarray(x)
