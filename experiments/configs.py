@@ -461,7 +461,7 @@ SIZES["structural_recursion"] = {
 
 @dataclasses.dataclass
 class GsmGraphsConfig(ExperimentConfig):
-    """Graph tasks as token sequences (GSM++, Behrouz & Hashemi, 2025): ``task`` among
+    """Graph tasks as token sequences (GSM++, Behrouz et al., ICML 2025): ``task`` among
     ``"connectivity"``, ``"cycle"``, ``"shortest_path"`` (hop distance capped at
     ``max_dist``), ``"node_count"``, ``"edge_count"``; the graph tokenised by ``ordering``
     (``"random"``, ``"bfs"``, ``"dfs"``, ``"degree"``, ``"hierarchical"``); train on

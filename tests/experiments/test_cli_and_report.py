@@ -24,6 +24,7 @@ TINY_TASK = {
     "urpe": ["seq_len=8"],
     "sequential_functions": ["num_examples=2", "example_len=3"],
     "structural_recursion": ["train_max_bits=3", "eval_bits=(2, 5)"],
+    "gsm_graphs": ["min_nodes=3", "max_nodes=5", "eval_nodes=(3, 5)", "max_edges=8"],
 }
 
 
