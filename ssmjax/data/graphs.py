@@ -213,16 +213,9 @@ def _search(rng: np.random.Generator, nbrs: list[list[int]], nodes: list[int], d
                 seen.add(u)
                 order.append(u)
                 stack.extend(v for v in reversed(nbrs[u]) if v in inside and v not in seen)
-        else:
-            seen.add(first)
-            queue, head = [first], 0
-            while head < len(queue):
-                u = queue[head]
-                head += 1
-                for v in nbrs[u]:
-                    if v in inside and v not in seen:
-                        seen.add(v)
-                        queue.append(v)
+        else:  # a new component: BFS from `first` reaches no node seen before
+            queue = bfs_order_component(nbrs, first, inside)
+            seen.update(queue)
             order.extend(queue)
         first = None
     return order
