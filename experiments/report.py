@@ -10,7 +10,8 @@ what the paper found, a table (one row per run, labelled by its run name, its mo
 the settings that differ between the group's runs; the Bayes-optimal learner where the
 task has one) and a figure (eval accuracy over training, and the task's curve across
 models) into ``<out dir>/results/``. A run without ``result.json`` (still running, or
-killed) is listed with status ``incomplete`` and the last step in its ``metrics.jsonl``.
+killed), or resumed past the ``result.json`` of its interruption, is listed with status
+``incomplete`` and the last step in its ``metrics.jsonl``.
 
 The report goes to ``<runs>/RESULTS.md`` unless ``--out`` names a file; the committed
 ``experiments/RESULTS.md`` is written only when asked for by name (``make results``). Hand-written commentary belongs in ``experiments/notes/<experiment>.md``,
@@ -146,11 +147,11 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     saved = _read_json(run_dir / "config.json")
     metrics = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     result = _read_json(run_dir / "result.json")
-    if not result:
+    last = max((row["step"] for row in metrics if "step" in row), default=0)
+    resumed = result.get("status") == "interrupted" and last > result.get("step", last)
+    if not result or resumed:  # none yet, or an interrupted run resumed past it (running or killed again)
         result = {k: v for k, v in saved.items() if k != "config"}
-        steps = [row["step"] for row in metrics if "step" in row]
-        result.update(status="incomplete", step=max(steps) if steps else 0,
-                      steps=saved.get("config", {}).get("steps"))
+        result.update(status="incomplete", step=last, steps=saved.get("config", {}).get("steps"))
     result.setdefault("run", run_dir.name)
     result.update(metrics=metrics, config=saved.get("config", {}), dir=str(run_dir))
     return result

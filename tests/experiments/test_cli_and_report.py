@@ -192,11 +192,14 @@ def test_report_lists_incomplete_runs_and_finds_nested_run_folders(tmp_path):
     (running / "checkpoints" / "5" / "result.json").write_text("{}")  # inside a checkpoint: not a run
     (running / "H96_seed0").mkdir()
     (running / "H96_seed0" / "result.json").write_text('{"mse": 0.4}')  # one fit of the run: not a run
+    # interrupted at step 6 (its result.json), then resumed: metrics up to step 10, no new result yet
+    _write_run(runs / "suite", "mqar", "gla", "gla", {"accuracy": 0.4}, status="interrupted")
     text = report.build_report(runs, tmp_path / "R.md")
     rows = _table_rows(text, "| run | model | params | steps | status | accuracy | train loss | time |")
     assert rows[0] == "| `attention` | `attention` | - | 6/10 | incomplete | - | - | - |"
     assert rows[1].startswith("| `mamba` | `mamba` | 123k | 10 | done | 0.900 |")
-    assert len(rows) == 2 and "## Multi-query associative recall (MQAR)" in text
+    assert rows[2] == "| `gla` | `gla` | - | 10 | incomplete | - | - | - |"
+    assert len(rows) == 3 and "## Multi-query associative recall (MQAR)" in text
     assert "H96_seed0" not in text and "## ?" not in text
 
 
