@@ -65,6 +65,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ssmjax.checks import check_choice
 from ssmjax.data.synthetic import Batch, _check_positive, _to_batch, batch_rng
 
 GRAPH_TASKS = ("connectivity", "cycle", "shortest_path", "node_count", "edge_count")
@@ -85,18 +86,8 @@ class GraphExample(NamedTuple):
     query: tuple | None  # (u, v) in original labels, pair tasks only
 
 
-def _check_task(task: str) -> None:
-    if task not in GRAPH_TASKS:
-        raise ValueError(f"task: expected one of {GRAPH_TASKS}, got {task!r}")
-
-
-def _check_ordering(ordering: str) -> None:
-    if ordering not in ORDERINGS:
-        raise ValueError(f"ordering: expected one of {ORDERINGS}, got {ordering!r}")
-
-
 def num_classes(task: str, node_capacity: int, max_edges: int, max_dist: int) -> int:
-    _check_task(task)
+    check_choice("task", task, GRAPH_TASKS)
     return {"connectivity": 2, "cycle": 2, "shortest_path": max_dist + 2, "node_count": node_capacity + 1,
             "edge_count": max_edges + 1}[task]
 
@@ -112,7 +103,7 @@ def vocab_size(task: str, node_capacity: int, max_edges: int, max_dist: int = 4)
 
 def graph_seq_len(ordering: str, node_capacity: int, max_edges: int) -> int:
     """Length holding any graph of ``<= node_capacity`` nodes and ``<= max_edges`` edges."""
-    _check_ordering(ordering)
+    check_choice("ordering", ordering, ORDERINGS)
     if ordering == "hierarchical":  # a SEP per leaf (<= n leaves), OPEN/CLOSE per cluster (<= 2n - 1)
         body = 2 * node_capacity + 3 * max_edges + 2 * (2 * node_capacity - 1)
     else:
@@ -179,7 +170,7 @@ def bfs_distances(nbrs: list[list[int]], source: int) -> np.ndarray:
 
 def graph_label(task: str, n: int, edges: np.ndarray, query: tuple | None = None, *, max_dist: int = 4) -> int:
     """The class of ``task`` for the graph (and the query pair of the pair tasks)."""
-    _check_task(task)
+    check_choice("task", task, GRAPH_TASKS)
     if task == "node_count":
         return n
     if task == "edge_count":
@@ -253,7 +244,7 @@ def _leaves(tree) -> list[int]:
 def node_order(rng: np.random.Generator, n: int, edges: np.ndarray, ordering: str):
     """``(order, tree)``: ``order[i]`` the original node relabelled ``i``; ``tree`` the
     cluster tree (original labels) for ``"hierarchical"``, else None."""
-    _check_ordering(ordering)
+    check_choice("ordering", ordering, ORDERINGS)
     nbrs = neighbours(n, edges)
     if ordering == "random":
         return rng.permutation(n).astype(np.int64), None
@@ -315,8 +306,8 @@ def graph_example(rng: np.random.Generator, task: str, n: int, ordering: str, *,
                   order_rng: np.random.Generator | None = None) -> GraphExample:
     """One example of ``n`` nodes (module docstring); the graph and query from ``rng``,
     the ordering from ``order_rng`` (default ``rng``)."""
-    _check_task(task)
-    _check_ordering(ordering)
+    check_choice("task", task, GRAPH_TASKS)
+    check_choice("ordering", ordering, ORDERINGS)
     degree = DEFAULT_DEGREE[task] if degree is None else degree
     max_edges = 2 * n if max_edges is None else max_edges
     p = min(1.0, degree / max(n - 1, 1))
@@ -344,8 +335,8 @@ def graph_tasks(seed: int, step: int, *, batch_size: int, task: str = "connectiv
     ``[min_nodes, max_nodes]`` per row, all rows padded to :func:`graph_seq_len`. The
     orderings draw from their own generator, so the graphs, queries and labels of a
     ``(seed, step, stream)`` are the same under every ordering."""
-    _check_task(task)
-    _check_ordering(ordering)
+    check_choice("task", task, GRAPH_TASKS)
+    check_choice("ordering", ordering, ORDERINGS)
     _check_positive(batch_size=batch_size, max_dist=max_dist)
     if min_nodes < 2:
         raise ValueError(f"min_nodes: expected >= 2, got {min_nodes}")
