@@ -14,7 +14,8 @@ PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm
              "lm-depth": "experiments.lm_depth", "moving_mnist": "experiments.moving_mnist",
              "enumerative_geometry": "experiments.enumerative_geometry",
              "universal_approximation": "experiments.universal_approximation",
-             "finetune": "experiments.finetune", "online_continual": "experiments.online_continual"}
+             "finetune": "experiments.finetune", "online_continual": "experiments.online_continual",
+             "bow_audio": "experiments.bow_audio"}
 
 
 def load(name: str) -> ModuleType:

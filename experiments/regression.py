@@ -118,11 +118,13 @@ def run_dir_for(out: str | Path, experiment: str, model: str, size: str, name: s
     return run_dir
 
 
-def build_parser(experiment: str, description: str, config_type: type) -> argparse.ArgumentParser:
+def build_parser(experiment: str, description: str, config_type: type, default_model: str = "attention"
+                 ) -> argparse.ArgumentParser:
     keys = ", ".join(f.name for f in dataclasses.fields(config_type) if f.name != "model")
     parser = argparse.ArgumentParser(prog=f"python -m experiments {experiment}", description=description,
                                      epilog=f"settable keys (--set): {keys}")
-    parser.add_argument("--model", default="attention", help="a registered mixer name or a pattern (default attention)")
+    parser.add_argument("--model", default=default_model,
+                        help=f"a registered mixer name or a pattern (default {default_model})")
     parser.add_argument("--size", default="cpu", choices=("cpu", "paper"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="runs")
@@ -141,13 +143,15 @@ def make_config(sizes: dict[str, Any], size: str, model: str, overrides: list[st
 
 
 def main(experiment: str, description: str, sizes: dict[str, Any], run: Callable[..., Path],
-         argv: list[str] | None) -> int:
-    """The command line of a regression protocol: parse, build the config, ``run(config,
-    run_dir, verbose=...)``."""
-    parser = build_parser(experiment, description, type(sizes["cpu"]))
+         argv: list[str] | None, default_model: str = "attention", check: Callable[[Any], None] | None = None) -> int:
+    """The command line of a regression protocol: parse, build the config, ``check(config)``
+    (before the run folder is made), ``run(config, run_dir, verbose=...)``."""
+    parser = build_parser(experiment, description, type(sizes["cpu"]), default_model)
     args = parser.parse_args(argv)
     try:
         config = make_config(sizes, args.size, args.model, args.overrides)
+        if check is not None:
+            check(config)
         run_dir = run_dir_for(args.out, experiment, config.model, args.size, args.name, args.overwrite)
         write_json(run_dir / "config.json", dict(experiment=experiment, model=config.model, size=args.size,
                                                  config=dataclasses.asdict(config)))
