@@ -15,7 +15,7 @@ PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm
              "enumerative_geometry": "experiments.enumerative_geometry",
              "universal_approximation": "experiments.universal_approximation",
              "finetune": "experiments.finetune", "online_continual": "experiments.online_continual",
-             "bow_audio": "experiments.bow_audio"}
+             "bow_audio": "experiments.bow_audio", "recurrent_gpt": "experiments.recurrent_gpt"}
 
 
 def load(name: str) -> ModuleType:
