@@ -15,7 +15,8 @@ PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm
              "enumerative_geometry": "experiments.enumerative_geometry",
              "universal_approximation": "experiments.universal_approximation",
              "finetune": "experiments.finetune", "online_continual": "experiments.online_continual",
-             "bow_audio": "experiments.bow_audio", "recurrent_gpt": "experiments.recurrent_gpt"}
+             "bow_audio": "experiments.bow_audio", "recurrent_gpt": "experiments.recurrent_gpt",
+             "contracon": "experiments.contracon"}
 
 
 def load(name: str) -> ModuleType:
