@@ -16,7 +16,8 @@ PROTOCOLS = {"ltsf": "experiments.ltsf", "dynamics": "experiments.dynamics", "lm
              "universal_approximation": "experiments.universal_approximation",
              "finetune": "experiments.finetune", "online_continual": "experiments.online_continual",
              "bow_audio": "experiments.bow_audio", "recurrent_gpt": "experiments.recurrent_gpt",
-             "contracon": "experiments.contracon", "frcrn": "experiments.frcrn", "mossformer2": "experiments.mossformer2"}
+             "contracon": "experiments.contracon", "frcrn": "experiments.frcrn", "mossformer2": "experiments.mossformer2",
+             "raptor": "experiments.raptor"}
 
 
 def load(name: str) -> ModuleType:
