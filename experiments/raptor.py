@@ -102,7 +102,7 @@ class RaptorConfig:
 
 
 SIZES = {
-    # L = 8, d = 64, 17 tokens: ~4 min for the ViT and ~70 s per k, 8 min in all on 2 busy cores.
+    # L = 8, d = 64, 17 tokens: 4 min on 2 cores at load ~2 (ViT 1.7 min, ~36 s per k), ~8 min at load 4-8.
     "cpu": RaptorConfig(),
     # approx. (the paper's headline models are DINOv2 ViT-S/B, L = 12, on ImageNet-1k; not run here): a
     # deeper and wider ViT over 4x4 patches, trained longer, and the paper's 2-4 blocks.
