@@ -90,4 +90,5 @@ class Attention(StepByCall):
         visible = k_pos[None, :] <= q_pos[:, None]
         if self.window is not None:
             visible &= k_pos[None, :] > q_pos[:, None] - self.window
-        return jax.nn.dot_product_attention(q, k, v, mask=visible[None, None])
+        # the masked core rather than jax.nn.dot_product_attention, whose softmax runs in float32 even for float64
+        return causal_softmax_attention_core(q, k, v, visible[None, None], jnp.asarray(q.shape[-1] ** -0.5, q.dtype))

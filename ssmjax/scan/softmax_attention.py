@@ -249,16 +249,18 @@ def attention_mask(
 
 
 def causal_softmax_attention_core(
-    q: Float[Array, "batch time heads dk"],
-    k: Float[Array, "batch time heads dk"],
-    v: Float[Array, "batch time heads dv"],
-    mask: Bool[Array, "#batch 1 time time"],
+    q: Float[Array, "batch tq heads dk"],
+    k: Float[Array, "batch tk heads dk"],
+    v: Float[Array, "batch tk heads dv"],
+    mask: Bool[Array, "#batch 1 tq tk"],
     scale: Float[Array, ""],
-) -> Float[Array, "batch time heads dv"]:
-    """``softmax(scale q k^T, masked) v`` with the max subtracted per row; every row keeps
-    its diagonal, so no row is fully masked."""
+) -> Float[Array, "batch tq heads dv"]:
+    """``softmax(scale q k^T, masked) v`` with the max subtracted per row, the softmax in at
+    least float32 (float64 stays float64); every row must keep a visible key (its diagonal,
+    or its own slot of a decode cache)."""
     logits = scale * jnp.einsum("bihd,bjhd->bhij", q, k)
-    weights = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    weights = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(v.dtype)
     return jnp.einsum("bhij,bjhe->bihe", weights, v)
 
 

@@ -54,6 +54,20 @@ def test_matches_reference(window):
     assert sum(a.size for a in jax.tree.leaves(params)) == 4 * 16 * 16
 
 
+@pytest.mark.parametrize("window", [None, 3])
+def test_cached_decode_matches_reference_in_float64(window):
+    """Token by token through the KV cache (the ``step`` path) equals the float64 loop to
+    1e-12: the cache's softmax runs in the input's precision (float32 would miss by ~1e-8)."""
+    layer = ssmjax.layers.get("attention", d_model=16, window=window, max_len=12)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16), jnp.float64)
+    params = jax.jit(layer.init)(jax.random.PRNGKey(1), x)
+    state, outs = layer.init_state(2, jnp.float64), []
+    for t in range(x.shape[1]):
+        y, state = layer.apply(params, x[:, t:t + 1], state=state, return_state=True)
+        outs.append(y)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), reference(params, x, 4, window), rtol=1e-12, atol=1e-12)
+
+
 def test_bidirectional_attends_to_every_position_and_has_no_state():
     layer = ssmjax.layers.get("attention", d_model=16, bidirectional=True)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 16), jnp.float64)
