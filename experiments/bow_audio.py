@@ -43,9 +43,9 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -196,28 +196,41 @@ def zscore(train: np.ndarray, *others: np.ndarray, axis: tuple[int, ...] = (0,))
 
 # ----------------------------------------------------------------------------- training
 
-def fit_classifier(apply: Callable[[Any, jax.Array], jax.Array], params: Any, train: tuple[np.ndarray, np.ndarray],
+class Classifier(NamedTuple):
+    """A module's compiled initialiser, training loss and argmax prediction."""
+
+    init: Callable
+    loss: Callable
+    classify: Callable
+
+
+@cache
+def classifier(module: Any) -> Classifier:
+    """:class:`Classifier` of ``module``, built once per module (flax modules compare by their
+    fields), so the fits of every training size reuse the same compiled programs."""
+    def loss(p, batch, key):
+        xb, yb = batch
+        return optax.softmax_cross_entropy_with_integer_labels(module.apply(p, xb), yb).mean()
+
+    return Classifier(jax.jit(module.init), loss, jax.jit(lambda p, inputs: jnp.argmax(module.apply(p, inputs), -1)))
+
+
+def fit_classifier(model: Classifier, params: Any, train: tuple[np.ndarray, np.ndarray],
                    val: tuple[np.ndarray, np.ndarray], config: BowAudioConfig) -> tuple[Any, int, Callable, float]:
-    """Minimise the cross-entropy of ``apply(params, x)`` on ``train = (x, y)`` with
+    """Minimise ``model``'s cross-entropy from ``params`` on ``train = (x, y)`` with
     :func:`ssmjax.train.fit.fit` (module docstring, step 5); returns ``(best params,
     updates, predict, seconds)`` where ``predict(params, x)`` gives the argmax classes."""
     repeats = -(-MIN_EPOCH_UPDATES * config.batch_size // len(train[0]))  # ceil
     x, y = (np.concatenate([a] * repeats) for a in train)
     epochs, used = regression.epoch_plan(config.steps, len(x), config.batch_size)
 
-    def loss_fn(p, batch, key):
-        xb, yb = batch
-        return optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()
-
-    classify = jax.jit(lambda p, inputs: jnp.argmax(apply(p, inputs), -1))
-
     def predict(p, inputs):
-        return predict_in_batches(partial(classify, p), (inputs,), EVAL_BATCH)
+        return predict_in_batches(partial(model.classify, p), (inputs,), EVAL_BATCH)
 
     fit_config = FitConfig(epochs=epochs, batch_size=config.batch_size, lr=config.lr, lr_schedule="cosine",
                            patience=0, seed=config.seed, grad_clip=1.0, weight_decay=config.weight_decay,
                            optimizer="adamw" if config.weight_decay else "adam")
-    result = fit(loss_fn, params, (x[:used], y[:used]), lambda p: 1.0 - float(np.mean(predict(p, val[0]) == val[1])),
+    result = fit(model.loss, params, (x[:used], y[:used]), lambda p: 1.0 - float(np.mean(predict(p, val[0]) == val[1])),
                  fit_config, verbose=False)
     return result.params, epochs * (used // config.batch_size), predict, result.elapsed_s
 
@@ -232,8 +245,9 @@ def score(predict: Callable, params: Any, x: np.ndarray, y: np.ndarray, num_clas
 def train_model(module: Any, inputs: dict[str, np.ndarray], labels: dict[str, np.ndarray], config: BowAudioConfig,
                 num_classes: int) -> dict[str, Any]:
     """Initialise ``module`` with ``seed``, train it on ``inputs["train"]`` and score val and test."""
-    params = jax.jit(module.init)(jax.random.key(config.seed), jnp.asarray(inputs["train"][:1]))
-    params, updates, predict, seconds = fit_classifier(module.apply, params, (inputs["train"], labels["train"]),
+    model = classifier(module)
+    params = model.init(jax.random.key(config.seed), jnp.asarray(inputs["train"][:1]))
+    params, updates, predict, seconds = fit_classifier(model, params, (inputs["train"], labels["train"]),
                                                        (inputs["val"], labels["val"]), config)
     test = score(predict, params, inputs["test"], labels["test"], num_classes)
     return dict(test_accuracy=test["accuracy"], per_class_accuracy=test["per_class_accuracy"],

@@ -212,18 +212,30 @@ class_incremental_prediction = jax.jit(contracon.class_incremental_prediction, s
 
 
 class Network(NamedTuple):
-    """The backbone with its initialiser and task forward ``predict(shared, adapter,
-    inputs)``, compiled once for a whole run."""
+    """The backbone with its initialiser, task forward ``predict(shared, adapter, inputs)``
+    and training losses, built once for a whole run so that every method and task reuses the
+    same compiled programs: ``joint_loss((shared, adapter), batch, key)`` trains both,
+    ``adapter_loss(adapter, batch, key, shared)`` the adapter beside frozen shared weights."""
 
     model: SequenceModel
     init: Callable
     predict: Callable
+    joint_loss: Callable
+    adapter_loss: Callable
 
 
 def make_network(config: ContraconConfig) -> Network:
     model = contracon.backbone(config.d_model, config.n_layers, config.num_heads, CLASSES_PER_TASK, mlp=config.mlp,
                                mlp_ratio=config.mlp_ratio, norm=config.norm)
-    return Network(model, jax.jit(model.init), jax.jit(partial(contracon.task_logits, model)))
+
+    def adapter_loss(adapter, batch, key, shared):
+        return cross_entropy(contracon.task_logits(model, shared, adapter, batch[0]), batch[1], config.label_smoothing)
+
+    def joint_loss(trainable, batch, key):
+        return adapter_loss(trainable[1], batch, key, trainable[0])
+
+    return Network(model, jax.jit(model.init), jax.jit(partial(contracon.task_logits, model)), joint_loss,
+                   adapter_loss)
 
 
 def learn_task(method: str, network: Network, config: ContraconConfig, shared: dict | None, task: int,
@@ -247,10 +259,6 @@ def learn_task(method: str, network: Network, config: ContraconConfig, shared: d
     def split(trainable):
         return trainable if train_shared else (shared, trainable)
 
-    def loss_fn(trainable, batch, _):
-        return cross_entropy(contracon.task_logits(network.model, *split(trainable), batch[0]), batch[1],
-                             config.label_smoothing)
-
     def validate(trainable):
         vx, vy = data["val"]
         logits = predict_in_batches(partial(network.predict, *split(trainable)), (vx,), config.eval_batch_size)
@@ -259,28 +267,40 @@ def learn_task(method: str, network: Network, config: ContraconConfig, shared: d
     epochs, used = regression.epoch_plan(config.steps, len(x), config.batch_size)
     fit_config = FitConfig(epochs=epochs, batch_size=config.batch_size, lr=config.lr, lr_schedule="cosine",
                            patience=0, seed=config.seed + task, grad_clip=config.grad_clip)
-    result = fit(loss_fn, (shared, adapter) if train_shared else adapter, (x[:used], y[:used]), validate, fit_config,
-                 verbose=verbose)
+    if train_shared:
+        result = fit(network.joint_loss, (shared, adapter), (x[:used], y[:used]), validate, fit_config,
+                     verbose=verbose)
+    else:
+        result = fit(network.adapter_loss, adapter, (x[:used], y[:used]), validate, fit_config,
+                     loss_args=(shared,), verbose=verbose)
     shared, adapter = split(result.params)
     return shared, adapter, epochs * (used // config.batch_size)
 
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(network: Network, config: ContraconConfig, shared: dict, adapters: list[contracon.Adapter],
-             tasks: list[dict[str, Any]]) -> dict[str, list[float]]:
+             tasks: list[dict[str, Any]], memo: dict | None = None) -> dict[str, list[float]]:
     """After ``len(adapters)`` tasks: per learned task ``j``, ``til`` and ``cil``
     accuracy and ``task_id`` (the fraction of its images whose task the entropy rule
-    finds) (module docstring)."""
-    def all_logits(inputs):  # [tasks learned, n, classes]
-        return np.stack([predict_in_batches(partial(network.predict, shared, a), (inputs,), config.eval_batch_size)
-                         for a in adapters])
+    finds) (module docstring). ``memo``, a dict kept across one method's calls, reuses the
+    logits of an unchanged (shared, adapter, task): under ConTraCon and the frozen baseline
+    only the newest adapter's are computed after each task."""
+    memo = {} if memo is None else memo
+
+    def task_logits(adapter, j):  # task j's test images and their views: ([n, classes], [views, n, classes])
+        key = (id(shared), id(adapter), j)
+        if key not in memo:
+            forward = partial(network.predict, shared, adapter)
+            x, views = tasks[j]["test"][0], tasks[j]["views"]
+            original = predict_in_batches(forward, (x,), config.eval_batch_size)
+            augmented = predict_in_batches(forward, (views.reshape(-1, *views.shape[2:]),), config.eval_batch_size)
+            memo[key] = (shared, adapter, original, augmented.reshape(len(views), len(x), -1))  # keeps the ids alive
+        return memo[key][2:]
 
     out = dict(til=[], cil=[], task_id=[])
     for j, task in enumerate(tasks[:len(adapters)]):
-        x, y = task["test"]
-        original = all_logits(x)
-        views = task["views"]
-        augmented = all_logits(views.reshape(-1, *views.shape[2:])).reshape(len(adapters), len(views), len(y), -1)
+        y = task["test"][1]
+        original, augmented = (np.stack(a) for a in zip(*(task_logits(adapter, j) for adapter in adapters)))
         predicted_task, predicted_class = class_incremental_prediction(original, augmented, copies=config.copies)
         out["til"].append(float(np.mean(original[j].argmax(-1) == y)))
         out["cil"].append(float(np.mean(np.asarray(predicted_class) == y + CLASSES_PER_TASK * j)))
@@ -302,10 +322,10 @@ def forgetting(matrix: np.ndarray) -> float:
     return float(np.mean([matrix[j:last, j].max() - matrix[last, j] for j in range(last)]))
 
 
-def run_method(method: str, config: ContraconConfig, tasks: list[dict[str, Any]], verbose: bool, label: str
-               ) -> dict[str, Any]:
+def run_method(method: str, network: Network, config: ContraconConfig, tasks: list[dict[str, Any]], verbose: bool,
+               label: str) -> dict[str, Any]:
     """Learn every task in turn with ``method``; the accuracy matrices, metrics and sizes."""
-    network = make_network(config)
+    memo: dict = {}
     start = time.perf_counter()
     shared, adapters, updates = None, [], 0
     keys = jax.random.split(jax.random.key(config.seed), config.num_tasks)
@@ -315,7 +335,7 @@ def run_method(method: str, config: ContraconConfig, tasks: list[dict[str, Any]]
         shared, adapter, n = learn_task(method, network, config, shared, task, data, keys[task])
         adapters.append(adapter)
         updates += n
-        scores = evaluate(network, config, shared, adapters, tasks)
+        scores = evaluate(network, config, shared, adapters, tasks, memo)
         for name, row in scores.items():
             matrices[name][task, :task + 1] = row
         if verbose:
@@ -338,7 +358,8 @@ def run(config: ContraconConfig, run_dir: Path, verbose: bool = True) -> Path:
     check_config(config)
     start = time.perf_counter()
     tasks = make_tasks(config, load_mnist(config.data_dir or None))
-    methods = [run_method(m, config, tasks, verbose, run_dir.name) for m in config.methods]
+    network = make_network(config)
+    methods = [run_method(m, network, config, tasks, verbose, run_dir.name) for m in config.methods]
     regression.write_json(run_dir / "result.json", dict(
         experiment=EXPERIMENT, model=config.model, status="done", methods=methods, reduced_size=True,
         data=dict(train=[len(t["train"][1]) for t in tasks], test=[len(t["test"][1]) for t in tasks]),

@@ -215,12 +215,12 @@ def train_raptor(config: RaptorConfig, vit: ViT, vit_params, phases: tuple[int, 
     a0 = jax.jit(partial(vit.apply, vit_params, method=ViT.embed))(jnp.asarray(x[:1]))
     params = jax.jit(raptor.init)(jax.random.key(config.seed + 1), a0)
 
-    def teacher_forced(p, batch, key):
-        a = jax.lax.stop_gradient(vit.apply(vit_params, batch[0], method=ViT.trajectory))
+    def teacher_forced(p, batch, key, teacher):  # the frozen ViT's parameters arrive as ``teacher``
+        a = jax.lax.stop_gradient(vit.apply(teacher, batch[0], method=ViT.trajectory))
         return trajectory_mse(raptor.apply(p, a[:-1], method=Raptor.teacher_forced), a[1:], cls_weight)
 
-    def autoregressive(p, batch, key):
-        a = jax.lax.stop_gradient(vit.apply(vit_params, batch[0], method=ViT.trajectory))
+    def autoregressive(p, batch, key, teacher):
+        a = jax.lax.stop_gradient(vit.apply(teacher, batch[0], method=ViT.trajectory))
         return trajectory_mse(raptor.apply(p, a[0]), a[1:], cls_weight)
 
     val_x = jnp.asarray(data["val"][0][:config.batch_size])
@@ -229,8 +229,8 @@ def train_raptor(config: RaptorConfig, vit: ViT, vit_params, phases: tuple[int, 
     fit_config, used, updates = _fit_config(config, stage_steps, len(x), config.raptor_lr)
     start = time.perf_counter()
     for loss_fn in (teacher_forced, autoregressive):
-        params = fit(loss_fn, params, (x[:used],), lambda p: float(val_loss(p, (val_x,), None)), fit_config,
-                     verbose=verbose).params
+        params = fit(loss_fn, params, (x[:used],), lambda p: float(val_loss(p, (val_x,), None, vit_params)),
+                     fit_config, loss_args=(vit_params,), verbose=verbose).params
     train_s = time.perf_counter() - start
 
     @jax.jit

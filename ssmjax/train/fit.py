@@ -23,6 +23,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -91,14 +92,31 @@ class FitResult(NamedTuple):
     elapsed_s: float
 
 
-def _optimizer(config: FitConfig) -> optax.GradientTransformation:
-    if config.optimizer == "adamw":
-        inner = optax.inject_hyperparams(optax.adamw)(learning_rate=config.lr, weight_decay=config.weight_decay)
-    else:
-        inner = optax.inject_hyperparams(optax.adam)(learning_rate=config.lr)
-    if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), inner)
-    return inner
+@dataclasses.dataclass(frozen=True)
+class _OptimizerRule:
+    """What fixes the optimizer's compiled program: the update rule and the clipping norm. The
+    learning rate and weight decay live in the optimizer state (``optax.inject_hyperparams``),
+    so fits that differ only in those (a learning-rate grid, the epochs' schedule) share one
+    compiled step."""
+
+    name: str
+    grad_clip: float
+
+    def build(self, lr: float = 0.0, weight_decay: float = 0.0) -> optax.GradientTransformation:
+        if self.name == "adamw":
+            inner = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=weight_decay)
+        else:
+            inner = optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+        return optax.chain(optax.clip_by_global_norm(self.grad_clip), inner) if self.grad_clip > 0 else inner
+
+
+@partial(jax.jit, static_argnames=("loss_fn", "rule"))
+def _train_step(loss_fn: Callable, rule: _OptimizerRule, params, opt_state, batch, loss_args, base_key, step):
+    """One update; compiled once per ``(loss_fn, rule)`` and argument shapes, reused across
+    :func:`fit` calls."""
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(base_key, step), *loss_args)
+    updates, opt_state = rule.build().update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
 
 def _set_lr(opt_state, lr: float, clipped: bool):
@@ -127,26 +145,26 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: boo
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
 
 
-def fit(loss_fn: Callable[[Any, tuple, jax.Array], jax.Array], params: Any, train_data: Sequence[np.ndarray],
-        validate: Callable[[Any], float], config: FitConfig, *, run_dir: str | Path | None = None,
-        resume: bool = False, verbose: bool = True) -> FitResult:
-    """Train ``params`` by minimising ``loss_fn(params, batch, key)`` over the rows of
-    ``train_data`` for ``config.epochs`` epochs with early stopping on ``validate(params)``
+def fit(loss_fn: Callable[..., jax.Array], params: Any, train_data: Sequence[np.ndarray],
+        validate: Callable[[Any], float], config: FitConfig, *, loss_args: tuple = (),
+        run_dir: str | Path | None = None, resume: bool = False, verbose: bool = True) -> FitResult:
+    """Train ``params`` by minimising ``loss_fn(params, batch, key, *loss_args)`` over the rows
+    of ``train_data`` for ``config.epochs`` epochs with early stopping on ``validate(params)``
     (lower is better); see the module docstring. With ``run_dir``, metrics go to
     ``run_dir/metrics.jsonl`` and a checkpoint to ``run_dir/checkpoints`` after every
-    epoch; ``resume=True`` continues after the newest one."""
+    epoch; ``resume=True`` continues after the newest one.
+
+    The update step is compiled once per ``loss_fn`` object (and optimizer rule and shapes)
+    and reused by later calls: pass the same function, with what changes between calls
+    (frozen parameters, per-task arrays) in ``loss_args`` (a tuple of pytrees of arrays)
+    rather than in a fresh closure, and a learning-rate grid or a sequence of tasks
+    compiles one step."""
     n = _check_rows(train_data, config.batch_size, config.drop_last)
-    optimizer = _optimizer(config)
+    rule = _OptimizerRule(config.optimizer, config.grad_clip)
     clipped = config.grad_clip > 0
     base_key = jax.random.key(config.seed)
 
-    @jax.jit
-    def train_step(params, opt_state, batch, step):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, jax.random.fold_in(base_key, step))
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    state = dict(params=params, best_params=params, opt_state=optimizer.init(params), epoch=0, step=0,
+    state = dict(params=params, best_params=params, opt_state=rule.build(config.lr, config.weight_decay).init(params), epoch=0, step=0,
                  best_val=np.inf, best_epoch=-1, bad_epochs=0, elapsed_s=0.0)
     checkpointer = log = None
     history: list[dict[str, Any]] = []
@@ -176,7 +194,8 @@ def fit(loss_fn: Callable[[Any, tuple, jax.Array], jax.Array], params: Any, trai
         opt_state = _set_lr(opt_state, lr, clipped)
         losses = []
         for idx in epoch_batches(n, config.batch_size, config.seed, epoch, config.drop_last):
-            params, opt_state, loss = train_step(params, opt_state, tuple(jnp.asarray(a[idx]) for a in train_data), step)
+            batch = tuple(jnp.asarray(a[idx]) for a in train_data)
+            params, opt_state, loss = _train_step(loss_fn, rule, params, opt_state, batch, loss_args, base_key, step)
             losses.append(loss)
             step += 1
         train_loss = float(np.mean(jax.device_get(losses)))

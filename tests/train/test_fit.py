@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssmjax.train.fit import FitConfig, epoch_batches, fit, predict_in_batches
+from ssmjax.train.fit import FitConfig, _train_step, epoch_batches, fit, predict_in_batches
 
 
 def _regression(n=64, seed=0):
@@ -75,6 +75,26 @@ def test_resume_continues_exactly(tmp_path):
     resumed = fit(_loss, _params(), (x, y), val, config, run_dir=tmp_path, resume=True, verbose=False)
     np.testing.assert_array_equal(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]))
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+
+
+def _offset_loss(params, batch, key, offset):
+    x, y = batch
+    return jnp.mean((x @ params["w"] + params["b"] + offset - y) ** 2)
+
+
+def test_loss_args_reach_the_loss_and_the_step_compiles_once():
+    """A learning-rate grid over the same loss function, with a frozen offset passed in
+    ``loss_args``, compiles one update step; each fit equals one with the offset closed over."""
+    x, y = _regression()
+    before = _train_step._cache_size()
+    for lr, offset in ((0.05, 0.0), (0.02, 1.5), (0.01, -0.5)):
+        config = FitConfig(epochs=3, batch_size=8, lr=lr, patience=0, seed=int(lr * 100))
+        shifted = fit(_offset_loss, _params(), (x, y), lambda p: 0.0, config,
+                      loss_args=(jnp.float32(offset),), verbose=False)
+        closed = fit(lambda p, b, k: _offset_loss(p, b, k, jnp.float32(offset)), _params(), (x, y), lambda p: 0.0,
+                     config, verbose=False)
+        np.testing.assert_array_equal(np.asarray(shifted.params["w"]), np.asarray(closed.params["w"]))
+    assert _train_step._cache_size() - before == 1 + 3  # one for _offset_loss, one per fresh closure
 
 
 def test_predict_in_batches_keeps_every_row():
