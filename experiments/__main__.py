@@ -40,9 +40,10 @@ COMMON_FIELDS = ("steps", "batch_size", "lr", "seed", "d_model", "n_layers")
 
 
 def _epilog(models: list[str]) -> str:
+    width = max(map(len, (*EXPERIMENTS, *PROTOCOLS))) + 2
     lines = ["experiments:"]
-    lines += [f"  {name:<19}{DESCRIPTIONS[name]}" for name in EXPERIMENTS]
-    lines += [f"  {name:<19}{protocols.load(name).DESCRIPTION} (options: {name} --help)"
+    lines += [f"  {name:<{width}}{DESCRIPTIONS[name]}" for name in EXPERIMENTS]
+    lines += [f"  {name:<{width}}{protocols.load(name).DESCRIPTION} (options: {name} --help)"
               for name in PROTOCOLS]
     lines += ["", "models (registered mixers, or a hybrid pattern such as 'gla*3,attention': the pattern sets the",
               "depth unless --set n_layers=N, a multiple of its length, tiles it):"]
