@@ -438,7 +438,9 @@ class StructuralRecursionConfig(ExperimentConfig):
 
     @property
     def variant(self) -> str:
-        return self.task
+        """The task, with its bit order or traversal when not the default (``successor-msb``)."""
+        option, default = (self.order, "lsb") if self.task == "successor" else (self.traversal, "inorder")
+        return self.task if option == default else f"{self.task}-{option}"
 
 
 # Sequential functions / structural recursion (issue 20): CPU sizes are 2-layer d = 64

@@ -46,6 +46,12 @@ def test_structural_recursion_headline_is_over_training_sizes():
     assert result["summary"]["exact @8"] == 0.0 and result["curve"]["vline"] == 4
 
 
+def test_structural_recursion_variant_names_a_non_default_order_or_traversal():
+    names = {tuple(o.items()): make_config("structural_recursion", overrides=o).variant
+             for o in (dict(), dict(order="msb"), dict(task="tree"), dict(task="tree", traversal="postorder"))}
+    assert list(names.values()) == ["successor", "successor-msb", "tree", "tree-postorder"]
+
+
 @pytest.mark.slow  # ~12 s; the default run covers both through test_cli_and_report's tiny runs
 def test_both_run_end_to_end(tmp_path):
     for experiment, extra in [("sequential_functions", ["num_examples=2", "example_len=3", "classes=('mealy',)"]),
